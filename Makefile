@@ -1,0 +1,31 @@
+# Two set-up commands, both from a fresh clone:
+#   make demo   install, then run the whole pipeline on the embedded demo
+#   make test   install, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# torch goes in first and pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+$(BIN)/tclora: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/tclora
+
+demo: install
+	$(BIN)/tclora run --config configs/demo.yaml $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

