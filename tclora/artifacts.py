@@ -87,6 +87,9 @@ def stage_dir(final: Path, key: dict[str, Any], extra: dict[str, Any] | None = N
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a killed attempt are never trusted or reused (one driver owns a run directory).
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     started = time.time()

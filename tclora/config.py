@@ -37,8 +37,10 @@ class DataSection(_Section):
         description="Training corpus: JSONL/Parquet file, directory, glob or s3:// / gs:// URI. "
         "'demo' generates the embedded multi-task demo corpus.",
     )
-    eval_path: str | None = Field(
-        None, description="Held-out split in the same schema; None with path='demo' uses the demo test split."
+    eval_paths: list[str] = Field(
+        default_factory=list,
+        description="Held-out splits in the same schema, each evaluated and reported by file stem. Empty with "
+        "path='demo': the demo test and skill-composition splits.",
     )
     source_field: str = Field("source", description="Column holding the model input.")
     target_field: str = Field("target", description="Column holding the expected output.")

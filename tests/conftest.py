@@ -23,3 +23,30 @@ def ray_session():
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+# A demo base small enough to build in seconds: same code path as the real one (build, cache, load).
+TINY_DEMO_SPEC = dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=60, batch=16, seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_spec():
+    from tclora.models import DemoBaseSpec
+
+    return DemoBaseSpec(**TINY_DEMO_SPEC)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tiny_base_spec):
+    """Path of a tiny pre-trained demo base checkpoint (built once per session into a temp cache)."""
+    from tclora.models import build_demo_base
+
+    return build_demo_base(tmp_path_factory.mktemp("tclora-cache"), tiny_base_spec)
+
+
+@pytest.fixture
+def tiny_model_and_tokenizer(tiny_base):
+    """A fresh ``(model, tokenizer)`` loaded from ``tiny_base`` per test, so tests may train it."""
+    from tclora.models import load_base
+
+    return load_base(str(tiny_base))

@@ -12,7 +12,7 @@ from tclora.merge import registry
 from tclora.merge.base import Delta, LowRank, Param, dense, stack_factors
 
 # Each import registers its methods.
-from tclora.merge import cp, dare, linear, svd, ties  # noqa: E402,F401
+from tclora.merge import cp, dare, knots, linear, svd, ties  # noqa: E402,F401
 
 __all__ = ["Delta", "LowRank", "Param", "dense", "merge_adapters", "registry", "stack_factors"]
 

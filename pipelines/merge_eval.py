@@ -1,0 +1,96 @@
+"""Merge + eval stage: one Ray actor merges the cluster adapters and evaluates base, adapters and merges.
+
+    tclora run --config configs/demo.yaml --set merge.cp_rank=8     # reruns only this stage
+
+The actor (resources from ``eval.num_cpus`` / ``eval.num_gpus``) loads the base model once, routes each
+held-out example to its nearest cluster centroid (for the oracle row), runs every configured merge
+method on the adapters' factors, saves each result (PEFT adapter, or merged checkpoint for dense
+methods) and scores everything. It is restarted if it dies; the stage directory only appears once the
+whole stage has finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+import ray
+
+from tclora import adapters, artifacts, compare, report
+from tclora.config import Config, validate
+
+log = logging.getLogger(__name__)
+
+
+def adapter_dirs(train_dir: Path) -> dict[int, Path]:
+    """``cluster-<id>`` adapter directories of the train stage, by cluster id."""
+    found = {}
+    for path in Path(train_dir).glob("cluster-*"):
+        match = re.fullmatch(r"cluster-(\d+)", path.name)
+        if match and (path / adapters.ADAPTER_CONFIG).is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+@ray.remote(max_restarts=2, max_task_retries=2)
+class MergeEvalActor:
+    def __init__(self, cfg: dict):
+        from tclora.models import load_base_for
+
+        self.cfg: Config = validate(cfg)
+        self.model, self.tokenizer = load_base_for(self.cfg.model)
+
+    def run(self, out_dir: str, cluster_dir: str, train_dir: str) -> dict:
+        from pipelines.cluster import route_records
+        from pipelines.io import read_records
+
+        cfg, out = self.cfg, Path(out_dir)
+        dirs = adapter_dirs(Path(train_dir))
+        adapters.check_compatible(list(dirs.values()))
+        factors = {cid: adapters.load_factors(d) for cid, d in dirs.items()}
+
+        merged, merge_info = {}, {}
+        for method in cfg.merge.methods:
+            started = time.time()
+            merged[method] = compare.merge_one(list(factors.values()), method, cfg.merge)
+            seconds = time.time() - started
+            fmt = compare.save_merge(merged[method], out / "merges" / method, cfg.model.name_or_path,
+                                     self.model, self.tokenizer)
+            merge_info[method] = {"seconds": round(seconds, 3), "format": fmt}
+
+        per_split = {}
+        for path in cfg.data.eval_paths:
+            records = compare.cap_per_task(read_records(path, cfg.data), cfg.eval.max_per_task)
+            records = route_records(records, Path(cluster_dir), cfg)
+            log.info("evaluating %d examples of %s", len(records), path)
+            per_split[Path(path).stem] = compare.evaluate_all(self.model, self.tokenizer, records, factors, merged, cfg.eval)
+        headline = Path(cfg.data.eval_paths[0]).stem
+        results = report.combine_splits(per_split, headline)
+        artifacts.atomic_write_json(out / "eval.json", {"eval": results, "merge": merge_info})
+        return {"eval": results, "merge": merge_info, "adapters": {str(c): str(d) for c, d in dirs.items()}}
+
+
+def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Path) -> Path:
+    """Stage driver: skipped when merge/eval config, adapters and eval data are unchanged."""
+    if not cfg.data.eval_paths:
+        raise ValueError("data.eval_paths: no held-out split to evaluate on (set data.eval_paths)")
+    final = run_dir / "merge_eval"
+    key = {
+        "config": cfg.section_hash("merge", "eval", "model", "embed"),
+        "train": artifacts.tree_digest(train_dir),
+        "cluster": artifacts.tree_digest(cluster_dir),
+        "eval_data": [artifacts.sha256_file(Path(p)) if Path(p).is_file() else p for p in cfg.data.eval_paths],
+    }
+    if artifacts.is_complete(final, key):
+        return final
+    extra: dict = {}
+    with artifacts.stage_dir(final, key, extra) as tmp:
+        actor = MergeEvalActor.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus).remote(
+            cfg.model_dump(mode="json"))
+        try:
+            extra.update(ray.get(actor.run.remote(str(tmp), str(cluster_dir), str(train_dir))))
+        finally:
+            ray.kill(actor)
+    return final

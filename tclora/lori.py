@@ -1,0 +1,211 @@
+"""LoRI: LoRA with a frozen random A and a sparse, task-specific B (arXiv 2504.07448).
+
+The recipe, per adapter:
+
+1. LoRI-D: A is drawn from a seed and frozen; B starts at zero and trains densely.
+2. Mask: keep the top ``1 - sparsity`` fraction of B's entries by magnitude, over all adapted layers
+   at once ("global") or within each layer ("per_layer").
+3. LoRI-S: B restarts from zero and retrains under the mask at a higher learning rate; masked entries
+   receive no gradient and are projected to zero after every step, so they stay exactly zero through
+   AdamW (weight decay included).
+
+Adapters are ordinary PEFT LoRA adapters: A is stored in the file (vLLM cannot rebuild it from a seed),
+and the mask is saved beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tclora.config import LoRISection
+
+MASK_FILE = "lori_mask.safetensors"
+LORI_FILE = "lori.json"
+
+
+def lora_config(cfg: LoRISection, base_model_name_or_path: str | None = None) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        target_modules=list(cfg.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def check_target_modules(model: nn.Module, target_modules: Iterable[str]) -> None:
+    """Fail early, naming the config key, when the model has none of a requested module name."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = sorted(set(target_modules) - leaf_names)
+    if missing:
+        raise ValueError(
+            f"lori.target_modules: the model has no linear module(s) named {missing}; "
+            f"available: {sorted(leaf_names)}"
+        )
+
+
+def _module_seed(seed: int, module_name: str) -> int:
+    # Stable across processes (unlike hash()), so every worker and a resumed run draw the same A.
+    return (seed * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63)
+
+
+def init_lori_(model: PeftModel, seed: int) -> None:
+    """Draw every A from its (seed, module name) stream, freeze it, zero B."""
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or not isinstance(module.lora_A, nn.ModuleDict):
+            continue
+        for adapter, lin_a in module.lora_A.items():
+            weight = lin_a.weight  # (r, d_in)
+            gen = torch.Generator().manual_seed(_module_seed(seed, _base_name(name)))
+            bound = 1.0 / math.sqrt(weight.shape[1])  # same scale as LoRA's kaiming-uniform A
+            a = (torch.rand(weight.shape, generator=gen) * 2 - 1) * bound
+            with torch.no_grad():
+                weight.copy_(a.to(weight.dtype))
+                module.lora_B[adapter].weight.zero_()
+            weight.requires_grad_(False)
+
+
+def _base_name(peft_module_name: str) -> str:
+    """Module path in the base model: what adapters, merges and masks are keyed by."""
+    return peft_module_name.removeprefix("base_model.model.")
+
+
+def attach_lori(model: nn.Module, cfg: LoRISection, seed: int, base_model_name_or_path: str | None = None) -> PeftModel:
+    """Wrap ``model`` with a LoRI adapter: seeded frozen A, zero trainable B.
+
+    Raises:
+        ValueError: a target module name does not exist in the model.
+    """
+    check_target_modules(model, cfg.target_modules)
+    peft_model = get_peft_model(model, lora_config(cfg, base_model_name_or_path))
+    init_lori_(peft_model, seed)
+    return peft_model
+
+
+def lora_b_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The B matrices keyed by base-model module name."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_B") and isinstance(module.lora_B, nn.ModuleDict):
+            for lin_b in module.lora_B.values():
+                out[_base_name(name)] = lin_b.weight
+    return out
+
+
+def extract_masks(b_weights: dict[str, torch.Tensor], sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+    """Boolean masks keeping exactly ``round((1 - sparsity) * n)`` entries of largest |B|.
+
+    ``global`` ranks all entries of all B's together (the LoRI paper's choice: layers that learned more
+    keep more); ``per_layer`` keeps the same fraction in every B.
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"lori.sparsity must be in [0, 1), got {sparsity}")
+    names = list(b_weights)
+    if scope == "per_layer":
+        return {n: _top_fraction(b_weights[n].detach().abs().flatten(), 1 - sparsity).view_as(b_weights[n]) for n in names}
+    if scope != "global":
+        raise ValueError(f"lori.mask_scope must be 'global' or 'per_layer', got {scope!r}")
+    flat = torch.cat([b_weights[n].detach().abs().flatten().float() for n in names])
+    keep = _top_fraction(flat, 1 - sparsity)
+    masks, offset = {}, 0
+    for n in names:
+        size = b_weights[n].numel()
+        masks[n] = keep[offset : offset + size].view_as(b_weights[n])
+        offset += size
+    return masks
+
+
+def _top_fraction(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    k = round(fraction * values.numel())
+    keep = torch.zeros(values.numel(), dtype=torch.bool)
+    if k > 0:
+        keep[torch.topk(values.float(), k).indices] = True  # topk, not a threshold: ties can't overshoot k
+    return keep
+
+
+class MaskedB:
+    """Keeps masked B entries exactly zero: zero their gradients and project after each step."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
+        self.params = lora_b_params(model)
+        missing = sorted(set(masks) ^ set(self.params))
+        if missing:
+            raise ValueError(f"mask and model disagree on adapted modules: {missing[:5]}")
+        self.masks = {n: masks[n].to(self.params[n].device) for n in masks}
+        self._hooks = [p.register_hook(self._grad_hook(self.masks[n])) for n, p in self.params.items()]
+
+    @staticmethod
+    def _grad_hook(mask: torch.Tensor):
+        return lambda grad: grad * mask.to(grad.dtype)
+
+    def reset_(self) -> None:
+        """LoRI-S starts B from scratch."""
+        with torch.no_grad():
+            for p in self.params.values():
+                p.zero_()
+
+    def project_(self) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.mul_(self.masks[n].to(p.dtype))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def save_masks(masks: dict[str, torch.Tensor], adapter_dir: str | Path) -> None:
+    save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(Path(adapter_dir) / MASK_FILE))
+
+
+def load_masks(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    return {n: m.bool() for n, m in load_file(str(Path(adapter_dir) / MASK_FILE)).items()}
+
+
+def save_lori_adapter(model: PeftModel, out_dir: str | Path, masks: dict[str, torch.Tensor] | None, meta: dict) -> Path:
+    """PEFT adapter files (A included) + mask + ``lori.json`` (seed, sparsity, phases, losses)."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    if masks is not None:
+        save_masks(masks, out_dir)
+    (out_dir / LORI_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def parameter_counts(masks: dict[str, torch.Tensor], a_shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Trainable parameters of LoRI-S (mask non-zeros) against LoRA at the same rank (A and B trained).
+
+    Args:
+        masks: module name -> boolean mask of B, shape (d_out, r).
+        a_shapes: module name -> A's shape (r, d_in).
+    """
+    lori_s = sum(int(m.sum()) for m in masks.values())
+    lori_d = sum(m.numel() for m in masks.values())
+    lora = lori_d + sum(r * d_in for r, d_in in a_shapes.values())
+    return {
+        "lora": lora,
+        "lori_d": lori_d,
+        "lori_s": lori_s,
+        "lori_s_fraction_of_lora": lori_s / lora,
+        "lori_d_fraction_of_lora": lori_d / lora,
+    }
+
+
+def lora_a_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict):
+            for lin_a in module.lora_A.values():
+                out[_base_name(name)] = tuple(lin_a.weight.shape)
+    return out

@@ -1,0 +1,141 @@
+"""The LoRI training recipe, read top to bottom: attach → LoRI-D → mask → LoRI-S → save.
+
+The loop talks to an *engine* with DeepSpeed's three-call interface (``engine(**batch)``,
+``engine.backward(loss)``, ``engine.step()``). :class:`TorchEngine` gives plain PyTorch the same
+shape, so the single-process path and the Ray Train + DeepSpeed workers share this one loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tclora import data, lori
+from tclora.config import LoRISection, TrainSection
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    module: nn.Module
+
+    def __call__(self, **batch: torch.Tensor): ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+
+
+class TorchEngine:
+    """DeepSpeed's engine interface over a plain AdamW, for single-process training."""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0):
+        self.module = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def __call__(self, **batch: torch.Tensor):
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "dense" (LoRI-D) or "sparse" (LoRI-S)
+    steps: int
+    lr: float
+
+
+def lori_phases(train: TrainSection, lori_cfg: LoRISection) -> list[Phase]:
+    phases = [Phase("dense", train.steps, train.lr)]
+    if lori_cfg.mode == "lori_s":
+        phases.append(Phase("sparse", train.sparse_steps or train.steps, train.lr * train.sparse_lr_multiplier))
+    return phases
+
+
+def train_loop(
+    engine: Engine,
+    batches: Iterable[dict[str, torch.Tensor]],
+    steps: int,
+    *,
+    masked: lori.MaskedB | None = None,
+    start_step: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+    desc: str = "train",
+) -> list[float]:
+    """Run optimizer steps ``start_step .. steps-1``; returns the losses.
+
+    ``on_step(step, loss)`` runs after each step (the Ray worker reports and checkpoints there).
+    """
+    engine.module.train()
+    device = next(engine.module.parameters()).device
+    losses = []
+    it: Iterator = iter(batches)
+    bar = tqdm(range(start_step, steps), desc=desc, leave=False, disable=None)
+    for step in bar:
+        batch = {k: v.to(device) for k, v in next(it).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        if masked is not None:
+            masked.project_()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
+
+
+def train_lori_adapter(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[dict],
+    lori_cfg: LoRISection,
+    train_cfg: TrainSection,
+    *,
+    seed: int,
+    out_dir: str | Path,
+    max_length: int,
+    base_model_name_or_path: str | None = None,
+    make_engine: Callable[[nn.Module, float], Engine] | None = None,
+) -> dict:
+    """Train one LoRI adapter on ``records`` and save it (PEFT files + mask) to ``out_dir``.
+
+    ``model`` is the base model; it is wrapped in place with a PEFT adapter and unwrapped afterwards.
+    ``make_engine(model, lr)`` builds the optimizer engine per phase (default: :class:`TorchEngine`).
+    Returns the metadata written to ``lori.json``.
+    """
+    make_engine = make_engine or (lambda m, lr: TorchEngine(m, lr, train_cfg.weight_decay))
+    peft_model = lori.attach_lori(model, lori_cfg, seed, base_model_name_or_path)
+    started = time.time()
+    meta: dict = {"seed": seed, "rank": lori_cfg.rank, "alpha": lori_cfg.alpha, "mode": lori_cfg.mode,
+                  "sparsity": lori_cfg.sparsity, "mask_scope": lori_cfg.mask_scope, "rows": len(records)}
+    masked = masks = None
+    for phase in lori_phases(train_cfg, lori_cfg):
+        if phase.name == "sparse":
+            masks = lori.extract_masks(lori.lora_b_params(peft_model), lori_cfg.sparsity, lori_cfg.mask_scope)
+            masked = lori.MaskedB(peft_model, masks)
+            masked.reset_()
+        stream = data.batches(records, tokenizer, train_cfg.batch_size, max_length, phase.steps, seed=seed)
+        losses = train_loop(make_engine(peft_model, phase.lr), stream, phase.steps, masked=masked, desc=f"LoRI {phase.name}")
+        meta[f"{phase.name}_loss_first"] = losses[0]
+        meta[f"{phase.name}_loss_last"] = sum(losses[-10:]) / len(losses[-10:])
+        log.info("LoRI %s: %d steps, loss %.3f -> %.3f", phase.name, phase.steps, losses[0], meta[f"{phase.name}_loss_last"])
+    if masks is not None:
+        meta["parameters"] = lori.parameter_counts(masks, lori.lora_a_shapes(peft_model))
+        masked.remove()
+    meta["seconds"] = round(time.time() - started, 2)
+    lori.save_lori_adapter(peft_model, out_dir, masks, meta)
+    peft_model.unload()  # the base model is left exactly as it came in
+    return meta
