@@ -16,11 +16,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_world(tmp_path_factory, tiny_base):
     out = tmp_path_factory.mktemp("e2e")
-    splits = build_demo_corpus(out / "corpus", train_per_task=60, eval_per_task=12, seed=0)
+    splits = build_demo_corpus(out / "corpus", train_per_task=40, eval_per_task=6, seed=0)
     train, test = read_jsonl(splits["train"]), read_jsonl(splits["test"])
     model, tok = load_base(str(tiny_base))
     lori_cfg = LoRISection(rank=4, alpha=8, sparsity=0.8)
-    train_cfg = TrainSection(steps=25, batch_size=8, lr=3e-3, sparse_lr_multiplier=3)
+    train_cfg = TrainSection(steps=20, batch_size=8, lr=3e-3, sparse_lr_multiplier=3)
     families = list(TASK_FAMILIES)
     metas = {}
     for cid, family in enumerate(families):
@@ -61,7 +61,7 @@ def test_merges_and_evaluation_produce_a_comparison(demo_world):
     assert compare.save_merge(merged["cp"], out / "cp", "tiny") == "peft_adapter"
     assert compare.save_merge(merged["ties"], out / "ties", "tiny", model, tok) == "merged_model"
     records = [dict(r, cluster=families.index(r["task_name"])) for r in test]
-    results = compare.evaluate_all(model, tok, records, factors, merged, EvalSection(batch_size=64, max_new_tokens=12))
+    results = compare.evaluate_all(model, tok, records, factors, merged, EvalSection(batch_size=64, max_new_tokens=8))
     assert list(results) == ["base", "adapters", "cp", "linear", "ties"]
     for scores in results.values():
         assert set(scores["per_task"]) == set(families)
