@@ -1,0 +1,77 @@
+"""Config: YAML + dotted overrides, errors that name the key; the CLI; tclora stays Ray-free."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tclora import cli
+from tclora.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_loads_and_overrides_apply():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["cluster.k=4", "merge.methods=[cp, ties]", "lori.sparsity=0.5"])
+    assert cfg.cluster.k == 4 and cfg.merge.methods == ["cp", "ties"] and cfg.lori.sparsity == 0.5
+    assert cfg.model.name_or_path == "demo" and cfg.data.path == "demo"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cluster.kk=3", r"cluster\.kk: Extra inputs are not permitted"),
+        ("clustr.k=3", r"clustr: Extra inputs"),
+        ("cluster.k=many", r"cluster\.k: Input should be a valid integer.*'many'"),
+        ("cluster.k=0", r"cluster\.k: Input should be greater than or equal to 1"),
+        ("merge.cp_rank=0", r"merge\.cp_rank: Input should be greater than or equal to 1"),
+        ("lori.sparsity=1.0", r"lori\.sparsity: Input should be less than 1"),
+        ("lori.sparsity=-0.1", r"lori\.sparsity: Input should be greater than or equal to 0"),
+        ("lori.mode=lori_x", r"lori\.mode: Input should be 'lori_d' or 'lori_s'"),
+        ("merge.methods=[cp, nope]", r"merge\.methods: unknown method.*'nope'.*known: \['cat', 'cp'"),
+        ("run.dir", r"must look like key\.sub=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_section_hash_tracks_only_the_named_sections():
+    a = load_config(None, ["merge.cp_rank=4"])
+    b = load_config(None, ["merge.cp_rank=8"])
+    assert a.section_hash("embed", "data") == b.section_hash("embed", "data")
+    assert a.section_hash("merge") != b.section_hash("merge")
+
+
+def test_cli_help_lists_subcommands_and_config_errors_exit_cleanly(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("run", "config", "merge-methods", "demo-corpus"):
+        assert command in out
+    assert cli.main(["config", "--set", "cluster.k=0"]) == 2
+    assert "cluster.k" in capsys.readouterr().err
+    assert cli.main(["merge-methods"]) == 0
+    assert "knots" in capsys.readouterr().out
+
+
+def test_tclora_never_imports_ray():
+    # A fresh interpreter: importing every tclora module must not pull in Ray.
+    code = (
+        "import importlib, pkgutil, sys, tclora\n"
+        "for m in pkgutil.walk_packages(tclora.__path__, 'tclora.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "assert 'ray' not in sys.modules, sorted(k for k in sys.modules if k.startswith('ray'))[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
