@@ -25,10 +25,14 @@ BASE, ORACLE = "base", "adapters"
 
 
 def method_params(method: str, cfg: MergeSection) -> dict[str, Any]:
-    """The parameters a method runs with: ``merge.cp_rank`` feeds every method with a ``rank``."""
+    """The parameters a method runs with: ``merge.cp_rank`` sets the output rank of cp and svd.
+
+    KnOTS keeps its own default (the full concatenated rank, as in the paper) unless
+    ``merge.params.knots.rank`` says otherwise.
+    """
     declared = {p.name for p in registry.get(method).params}
     params: dict[str, Any] = {}
-    if "rank" in declared:
+    if method in ("cp", "svd"):
         params["rank"] = cfg.cp_rank
     if "n_iter" in declared:
         params["n_iter"] = cfg.cp_iters

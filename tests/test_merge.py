@@ -211,8 +211,8 @@ def test_cp_factored_matches_tensorly(rank):
     assert len(fac.errors) == len(ref.errors) == 25
     assert abs(fac.fit - ref.fit) < 1e-3
     assert_close(reconstruct(fac), reconstruct(ref), rtol=1e-6, atol=1e-6)
-    # Default dtypes (float64 factored, float32 dense) still agree on the fit.
-    assert abs(cp_decompose(deltas, rank=rank, n_iter=25, backend="tensorly").fit - fac.fit) < 1e-3
+    # A float32 dense run still agrees on the fit at this size.
+    assert abs(cp_decompose(deltas, rank=rank, n_iter=25, backend="tensorly", dtype=torch.float32).fit - fac.fit) < 1e-3
 
 
 def test_cp_normalisation_removes_scale_sign_and_order():

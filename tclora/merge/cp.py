@@ -150,6 +150,18 @@ def _init_factors(stack: _Stack, shape: tuple[int, int, int], rank: int, init: s
     return factors
 
 
+def initial_factors(deltas: Sequence[LowRank], rank: int, init: str = "svd", seed: int = 0,
+                    dtype: torch.dtype = torch.float64) -> list[Tensor]:
+    """The CP-ALS starting point ``[C (T, R), U (d_out, R), V (d_in, R)]``, computed from the factors.
+
+    Equals ``tensorly.decomposition.initialize_cp(X, rank, init, random_state=seed)`` on the dense
+    stack (up to the arbitrary null-space columns used when R exceeds the deltas' total rank), so it
+    can also seed a dense ``parafac`` run for a like-for-like comparison.
+    """
+    check_same_shape(deltas)
+    return _init_factors(_Stack(deltas, dtype), (len(deltas), *deltas[0].shape), rank, init, seed)
+
+
 def _solve(gram: Tensor, mttkrp: Tensor) -> Tensor:
     return torch.linalg.solve(gram.T, mttkrp.T).T  # mttkrp @ gram⁻¹, as tensorly writes it
 
@@ -206,8 +218,10 @@ def cp_decompose(
     Args:
         deltas: the T adapters' factors for one module.
         rank, n_iter, tol, init, seed, backend: see the ``cp`` merge parameters.
-        dtype: compute dtype; default float64 for ``"factored"`` (its products are factor-sized) and
-            float32 for ``"tensorly"`` (the dense tensor is the big object).
+        dtype: compute dtype, float64 by default for both backends. The factored products are
+            factor-sized, so it costs little; for ``"tensorly"`` it doubles the dense tensor's memory but
+            keeps the reported errors honest: torch's float32 norm of a ~10⁸-entry tensor can be ~1% off,
+            which shifts tensorly's float32 error by about as much.
 
     Raises:
         ValueError: bad ``rank``, ``n_iter``, ``init`` or ``backend``.
@@ -226,7 +240,7 @@ def cp_decompose(
     elif backend == "tensorly":
         if init not in ("svd", "random"):
             raise ValueError(f"cp: init must be 'svd' or 'random', got {init!r}")
-        weights, factors, errors = _als_tensorly(deltas, rank, n_iter, tol, init, seed, dtype or torch.float32)
+        weights, factors, errors = _als_tensorly(deltas, rank, n_iter, tol, init, seed, dtype or torch.float64)
     else:
         raise ValueError(f"cp: backend must be 'factored' or 'tensorly', got {backend!r}")
     return CPResult(*normalize_cp(weights, *factors), errors=errors)
