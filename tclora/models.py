@@ -254,12 +254,14 @@ def build_demo_base(cache_dir: str | Path | None = None, spec: DemoBaseSpec = De
     with _file_lock(root / f".{final.name}.lock"):
         if artifacts.is_complete(final, spec.key()):  # another process finished while we waited
             return final
-        for stale in root.glob(f".{final.name}.tmp-*"):  # killed builds; live ones would hold the lock
+        # Killed builds' temp dirs (stage_dir may sweep them too); a live build would hold the lock.
+        for stale in root.glob(f".{final.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         log.info("building demo base %s (%s)", final, spec)
-        torch.manual_seed(spec.seed)
         tokenizer = build_char_tokenizer()
-        model = LlamaForCausalLM(demo_llama_config(spec))
+        with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
+            torch.manual_seed(spec.seed)
+            model = LlamaForCausalLM(demo_llama_config(spec))
         extra: dict = {"initial_loss": pretrain_loss(model, tokenizer)}
         started = time.time()
         losses = pretrain(model, tokenizer, spec)
@@ -271,7 +273,8 @@ def build_demo_base(cache_dir: str | Path | None = None, spec: DemoBaseSpec = De
         )
         log.info("demo base pre-trained in %.0fs: loss %.3f -> %.3f", extra["pretrain_seconds"],
                  extra["initial_loss"], extra["final_loss"])
-        model.generation_config.update(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=False)
+        model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id, do_sample=False)
         with artifacts.stage_dir(final, spec.key(), extra) as tmp:
             model.save_pretrained(tmp)  # safetensors
             tokenizer.save_pretrained(tmp)

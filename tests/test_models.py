@@ -123,6 +123,13 @@ def test_load_base_demo_uses_the_cache(tiny_base, tiny_base_spec):
     assert tok.pad_token_id == 0 and model.generation_config.eos_token_id == tok.eos_token_id
 
 
+def test_load_base_for_a_model_config_section(tiny_base):
+    from tclora.config import ModelSection
+
+    model, tok = models.load_base_for(ModelSection(name_or_path=str(tiny_base), dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16 and tok.pad_token_id is not None
+
+
 def test_load_base_falls_back_to_eos_for_padding(tmp_path, tiny_base):
     ckpt = tmp_path / "no-pad"
     shutil.copytree(tiny_base, ckpt)
