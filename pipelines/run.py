@@ -42,8 +42,11 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        # A local instance: the dashboard (when installed) listens on localhost only.
-        ray.init(dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=False)
+        # A local instance: the dashboard (when installed) listens on localhost only. Logical CPUs are
+        # oversubscribed 2x so a Tune trial, its Train workers and the Ray Data tasks feeding them can
+        # all be scheduled on a small machine instead of waiting on each other forever.
+        ray.init(num_cpus=2 * (os.cpu_count() or 1), dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                 log_to_driver=False)
 
 
 def prepare_inputs(cfg: Config, run_dir: Path) -> Config:

@@ -3,6 +3,7 @@
     tclora run --config configs/demo.yaml --set cluster.k=4 --set merge.cp_rank=8
     tclora config --config configs/demo.yaml          # print the resolved config
     tclora merge-methods                              # registered merge methods and parameters
+    tclora sweep --config configs/demo.yaml --k 2,4,8 --cp-rank 2,4,8   # Ray Tune over k, R, sparsity
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.run import run  # the Ray layer is imported only by the commands that need it
 
     run(load_config(args.config, args.overrides))
+    return 0
+
+
+def _csv(kind):
+    """argparse type for comma-separated values: ``2,4,8``."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+
+    return parse
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pipelines.sweep import sweep
+
+    sweep(load_config(args.config, args.overrides), args.k, args.cp_rank, args.sparsity, search=args.search,
+          num_samples=args.num_samples, metric=args.metric, split=args.split, max_concurrent=args.max_concurrent)
     return 0
 
 
@@ -71,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="embed -> cluster -> train -> merge + eval, reusing finished stages")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("sweep", help="Ray Tune over cluster count k, CP rank R and LoRI sparsity s, reusing stages")
+    _add_config_args(p)
+    p.add_argument("--k", type=_csv(int), help="cluster counts, e.g. 2,4,8 (default: cluster.k)")
+    p.add_argument("--cp-rank", type=_csv(int), help="CP ranks, e.g. 2,4,8 (default: merge.cp_rank)")
+    p.add_argument("--sparsity", type=_csv(float), help="LoRI sparsities, e.g. 0.8,0.9 (default: lori.sparsity)")
+    p.add_argument("--search", choices=["grid", "optuna"], default="grid",
+                   help="grid (default) or Optuna TPE with ASHA over eval size (needs: pip install optuna)")
+    p.add_argument("--num-samples", type=int, help="Optuna trials (default: half the grid); grid ignores it")
+    p.add_argument("--metric", default="cp", help="objective: eval.<metric>.mean, a merge method (default cp)")
+    p.add_argument("--split", help="eval split (file stem) the objective reads (default: the first eval path)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: train.max_concurrent or resources)")
+    p.set_defaults(fn=_cmd_sweep)
 
     p = sub.add_parser("config", help="validate a config and print it with defaults filled in")
     _add_config_args(p)

