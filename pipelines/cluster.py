@@ -48,18 +48,20 @@ def _vectors(batch: pa.Table) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
 
 
-def in_sample(row_ids: list[str], fraction: float, seed: int) -> np.ndarray:
-    """Seeded, layout-independent sample: a row is in when the hash of (seed, row_id) falls below fraction."""
-    cut = int(fraction * 2**64)
+def _row_hashes(row_ids: list[str], seed: int) -> np.ndarray:
+    """Seeded 64-bit hash of each row id: uniform, and independent of how rows are laid out in blocks."""
     key = str(seed).encode()
-    return np.array([int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8, key=key).digest(), "big") < cut
-                     for r in row_ids], dtype=bool)
+    return np.array([int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8, key=key).digest(), "big")
+                     for r in row_ids], dtype=np.uint64)
 
 
 # ---- worker functions (map_batches; stateless tasks, centroids passed in, never re-fitted) ----------
 def sample_batch(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
-    mask = in_sample(batch.column("row_id").to_pylist(), fraction, seed)
-    return batch.select(["embedding"]).filter(pa.array(mask))
+    """The rows whose hash falls below ``fraction``: their hash (to order the sample) and embedding."""
+    hashes = _row_hashes(batch.column("row_id").to_pylist(), seed)
+    cut = int(fraction * 2**64)
+    mask = np.ones(len(hashes), bool) if cut >= 2**64 else hashes < np.uint64(cut)
+    return pa.table({"hash": pa.array(hashes[mask]), "embedding": batch.column("embedding").filter(pa.array(mask))})
 
 
 def count_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
@@ -90,10 +92,15 @@ def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float]
     if n_rows < c.k:
         raise ValueError(f"cluster.k={c.k} is more than the {n_rows} embedded rows")
     fraction = min(1.0, max(c.sample_fraction, MIN_ROWS_PER_CLUSTER_IN_SAMPLE * c.k / n_rows))
-    chunks = [_vectors(b) for b in ds.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": cfg.run.seed},
-                                                  batch_format="pyarrow", batch_size=None)
-              .iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]  # Ray: sample only
-    sample = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    sampled = ds.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": cfg.run.seed},
+                             batch_format="pyarrow", batch_size=None)  # Ray: only the sample's vectors travel
+    hashes, chunks = [], []
+    for b in sampled.iter_batches(batch_format="pyarrow", batch_size=None):
+        if b.num_rows:
+            hashes.append(b.column("hash").to_numpy())
+            chunks.append(_vectors(b))
+    # Blocks arrive in any order: sorting by hash makes the fit input, hence the clustering, reproducible.
+    sample = np.concatenate(chunks)[np.argsort(np.concatenate(hashes))] if chunks else np.zeros((0, 0), np.float32)
     if len(sample) < c.k:  # an unlucky hash sample of a tiny corpus
         raise ValueError(f"cluster.sample_fraction={fraction:.3g} drew {len(sample)} rows, fewer than k={c.k}")
     log.info("cluster: fitting k=%d on %d sampled rows (fraction %.3g)", c.k, len(sample), fraction)
@@ -184,7 +191,8 @@ def read_cluster(cluster_dir: Path, cluster_id: int):
     """One cluster's rows as a lazy Ray Dataset (row_id, source, target, task_name, ...)."""
     part = Path(cluster_dir) / "clusters" / f"cluster={cluster_id}"
     if not part.is_dir():
-        raise ValueError(f"{cluster_dir}: cluster {cluster_id} has no rows; clusters: {sorted(list_clusters(cluster_dir))}")
+        known = sorted(list_clusters(cluster_dir))
+        raise ValueError(f"{cluster_dir}: cluster {cluster_id} has no rows (clusters with rows: {known})")
     return ray.data.read_parquet(str(part), partitioning=None)  # no string "cluster" column from the dir name
 
 

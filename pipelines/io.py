@@ -1,7 +1,7 @@
 """Corpus reading for the pipelines: list inputs, read with Ray Data, validate, quarantine bad rows.
 
 Inputs are a file, a directory (searched recursively) or a glob, local or ``s3://`` / ``gs://``, in JSON
-Lines (``.jsonl``, ``.json``, optionally ``.gz``) or Parquet. Each file is read by a small
+Lines (``.jsonl``, or ``.json`` holding JSON Lines, optionally ``.gz``) or Parquet. Each file is read by a small
 ``FileBasedDatasource`` that emits one raw record per row with its file and position, and validation
 runs in ``map_batches``. Why not ``ray.data.read_json``: one malformed line fails the whole file there,
 whereas here it becomes one quarantined row that names its file and line (``read_text`` would lose line
@@ -24,7 +24,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data.datasource import FileBasedDatasource  # Ray touchpoint: the base of the two readers
+import ray.data
+from ray.data.datasource import FileBasedDatasource
 
 from tclora.data import validate_record
 
@@ -110,7 +111,7 @@ def list_input_files(uri: str) -> InputFiles:
     return InputFiles(uri, fs, base, tuple(files))
 
 
-# ---- Ray touchpoint 1: datasources that keep each row's file and position --------------------------
+# ---- readers: raw records with their file and position; plain generators, wrapped for Ray below ----
 
 def _jsonl_blocks(f, name: str) -> Iterator[pa.Table]:
     """Raw-record blocks of one JSON Lines stream: raw bytes, 1-based line numbers, blank lines skipped."""
@@ -144,6 +145,7 @@ def _parquet_blocks(f, name: str, columns: list[str]) -> Iterator[pa.Table]:
         start += len(rows)
 
 
+# Ray touchpoint 1: the generators as datasources (one read task per file, streamed)
 class _JsonLinesDatasource(FileBasedDatasource):
     """Ray datasource over :func:`_jsonl_blocks` (streamed, so a file never sits in memory whole)."""
 
@@ -179,9 +181,7 @@ def _unjsonable(value: Any) -> dict:
 
 
 def read_corpus(inputs: InputFiles, fields: Fields):
-    """Lazy Ray Dataset of raw records (``_file``, ``_index``, ``_raw``) from every input file."""
-    import ray.data
-
+    """Lazy Ray Dataset of raw records (``_file``, ``_index``, ``_raw``) of every file (Ray touchpoint 2)."""
     # One read task per file, and no SplitBlocks: the readers already cut ROWS_PER_BLOCK-row blocks, and
     # Ray's default (>= 200 blocks) turned a 65-row file into 65 tasks, each paying worker start-up.
     parts = []
@@ -240,7 +240,7 @@ def scan_batch(batch: pa.Table, fields: Fields) -> pa.Table:
 
 
 def clean_records(raw_ds, fields: Fields):
-    """Lazy Dataset of the valid rows (Ray touchpoint 2: a task-pool map_batches)."""
+    """Lazy Dataset of the valid rows (Ray touchpoint 3: map_batches)."""
     return raw_ds.map_batches(clean_batch, fn_kwargs={"fields": fields}, batch_format="pyarrow",
                               batch_size=None)
 
@@ -268,7 +268,7 @@ def read_records(path: str, data) -> list[dict]:
 
 
 def scan_corpus(raw_ds, quarantine_file: Path, fields: Fields, uri: str) -> tuple[int, int]:
-    """Validate every row (Ray touchpoint 3); stream bad rows into ``quarantine_file`` (JSONL) on the driver.
+    """Validate every row (Ray touchpoint 4); stream bad rows into ``quarantine_file`` (JSONL) on the driver.
 
     Only counts and bad rows travel to the driver, batch by batch, so memory stays bounded.
 

@@ -68,8 +68,8 @@ class MergeEvalActor:
             per_split[Path(path).stem] = compare.evaluate_all(self.model, self.tokenizer, records, factors, merged, cfg.eval)
         headline = Path(cfg.data.eval_paths[0]).stem
         results = report.combine_splits(per_split, headline)
-        artifacts.atomic_write_json(out / "eval.json", {"eval": results, "merge": merge_info})
-        return {"eval": results, "merge": merge_info, "adapters": {str(c): str(d) for c, d in dirs.items()}}
+        artifacts.atomic_write_json(out / "eval.json", {"eval": results, "eval_split": headline, "merge": merge_info})
+        return {"eval": results, "eval_split": headline, "merge": merge_info, "adapters": {str(c): str(d) for c, d in dirs.items()}}
 
 
 def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Path) -> Path:

@@ -113,6 +113,7 @@ def assemble_metrics(embed_dir: Path, cluster_dir: Path, eval_dir: Path, stages:
         "data": {"rows": embed["rows"], "quarantined": embed["quarantined"]},
         "clustering": {k: cluster["report"].get(k) for k in ("k", "nmi", "ari", "sizes")},
         "eval": evaluation["eval"],
+        "eval_split": evaluation["eval_split"],
         "merge": evaluation["merge"],
         "stages": stages,
         "total_seconds": round(seconds, 2),

@@ -26,13 +26,23 @@ def combine_splits(per_split: Mapping[str, Mapping[str, Mapping[str, Any]]], hea
     return out
 
 
+def _ordered(metrics: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Methods with base and oracle first; splits with the headline split first (JSON sorts keys)."""
+    evals = metrics["eval"]
+    methods = [m for m in (BASE, ORACLE) if m in evals] + sorted(m for m in evals if m not in (BASE, ORACLE))
+    headline = metrics.get("eval_split")
+    splits = sorted(next(iter(evals.values()))["splits"], key=lambda s: (s != headline, s))
+    return methods, splits
+
+
 def summary_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
     evals = metrics["eval"]
-    splits = list(next(iter(evals.values()))["splits"])
+    methods, splits = _ordered(metrics)
     oracle = evals.get(ORACLE, {}).get("mean") or None
     headers = ["method", *splits, "retention vs oracle"]
     rows = []
-    for method, scores in evals.items():
+    for method in methods:
+        scores = evals[method]
         retention = f"{scores['mean'] / oracle:.0%}" if oracle and method not in (BASE, ORACLE) else ""
         rows.append([method, *(f"{scores['splits'][s]:.3f}" for s in splits), retention])
     return headers, rows
@@ -78,9 +88,10 @@ def write_report_md(metrics: Mapping[str, Any], path: Path) -> None:
 
 def per_task_table(metrics: Mapping[str, Any], fmt: str = "github") -> str:
     evals = metrics["eval"]
+    methods, _ = _ordered(metrics)
     tasks = sorted({t for s in evals.values() for t in s["per_task"]})
-    rows = [[t, *(f"{evals[m]['per_task'].get(t, float('nan')):.2f}" for m in evals)] for t in tasks]
-    return tabulate(rows, headers=["task", *evals], tablefmt=fmt)
+    rows = [[t, *(f"{evals[m]['per_task'].get(t, float('nan')):.2f}" for m in methods)] for t in tasks]
+    return tabulate(rows, headers=["task", *methods], tablefmt=fmt)
 
 
 def plot_merge_comparison(metrics: Mapping[str, Any], path: Path) -> None:
@@ -90,8 +101,7 @@ def plot_merge_comparison(metrics: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     evals = metrics["eval"]
-    methods = list(evals)
-    splits = list(next(iter(evals.values()))["splits"])
+    methods, splits = _ordered(metrics)
     width = 0.8 / len(splits)
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(methods)), 3.5))
     for j, split in enumerate(splits):
