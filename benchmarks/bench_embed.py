@@ -1,0 +1,121 @@
+"""Ray Data embed stage vs plain ``SentenceTransformer.encode`` on the same rows, in the same run.
+
+    python benchmarks/bench_embed.py                      # 16k rows, 1 and 2 actors: a few minutes on 2 cores
+    python benchmarks/bench_embed.py --rows 2000 --actors 1
+
+Writes a JSONL corpus of ``--rows`` synthetic sentences (mixed lengths), then times
+- ``plain``: one in-process ``Embedder.encode`` over all sources (model load timed separately);
+- ``ray_<n>``: ``pipelines.embed.run_embed`` with ``embed.num_actors = n`` on a local Ray with the
+  machine's CPUs: validation scan + read -> validate -> embed (actor pool) -> Parquet write, end to end,
+  and its embed pass alone (``seconds_embed`` in the manifest, which includes actor start and model load).
+Ratios are Ray rows/s over plain rows/s (the design note's naive ``from_items`` pipeline reached 0.6x).
+Writes ``bench_embed_<rows>.json`` and ``.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("model data cluster adapter merge train token layer vector sample batch query answer task "
+         "river market garden engine planet music recipe league theorem protein contract weather").split()
+
+
+def synthetic_corpus(path: Path, rows: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    sources = [" ".join(rng.choices(WORDS, k=rng.randint(6, 40))).capitalize() + "." for _ in range(rows)]
+    with open(path, "w") as f:
+        for i, s in enumerate(sources):
+            f.write(json.dumps({"source": s, "target": str(i), "task_name": f"t{i % 8}"}) + "\n")
+    return sources
+
+
+def time_plain(sources: list[str], model: str) -> dict:
+    from tclora.embed import Embedder
+
+    started = time.perf_counter()
+    embedder = Embedder(model, device="cpu")
+    loaded = time.perf_counter()
+    embedder.encode(sources, batch_size=64)
+    done = time.perf_counter()
+    return {"load_seconds": round(loaded - started, 2), "seconds": round(done - loaded, 2),
+            "rows_per_s": round(len(sources) / (done - loaded), 1)}
+
+
+def time_ray(corpus: Path, rows: int, actors: int, batch_size: int, work: Path) -> dict:
+    from pipelines.embed import run_embed
+    from tclora.config import validate
+
+    cfg = validate({"embed": {"num_actors": actors, "batch_size": batch_size}})
+    started = time.perf_counter()
+    out = run_embed(cfg, work / f"run-{actors}", str(corpus))
+    seconds = time.perf_counter() - started
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1),
+            "seconds_scan": manifest["seconds_scan"], "seconds_embed_pass": manifest["seconds_embed"],
+            "rows_per_s_embed_pass": round(rows / manifest["seconds_embed"], 1)}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["runs"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, [result["runs"][n]["rows_per_s"] for n in names], color="tab:blue", label="end to end")
+    ax.bar(names, [result["runs"][n].get("rows_per_s_embed_pass", 0) for n in names], color="tab:orange",
+           alpha=0.5, label="embed pass")
+    ax.set_ylabel("rows / s")
+    ax.set_title(f"{result['rows']} rows, {result['cpus']} CPUs", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=16_000)
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per map_batches call")
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+
+    result = {"rows": args.rows, "batch_size": args.batch_size, "cpus": len(os.sched_getaffinity(0)),
+              "load_before": os.getloadavg(), "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sources = synthetic_corpus(work / "corpus.jsonl", args.rows)
+        result["runs"]["plain"] = time_plain(sources, args.model)
+        print("plain", result["runs"]["plain"], flush=True)
+        ray.init(include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        for n in args.actors:
+            run = time_ray(work / "corpus.jsonl", args.rows, n, args.batch_size, work)
+            run["ratio_vs_plain"] = round(run["rows_per_s"] / result["runs"]["plain"]["rows_per_s"], 3)
+            run["ratio_embed_pass_vs_plain"] = round(
+                run["rows_per_s_embed_pass"] / result["runs"]["plain"]["rows_per_s"], 3)
+            result["runs"][f"ray_{n}_actor{'s' if n > 1 else ''}"] = run
+            print(n, run, flush=True)
+        ray.shutdown()
+    result["load_after"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bench_embed_{args.rows}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Adapters per hour: k cluster adapters trained concurrently through Ray Tune vs one after another.
+
+    python -m benchmarks.bench_parallel_train                  # 4 clusters, demo base: ~15 min on 2 cores
+    python -m benchmarks.bench_parallel_train --smoke          # 2 clusters, tiny base, few steps
+    python -m benchmarks.bench_parallel_train --clusters 2 --steps 100 --num-cpus 2
+
+Both modes run the real train stage path (``pipelines.train.train_clusters``: a Tune function trainable per
+cluster, each a ``TorchTrainer`` with one DeepSpeed worker on CPU) on the same k synthetic clusters, in one
+process and one local Ray instance, back to back: ``sequential`` with ``train.max_concurrent=1``,
+``concurrent`` with ``train.max_concurrent=k``. Each worker reserves ``num_cpus / k - 0.1`` CPUs (at most 1)
+so k trials fit at once; both modes use the same reservation. Every Train run pays fixed costs (worker
+processes, imports, DeepSpeed start-up, the first Ray Data epoch) that overlap when runs are concurrent,
+so the speed-up exceeds what the compute alone would give. A warm-up run (skipped with ``--smoke``)
+fills the OS file cache and DeepSpeed's op cache first. Writes ``bench_parallel_train[_smoke].json`` and
+``.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import arg_parser, headline, machine_info, result_stem, setup_logging, write_result
+
+log = logging.getLogger("benchmarks.parallel_train")
+TASKS = {  # one synthetic task per cluster: string functions a tiny char-level model can learn
+    "copy": lambda w: w, "flip": lambda w: w[::-1], "upper": str.upper, "first": lambda w: w[0],
+    "last": lambda w: w[-1], "double": lambda w: w + w, "length": lambda w: str(len(w)), "sorted": lambda w: "".join(sorted(w)),
+}
+
+
+def write_clusters(root: Path, k: int, rows: int, seed: int = 0) -> Path:
+    """A finished cluster stage (``clusters/cluster=<id>/*.parquet`` + manifest with sizes), task i = cluster i."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tclora import artifacts
+
+    rng, names = random.Random(seed), list(TASKS)[:k]
+    sizes = {str(i): rows for i in range(k)}
+    with artifacts.stage_dir(root / "cluster", {"bench": k, "rows": rows}, {"report": {"sizes": sizes}}) as tmp:
+        for cid, name in enumerate(names):
+            words = ["".join(rng.choices("abcdefghijklmnop", k=rng.randint(3, 7))) for _ in range(rows)]
+            part = tmp / "clusters" / f"cluster={cid}"
+            part.mkdir(parents=True)
+            pq.write_table(pa.Table.from_pylist(
+                [{"source": f"{name}: {w}", "target": TASKS[name](w), "task_name": name} for w in words]),
+                part / "part-0.parquet")
+    return root / "cluster"
+
+
+def make_config(base: Path, args, cpus_per_worker: float, max_concurrent: int):
+    from tclora.config import validate
+
+    return validate({
+        "run": {"seed": 0},
+        "model": {"name_or_path": str(base), "max_length": 48},
+        "lori": {"rank": 8, "alpha": 16.0, "sparsity": 0.9},
+        "train": {"steps": args.steps, "sparse_steps": args.steps, "batch_size": args.batch_size, "lr": 3e-3,
+                  "num_workers": 1, "cpus_per_worker": cpus_per_worker, "zero_stage": args.zero_stage,
+                  "checkpoint_every": max(1, args.steps // 2), "max_concurrent": max_concurrent},
+    })
+
+
+def time_mode(name: str, ids: list[int], cfg, cluster_dir: Path, work: Path) -> dict:
+    """Train every cluster once with this config's concurrency; wall time and per-cluster Train time."""
+    from pipelines.train import train_clusters
+    from tclora import artifacts
+
+    started = time.perf_counter()
+    concurrent = train_clusters(ids, cfg, cluster_dir, work)
+    seconds = time.perf_counter() - started
+    summaries = [artifacts.read_manifest(work / "adapters" / f"cluster-{c}")["summary"] for c in ids]
+    out = {"mode": name, "max_concurrent": concurrent, "seconds": round(seconds, 2),
+           "adapters_per_hour": round(len(ids) * 3600 / seconds, 1),
+           "cluster_wall_seconds": [s["wall_seconds"] for s in summaries],  # TorchTrainer.fit per cluster
+           "cluster_worker_seconds": [s["seconds"] for s in summaries],  # inside the worker: load + train
+           "final_losses": [round(s["sparse_loss_last"], 4) for s in summaries]}
+    log.info("%s: %d adapters in %.1fs (%.1f adapters/hour)", name, len(ids), seconds, out["adapters_per_hour"])
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    modes = result["modes"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    bars = ax.bar([f"{m['mode']}\n(max_concurrent={m['max_concurrent']})" for m in modes],
+                  [m["adapters_per_hour"] for m in modes], color=["#999999", "#3b7dd8"])
+    for bar, m in zip(bars, modes):
+        ax.annotate(f"{m['adapters_per_hour']:.0f}/h\n{m['seconds']:.0f}s", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("adapters per hour")
+    ax.set_title(f"{result['config']['clusters']} LoRI adapters, {result['machine']['cpus']} CPUs: "
+                 f"{result['speedup']:.2f}x", fontsize=10)
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = arg_parser(__doc__)
+    p.add_argument("--clusters", type=int, default=None, help="k clusters/adapters (default 4; smoke 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per LoRI phase (default 60; smoke 4)")
+    p.add_argument("--rows", type=int, default=None, help="rows per cluster (default 64; smoke 24)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2])
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    args = p.parse_args(argv)
+    setup_logging()
+    k = args.clusters or (2 if args.smoke else 4)
+    if k > len(TASKS):
+        p.error(f"--clusters: at most {len(TASKS)}")
+    args.steps = args.steps or (4 if args.smoke else 60)
+    rows = args.rows or (24 if args.smoke else 64)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+
+    from tclora.models import DemoBaseSpec, build_demo_base
+
+    # Smoke: the test suite's tiny base (seconds to build). Full: the demo base the pipeline uses.
+    spec = DemoBaseSpec(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=60, batch=16, seq_len=64) \
+        if args.smoke else DemoBaseSpec()
+    base = build_demo_base(None, spec)
+    num_cpus = args.num_cpus or os.cpu_count() or 2
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    cpus_per_worker = round(min(1.0, num_cpus / k - 0.1), 2)
+    result = {"benchmark": "parallel_train", "smoke": args.smoke, "machine": machine_info(),
+              "config": {"clusters": k, "rows_per_cluster": rows, "steps_per_phase": args.steps,
+                         "batch_size": args.batch_size, "zero_stage": args.zero_stage, "ray_num_cpus": num_cpus,
+                         "cpus_per_worker": cpus_per_worker, "num_workers": 1, "base": spec.__dict__}}
+    with tempfile.TemporaryDirectory(prefix="bench-parallel-train-") as tmp:
+        cluster_dir = write_clusters(Path(tmp), k, rows)
+        ids = list(range(k))
+        if not args.smoke:
+            log.info("warm-up: one short run")
+            warm = make_config(base, args, cpus_per_worker, 1).model_copy(deep=True)
+            warm.train.steps = warm.train.sparse_steps = 2
+            time_mode("warmup", ids[:1], warm, cluster_dir, Path(tmp) / "warmup")
+        result["modes"] = [
+            time_mode("sequential", ids, make_config(base, args, cpus_per_worker, 1), cluster_dir, Path(tmp) / "seq"),
+            time_mode("concurrent", ids, make_config(base, args, cpus_per_worker, k), cluster_dir, Path(tmp) / "conc"),
+        ]
+    ray.shutdown()
+    seq, conc = result["modes"]
+    result["speedup"] = round(seq["seconds"] / conc["seconds"], 2)
+    result["headline"] = [
+        headline(f"parallel train: adapters/hour, {k} concurrent ({num_cpus} CPUs)", conc["adapters_per_hour"],
+                 f"{conc['adapters_per_hour']:.0f}/h vs {seq['adapters_per_hour']:.0f}/h sequential"),
+        headline(f"parallel train: speed-up of {k} concurrent over sequential", result["speedup"],
+                 f"{result['speedup']:.2f}x", target="> 1x", met=result["speedup"] > 1),
+    ]
+    write_result(args.out, result_stem("parallel_train", args.smoke), result, plot)
+    for row in result["headline"]:
+        print(f"{row['metric']:60s} {row['display']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
