@@ -3,6 +3,7 @@
     python benchmarks/bench_kmeans.py                    # N=100k: a few minutes on 2 cores
     python benchmarks/bench_kmeans.py --rows 1000000     # the target: fit+assign <= 15 s, inertia within 0.5%
     python benchmarks/bench_kmeans.py --rows 20000 --skip sklearn_sample   # quick check
+    python benchmarks/bench_kmeans.py --threads 1        # stable timings on a busy machine (cpu_seconds ~ wall)
 
 Each method produces centroids; every method's *inertia* is then measured the same way, on all N rows
 (tclora.cluster.assign), and divided by scikit-learn ``KMeans`` fitted on all rows (``n_init='auto'``,
@@ -113,14 +114,22 @@ def main() -> None:
     parser.add_argument("--n-init", type=int, default=10, help="restarts for tclora and sklearn_sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=METHODS)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="cap torch/BLAS/OpenMP threads (1 gives stable timings on a shared machine)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
+    if args.threads:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     x = clustered_data(args.rows, args.dim, args.k, seed=args.seed)
     rng = np.random.default_rng(args.seed + 1)
     sample = x[np.sort(rng.choice(args.rows, int(args.rows * args.sample_fraction), replace=False))]
     result = {"rows": args.rows, "dim": args.dim, "k": args.k, "sample_fraction": args.sample_fraction,
-              "n_init": args.n_init, "cpus": len(os.sched_getaffinity(0)), "machine": platform.processor(),
+              "n_init": args.n_init, "cpus": len(os.sched_getaffinity(0)), "threads": args.threads, "machine": platform.processor(),
               "load_before": os.getloadavg(), "methods": {}}
     for name in METHODS:
         if name in args.skip:

@@ -213,7 +213,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="corpus + adapter seeds (>= 2 for a std)")
     p.add_argument("--families", nargs="+", default=DEFAULT_FAMILIES,
                    help=f"task families to train one adapter each ('all' = {len(TASK_FAMILIES)})")
-    p.add_argument("--steps", type=int, default=100, help="LoRI-D steps per adapter; LoRI-S runs as many")
+    p.add_argument("--steps", type=int, default=80, help="LoRI-D steps per adapter; LoRI-S runs as many")
     p.add_argument("--rank", type=int, default=8, help="LoRI rank r (alpha = 2r)")
     p.add_argument("--sparsity", type=float, default=0.9, help="LoRI-S: fraction of B masked out")
     p.add_argument("--shared-a", action="store_true", help="one A per module for all families (exact linear merges)")

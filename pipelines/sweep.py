@@ -121,6 +121,13 @@ def _trial(config: dict, *, cfg_json: dict, sweep_dir: str, sets: dict, metric: 
                          "rung": rung, "final": rung == len(rungs) - 1, "dir": str(out / "merge_eval")})
 
 
+def trial_resources(cfg: Config) -> ray.tune.PlacementGroupFactory:
+    """The trial's own sliver plus a bundle for its merge/eval actor: Tune places a trial's child actors
+    inside the trial's placement group, so the actor's CPUs (GPUs) must be reserved with the trial."""
+    actor = {"CPU": cfg.eval.num_cpus, **({"GPU": cfg.eval.num_gpus} if cfg.eval.num_gpus > 0 else {})}
+    return ray.tune.PlacementGroupFactory([{"CPU": TRIAL_CPUS}, actor])
+
+
 def max_concurrent_trials(cfg: Config, n_trials: int, cap: int | None = None, resources: dict | None = None) -> int:
     """Trials at once: what the merge/eval actors' CPUs (GPUs) fit, capped by ``cap`` or else
     ``train.max_concurrent`` (the config's word on how many heavy processes this machine runs at once)."""
@@ -236,7 +243,7 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     concurrent = max_concurrent_trials(cfg, math.prod(len(v) for v in space.values()), max_concurrent)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         _trial, cfg_json=cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir), sets=sets, metric=metric,
-        split=split, rungs=rungs), {"CPU": TRIAL_CPUS})
+        split=split, rungs=rungs), trial_resources(cfg))
     grid, restored = _tune(trainable, param_space, tune_kwargs, name, sweep_dir / "tune", concurrent)
 
     found, failed, stopped = {}, [], 0

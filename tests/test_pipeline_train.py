@@ -82,6 +82,26 @@ def concurrent_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
     return cfg, out, time.time() - started
 
 
+def test_max_concurrent_trials_from_the_scarce_resource(tmp_path):
+    from pipelines.train import max_concurrent_trials
+
+    cfg = small_cfg(tmp_path, tmp_path, cpus_per_worker=0.9)
+    assert max_concurrent_trials(cfg, 5, {"CPU": 2.0}) == 2  # 2 x (0.9 + 0.1 for the trial)
+    assert max_concurrent_trials(cfg, 1, {"CPU": 16.0}) == 1  # never more trials than clusters
+    assert max_concurrent_trials(small_cfg(tmp_path, tmp_path, max_concurrent=3), 5, {"CPU": 1.0}) == 3
+    gpu = small_cfg(tmp_path, tmp_path, num_workers=2, cpus_per_worker=1.0, gpus_per_worker=1.0)
+    assert max_concurrent_trials(gpu, 8, {"CPU": 32.0, "GPU": 4.0}) == 2  # GPUs are the scarce resource
+
+
+def test_zero_stage_3_is_rejected_before_any_work(tmp_path, cluster_dir):
+    from pipelines.train import run_train
+    from tclora.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        run_train(small_cfg(tmp_path, tmp_path, zero_stage=3), tmp_path, cluster_dir)
+    assert not (tmp_path / "train").exists()
+
+
 def _lora_a(model) -> dict[str, torch.Tensor]:
     return {name.removeprefix("base_model.model."): m.lora_A["default"].weight.detach().clone()
             for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
