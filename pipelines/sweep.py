@@ -117,8 +117,8 @@ def _trial(config: dict, *, cfg_json: dict, sweep_dir: str, sets: dict, metric: 
         out = eval_dir(Path(sweep_dir), "trials", cfg, Path(entry["adapters"]))
         run_merge_eval(cfg, out, Path(entry["cluster"]), Path(entry["adapters"]) / "train")
         evals = artifacts.read_manifest(out / "merge_eval")["eval"]
-        ray.tune.report({"objective": score(evals, metric, split), "k": k, "sparsity": s, "cp_rank": r,
-                         "rung": rung, "final": rung == len(rungs) - 1, "dir": str(out / "merge_eval")})
+        ray.tune.report({"objective": score(evals, metric, split), "rung": rung, "final": rung == len(rungs) - 1,
+                         "dir": str(out / "merge_eval")})
 
 
 def trial_resources(cfg: Config) -> ray.tune.PlacementGroupFactory:
@@ -253,14 +253,14 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
         elif not result.metrics.get("final"):
             stopped += 1  # ASHA stopped it on a low-fidelity rung
         else:  # Optuna may sample a point twice: one row each
-            row = _row(result.metrics, sets, metric, split)
+            row = _row(result.config, result.metrics, sets, metric, split)
             found[(row["k"], row["sparsity"], row["cp_rank"])] = row
     if not found:
         raise RuntimeError(f"sweep: no trial finished; first failure: {failed[0] if failed else 'none'}")
     rows = [found[p] for p in sorted(found)]
     best = max(rows, key=lambda r: r["objective"])  # max keeps the first of equal scores: stable across reruns
     results = {
-        "objective": {"metric": metric, "split": split or splits[0], "key": f"eval.{metric}.mean"},
+        "objective": {"metric": metric, "split": split or splits[0], "key": f"eval.{metric}." + (f"splits.{split}" if split else "mean")},
         "search": search, "space": space, "rows": rows, "best": best, "failed": failed, "stopped_early": stopped,
         "training": {"adapter_sets": len(training), "adapter_sets_trained": sum(t["trained"] > 0 for t in training.values()),
                      "adapters_trained": sum(t["trained"] for t in training.values()),
@@ -273,9 +273,9 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     return results
 
 
-def _row(metrics: dict, sets: dict, metric: str, split: str | None) -> dict:
+def _row(point: dict, metrics: dict, sets: dict, metric: str, split: str | None) -> dict:
     """One table row: the point, its objective and every other score (baselines from the (k, s) run)."""
-    k, s, r = int(metrics["k"]), float(metrics["sparsity"]), int(metrics["cp_rank"])
+    k, s, r = int(point["k"]), float(point["sparsity"]), int(point["cp_rank"])
     entry = sets[f"k{k}-s{s:g}"]
     evals = dict(artifacts.read_manifest(Path(entry["baselines"]))["eval"]) if entry["baselines"] else {}
     evals.update(artifacts.read_manifest(Path(metrics["dir"]))["eval"])
@@ -291,9 +291,10 @@ def results_table(results: dict, fmt: str = "github") -> str:
     metric = results["objective"]["metric"]
     methods = [m for m in results["rows"][0]["scores"] if m != metric]
     methods = [m for m in methods if m not in (ORACLE, BASE)] + [m for m in (ORACLE, BASE) if m in methods]
-    rows = [[r["k"], r["cp_rank"], f"{r['sparsity']:g}", f"{r['objective']:.3f}",
-             *(f"{r['scores'][m]:.3f}" for m in methods)] for r in results["rows"]]
-    return tabulate(rows, headers=["k", "R", "s", f"{metric} (objective)", *methods], tablefmt=fmt)
+    rows = [[r["k"], r["cp_rank"], r["sparsity"], r["objective"], *(r["scores"][m] for m in methods)]
+            for r in results["rows"]]
+    return tabulate(rows, headers=["k", "R", "s", f"{metric} (objective)", *methods], tablefmt=fmt,
+                    floatfmt=["g", "g", "g"] + [".3f"] * (1 + len(methods)))
 
 
 def plot_scores(results: dict, x: str, path: Path) -> None:
@@ -309,12 +310,14 @@ def plot_scores(results: dict, x: str, path: Path) -> None:
     for method in rows[0]["scores"]:
         ys = [max(r["scores"][method] for r in rows if r[x] == v) for v in xs]
         main = method == metric
+        label = {ORACLE: "oracle: own-cluster adapter", BASE: "base model"}.get(method, method)
         ax.plot(xs, ys, marker="o", linewidth=2.5 if main else 1.2, linestyle="-" if main else "--",
-                label=f"{method} (objective)" if main else method)
+                zorder=3 if main else 2, label=f"{label} (objective)" if main else label)
     ax.set_xticks(xs)
     ax.set_xlabel({"k": "clusters k", "cp_rank": "CP rank R"}[x])
     ax.set_ylabel(f"exact match, {results['objective']['split']} (best over the rest)")
     ax.set_ylim(0, 1.02)
+    ax.set_title(f"sweep: {metric} vs baselines")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -6,8 +6,10 @@ Euclidean k-means is cosine k-means up to a monotone transform.
 
 Restarts are cheap by design: the ``n_init`` greedy k-means++ seedings and their Lloyd runs happen on a
 subsample of ``init_size`` rows; the best of them (lowest inertia) is refined with Lloyd on all of ``x``.
-On 2 cores this is what keeps 1M x 384, k=64 (fit on a 20% sample + assign all) within seconds while the
-inertia stays at scikit-learn's (see ``benchmarks/bench_kmeans.py`` for the numbers).
+Measured (``benchmarks/bench_kmeans.py``) at 1M x 384, k=64, fit on a 20% sample then assign all rows:
+14.0 s of single-thread CPU (fit 12.1, assign 1.9) for an inertia 1.0% *below* scikit-learn ``KMeans`` on
+all rows (347 s single-thread CPU; its one k-means++ run lands in a worse local minimum), while
+``MiniBatchKMeans`` took 18.2 s for 0.7% below, and 0.8% *above* at 100k rows.
 """
 
 from __future__ import annotations
