@@ -214,12 +214,16 @@ def _lora_modules(model) -> dict:
             if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict)}
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def headlines(models: dict) -> list[dict]:
     rows = []
     for name, m in models.items():
         p, f = m["params"], m["bytes_fraction_of_lora"]
         rows.append(headline(f"{name}: LoRI-S trainable params / LoRA", p["lori_s_fraction_of_lora"],
-                             f"{p['lori_s_fraction_of_lora']:.2%} ({p['lori_s'] / 1e6:.1f}M of {p['lora'] / 1e6:.1f}M)",
+                             f"{p['lori_s_fraction_of_lora']:.2%} ({_count(p['lori_s'])} of {_count(p['lora'])})",
                              target=f"<= {TARGET_PARAM_FRACTION:.0%}",
                              met=p["lori_s_fraction_of_lora"] <= TARGET_PARAM_FRACTION))
         for variant, label in (("sparse_bitmask_a_seed", "A from seed"), ("sparse_bitmask_a_explicit", "A explicit")):

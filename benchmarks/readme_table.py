@@ -34,10 +34,13 @@ HEADER = ["benchmark", "metric", "result", "target", "met", "machine", "date"]
 
 def _cp_merge(r: dict) -> list[dict]:
     p = r["projection"]
+    wall, cpu = (p, None) if "speedup" in p else (p["wall"], p.get("cpu"))  # older files: wall clock only
     first = r["modules"][0]
-    return [headline("CP-ALS whole model: factored vs dense tensorly (dense extrapolated)", p["speedup"],
-                     f"{p['speedup']:.0f}x faster ({p['factored_s'] / 60:.2f} vs {p['dense_s'] / 60:.1f} min); fit on "
-                     f"{first['module']}: {first['factored_fit']:.4f} vs {first['dense_fit']:.4f}")]
+    check = first.get("fit_check") or {"factored": first["factored_fit"], "dense": first["dense_fit"]}
+    return [headline("CP-ALS whole model: factored vs dense tensorly (dense extrapolated)", wall["speedup"],
+                     f"{wall['speedup']:.0f}x wall" + (f", {cpu['speedup']:.0f}x CPU" if cpu else "")
+                     + f" ({wall['factored_s'] / 60:.1f} min vs {wall['dense_s'] / 3600:.1f} h); fit on "
+                     f"{first['module']}: {check['factored']:.4f} vs {check['dense']:.4f}")]
 
 
 def _embed(r: dict) -> list[dict]:
@@ -77,7 +80,8 @@ def is_smoke(path: Path, r: dict) -> bool:
 def machine(r: dict) -> str:
     m = r.get("machine") or r.get("environment") or {}
     cpus = m.get("cpus_usable") or m.get("cpus") or r.get("cpus")
-    load = m.get("load_avg_start") or r.get("load_before")
+    load = m.get("load_avg_start") or r.get("load_before") or m.get("load_average_1min")
+    load = [load] if isinstance(load, (int, float)) else load
     parts = [f"{cpus} CPUs" if cpus else None, f"torch {m['torch']}" if m.get("torch") else None,
              f"load {load[0]:.0f}" if load else None]
     return ", ".join(p for p in parts if p) or "?"

@@ -64,8 +64,9 @@ def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
     """Endless tokenised examples from this worker's shard, epoch after epoch.
 
     The first epoch streams through Ray Data. A shard of at most ``CACHE_ROWS`` rows is then replayed
-    from memory, reshuffled per epoch: re-running the read each epoch of a small cluster cost more than
-    its training steps on 2 cores (new read-task processes, seconds each). Larger shards stream again.
+    from memory, reshuffled per epoch: a Ray Data epoch costs a fixed 0.2-30 s on 2 cores (split
+    coordination, task processes; more under load), more than a small cluster's training steps.
+    Larger shards stream again every epoch.
     """
     cache: list | None = []
     for epoch in itertools.count():
@@ -254,6 +255,10 @@ def train_cluster(cluster_id: int, cfg: Config, cluster_dir: Path, out_dir: Path
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
+    # Read before fit(): once the Train workers' placement group holds its CPUs, read tasks that still
+    # need a whole free CPU can starve (a hang seen with 2 concurrent trials filling a 2-CPU Ray). A
+    # materialised dataset is split per epoch without any task. Costs the cluster's rows in object store.
+    dataset = read_cluster(Path(cluster_dir), cluster_id).select_columns(["source", "target"]).materialize()
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {})}
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -267,8 +272,7 @@ def train_cluster(cluster_id: int, cfg: Config, cluster_dir: Path, out_dir: Path
             # DeepSpeed picks its accelerator when imported: the workers' environment must say which.
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.gpus_per_worker > 0 else "cpu"}},
         ),
-        # Ray Data splits the rows evenly across the workers (streaming_split).
-        datasets={"train": read_cluster(Path(cluster_dir), cluster_id).select_columns(["source", "target"])},
+        datasets={"train": dataset},  # Ray Data splits the rows evenly across the workers (streaming_split)
     )
     with trainer.fit().checkpoint.as_directory() as ckpt:
         meta = json.loads((Path(ckpt) / ADAPTER_SUBDIR / lori.LORI_FILE).read_text())

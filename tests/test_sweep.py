@@ -20,6 +20,10 @@ from tclora.cli import main as cli_main
 from tclora.config import load_config, validate
 
 
+# Not in the default run yet (issue #5 is open): under a loaded machine these took >10 min and were not
+# seen to finish. Run them with `pytest -m sweep`.
+pytestmark = pytest.mark.sweep
+
 KS, RANKS, SPARSITY = [2, 3], [1, 2], 0.8
 
 
