@@ -250,7 +250,7 @@ def plot(result: dict, path: Path) -> None:
                    ["LoRA PEFT", "LoRI saved today", "sparse, A explicit", "sparse, A seed"], rotation=15)
     ax2.set_ylabel("adapter file (MiB)")
     r = result["config"]
-    fig.suptitle(f"rank {r['rank']}, sparsity {r['sparsity']}, whole model (extrapolated from {r['layers']} layers)"
+    fig.suptitle(f"rank {r['rank']}, sparsity {r['sparsity']}, whole model (extrapolated from {r['layers']} layer(s))"
                  + (" [smoke: widths / 32]" if result["smoke"] else ""), fontsize=10)
     ax1.legend(fontsize=8)
     fig.tight_layout()
