@@ -240,6 +240,20 @@ def test_cp_factored_never_builds_the_dense_tensor():
     assert merged.shape == (d, d) and merged.rank == 4 and torch.isfinite(merged.B).all()
 
 
+def test_cp_handles_stacks_of_lower_rank_than_r():
+    # A LoRI-S mask can leave a module's B almost empty: here one adapter is rank 1 and two are zero,
+    # so every ALS Gram is singular for R = 2. The merge must still fit the one direction there is.
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(12, 1, generator=g, dtype=torch.float64), torch.randn(1, 10, generator=g, dtype=torch.float64)
+    zero = LowRank(torch.zeros(12, 1, dtype=torch.float64), torch.zeros(1, 10, dtype=torch.float64))
+    deltas = [LowRank(u, v), zero, zero]
+    res = cp_decompose(deltas, rank=2, n_iter=20)
+    assert all(torch.isfinite(x).all() for x in (res.weights, res.C, res.U, res.V))
+    assert res.fit > 1 - 1e-6  # the stack is exactly rank 1
+    merged = merge_adapters([{"m": d} for d in deltas], "cp", params={"rank": 2, "n_iter": 20})["m"]
+    assert_close(merged.dense(), (u @ v) / 3, atol=1e-9)
+
+
 def test_cp_rejects_bad_settings():
     deltas = [x["q"] for x in make_adapters(T=2)]
     for bad in ({"backend": "dense"}, {"init": "nvecs"}, {"rank": 0}):

@@ -163,7 +163,16 @@ def initial_factors(deltas: Sequence[LowRank], rank: int, init: str = "svd", see
 
 
 def _solve(gram: Tensor, mttkrp: Tensor) -> Tensor:
-    return torch.linalg.solve(gram.T, mttkrp.T).T  # mttkrp @ gram⁻¹, as tensorly writes it
+    """``mttkrp @ gram⁻¹``, as tensorly writes it.
+
+    The Gram is singular when the stacked deltas have rank below R (a LoRI-S mask can leave a module's
+    B almost empty, or several adapters can be zero there); the least-norm solution through the
+    pseudo-inverse then keeps ALS going where a plain solve would raise.
+    """
+    solution, info = torch.linalg.solve_ex(gram.T, mttkrp.T)
+    if int(info) == 0 and bool(torch.isfinite(solution).all()):
+        return solution.T
+    return mttkrp @ torch.linalg.pinv(gram, hermitian=True)
 
 
 def _als_factored(stack: _Stack, factors: list[Tensor], n_iter: int, tol: float) -> tuple[list[Tensor], list[float]]:
