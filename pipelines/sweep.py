@@ -38,6 +38,7 @@ from pathlib import Path
 import ray
 import ray.tune
 import yaml
+from filelock import FileLock
 from tabulate import tabulate
 
 from pipelines.cluster import run_cluster
@@ -115,7 +116,9 @@ def _trial(config: dict, *, cfg_json: dict, sweep_dir: str, sets: dict, metric: 
     for rung, cap in enumerate(rungs):
         cfg = point_config(validate(cfg_json), k, s, r, methods=entry["trial_methods"], max_per_task=cap)
         out = eval_dir(Path(sweep_dir), "trials", cfg, Path(entry["adapters"]))
-        run_merge_eval(cfg, out, Path(entry["cluster"]), Path(entry["adapters"]) / "train")
+        out.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out / ".lock")):  # Optuna can run one point twice at once: one evaluates, one reuses
+            run_merge_eval(cfg, out, Path(entry["cluster"]), Path(entry["adapters"]) / "train")
         evals = artifacts.read_manifest(out / "merge_eval")["eval"]
         ray.tune.report({"objective": score(evals, metric, split), "rung": rung, "final": rung == len(rungs) - 1,
                          "dir": str(out / "merge_eval")})
@@ -195,23 +198,24 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     ``base``); ``split`` an eval split's file stem (default: the headline, the first of ``data.eval_paths``).
 
     Raises:
-        ConfigError: an unknown metric, split or search, or optuna requested but not installed.
+        ConfigError: an unknown metric, split or search, a bad swept value, or optuna requested but not installed.
     """
     started = time.time()
     space = {"k": sorted(set(ks or [cfg.cluster.k])), "sparsity": sorted(set(sparsities or [cfg.lori.sparsity])),
              "cp_rank": sorted(set(ranks or [cfg.merge.cp_rank]))}
     if metric not in (*registry.names(), BASE, ORACLE):
-        raise ConfigError(f"--metric: unknown {metric!r}; use a merge method {sorted(registry.names())}, {ORACLE} or {BASE}")
+        raise ConfigError(f"--metric: unknown {metric!r}; use {ORACLE}, {BASE} or a merge method {registry.names()}")
     if metric not in (*cfg.merge.methods, BASE, ORACLE):
         cfg = point_config(cfg, methods=[*cfg.merge.methods, metric])
     user_cfg = cfg
-    for point in itertools.product(space["k"], space["sparsity"], space["cp_rank"]):
+    for point in itertools.product(*space.values()):
         point_config(cfg, *point)  # every point validates before anything runs
     cap = cfg.eval.max_per_task
     rungs = [cap]  # examples per task each report evaluates; ASHA gets a cheap first rung
     if search == "optuna" and (cap or math.inf) > LOW_FIDELITY_PER_TASK:
         rungs = [LOW_FIDELITY_PER_TASK if cap is None else max(1, cap // 4), cap]
     param_space, tune_kwargs = _search(search, space, num_samples, len(rungs), cfg.run.seed)
+
     run_dir = Path(cfg.run.dir).resolve()
     sweep_dir = run_dir / "sweep"
     init_ray(cfg)
@@ -219,33 +223,61 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     splits = [Path(p).stem for p in cfg.data.eval_paths]
     if split is not None and split not in splits:
         raise ConfigError(f"--split: {split!r} is not an eval split; data.eval_paths has {splits}")
-    trial_methods, once_methods = split_methods(cfg, metric)
+    prepared = prepare_sets(cfg, run_dir, space, metric, started)
+    sets = prepared.pop("sets")
 
-    embed_reused = artifacts.read_manifest(run_dir / "embed") is not None
+    fingerprint = point_config(cfg, 1, 0.0, 1).model_dump(mode="json")  # everything but the swept values
+    samples = num_samples if search != "grid" else None
+    name = "sweep-" + _tag(fingerprint, space, search, samples, metric, split, rungs)
+    concurrent = max_concurrent_trials(cfg, math.prod(len(v) for v in space.values()), max_concurrent)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(
+        _trial, cfg_json=cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir), sets=sets,
+        metric=metric, split=split, rungs=rungs), trial_resources(cfg))
+    grid, restored = _tune(trainable, param_space, tune_kwargs, name, sweep_dir / "tune", concurrent)
+
+    key = f"eval.{metric}." + (f"splits.{split}" if split else "mean")
+    results = {"objective": {"metric": metric, "split": split or splits[0], "key": key}, "search": search,
+               "space": space, **collect(grid, sets, metric, split), **prepared,
+               "tune": {"name": name, "path": str(sweep_dir / "tune" / name), "restored": restored,
+                        "max_concurrent": concurrent},
+               "seconds": round(time.time() - started, 2)}
+    write_outputs(results, user_cfg, sweep_dir)
+    return results
+
+
+def prepare_sets(cfg: Config, run_dir: Path, space: dict, metric: str, started: float) -> dict:
+    """Embed once, cluster per k, train and evaluate the rank-independent baselines per (k, s).
+
+    Returns ``{"sets": {"k<k>-s<s>": dirs and methods for the trials}, "training": counts, "embed", "clusters"}``.
+    """
+    sweep_dir = run_dir / "sweep"
+    trial_methods, once_methods = split_methods(cfg, metric)
+    had_embed = artifacts.read_manifest(run_dir / "embed") is not None
     embed_dir = run_embed(cfg, run_dir)
-    embed_reused = embed_reused and (embed_dir / artifacts.MANIFEST).stat().st_mtime < started
+    embed_reused = had_embed and (embed_dir / artifacts.MANIFEST).stat().st_mtime < started
     clusters = {k: run_cluster(point_config(cfg, k=k), run_dir, embed_dir) for k in space["k"]}
     sets, training = {}, {}
     for k, s in itertools.product(space["k"], space["sparsity"]):
-        point = point_config(cfg, k, s)
+        point, name = point_config(cfg, k, s), f"k{k}-s{s:g}"
         home = set_dir(sweep_dir, point, clusters[k])
-        training[f"k{k}-s{s:g}"] = _train_set(point, home, clusters[k])
+        training[name] = _train_set(point, home, clusters[k])
         baselines = None
         if once_methods:
-            base_cfg = point_config(point, methods=once_methods)
-            baselines = eval_dir(sweep_dir, "baselines", base_cfg, home)
-            run_merge_eval(base_cfg, baselines, clusters[k], home / "train")
-        sets[f"k{k}-s{s:g}"] = {"cluster": str(clusters[k]), "adapters": str(home), "trial_methods": trial_methods,
-                                "baselines": str(baselines / "merge_eval") if baselines else None}
+            once = point_config(point, methods=once_methods)
+            baselines = eval_dir(sweep_dir, "baselines", once, home) / "merge_eval"
+            run_merge_eval(once, baselines.parent, clusters[k], home / "train")
+        sets[name] = {"cluster": str(clusters[k]), "adapters": str(home), "trial_methods": trial_methods,
+                      "baselines": str(baselines) if baselines else None}
+    done = training.values()
+    counts = {"adapter_sets": len(training), "adapter_sets_trained": sum(t["trained"] > 0 for t in done),
+              "adapters_trained": sum(t["trained"] for t in done), "adapters_reused": sum(t["reused"] for t in done)}
+    return {"sets": sets, "training": {**counts, "sets": training},
+            "embed": {"dir": str(embed_dir), "reused": embed_reused},
+            "clusters": {str(k): str(d) for k, d in clusters.items()}}
 
-    fingerprint = point_config(cfg, 1, 0.0, 1).model_dump(mode="json")  # everything but the swept values
-    name = "sweep-" + _tag(fingerprint, space, search, num_samples, metric, split, rungs)
-    concurrent = max_concurrent_trials(cfg, math.prod(len(v) for v in space.values()), max_concurrent)
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(
-        _trial, cfg_json=cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir), sets=sets, metric=metric,
-        split=split, rungs=rungs), trial_resources(cfg))
-    grid, restored = _tune(trainable, param_space, tune_kwargs, name, sweep_dir / "tune", concurrent)
 
+def collect(grid, sets: dict, metric: str, split: str | None) -> dict:
+    """Rows (one per finished point, sorted), the best row, failed trials and ASHA's early stops."""
     found, failed, stopped = {}, [], 0
     for result in grid:
         if result.error or not result.metrics:
@@ -259,18 +291,7 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
         raise RuntimeError(f"sweep: no trial finished; first failure: {failed[0] if failed else 'none'}")
     rows = [found[p] for p in sorted(found)]
     best = max(rows, key=lambda r: r["objective"])  # max keeps the first of equal scores: stable across reruns
-    results = {
-        "objective": {"metric": metric, "split": split or splits[0], "key": f"eval.{metric}." + (f"splits.{split}" if split else "mean")},
-        "search": search, "space": space, "rows": rows, "best": best, "failed": failed, "stopped_early": stopped,
-        "training": {"adapter_sets": len(training), "adapter_sets_trained": sum(t["trained"] > 0 for t in training.values()),
-                     "adapters_trained": sum(t["trained"] for t in training.values()),
-                     "adapters_reused": sum(t["reused"] for t in training.values()), "sets": training},
-        "embed": {"dir": str(embed_dir), "reused": embed_reused}, "clusters": {str(k): str(d) for k, d in clusters.items()},
-        "tune": {"name": name, "path": str(sweep_dir / "tune" / name), "restored": restored, "max_concurrent": concurrent},
-        "seconds": round(time.time() - started, 2),
-    }
-    write_outputs(results, user_cfg, sweep_dir)
-    return results
+    return {"rows": rows, "best": best, "failed": failed, "stopped_early": stopped}
 
 
 def _row(point: dict, metrics: dict, sets: dict, metric: str, split: str | None) -> dict:
@@ -325,13 +346,14 @@ def plot_scores(results: dict, x: str, path: Path) -> None:
 
 
 def write_outputs(results: dict, cfg: Config, sweep_dir: Path) -> None:
-    best = results["best"]
+    """``best_config.yaml`` (the user's config at the best point), ``sweep_results.json``, plots, the table."""
+    best, path = results["best"], sweep_dir / "best_config.yaml"
     best_cfg = point_config(cfg, best["k"], best["sparsity"], best["cp_rank"])
     header = (f"# tclora sweep best point: k={best['k']}, cp_rank={best['cp_rank']}, sparsity={best['sparsity']:g}, "
-              f"{results['objective']['key']}={best['objective']:.4f}\n#   tclora run --config {sweep_dir / 'best_config.yaml'}\n")
-    artifacts.atomic_write_bytes(sweep_dir / "best_config.yaml",
-                                 (header + yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False)).encode())
-    results["best_config"] = str(sweep_dir / "best_config.yaml")
+              f"{results['objective']['key']}={best['objective']:.4f}\n#   tclora run --config {path}\n")
+    body = yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False)
+    artifacts.atomic_write_bytes(path, (header + body).encode())
+    results["best_config"] = str(path)
     artifacts.atomic_write_json(sweep_dir / "sweep_results.json", results)
     plot_scores(results, "k", sweep_dir / "score_vs_k.png")
     plot_scores(results, "cp_rank", sweep_dir / "score_vs_rank.png")
@@ -340,7 +362,7 @@ def write_outputs(results: dict, cfg: Config, sweep_dir: Path) -> None:
     print(f"best: k={best['k']} R={best['cp_rank']} s={best['sparsity']:g} -> {best['objective']:.3f}; "
           f"adapters trained {t['adapters_trained']}, reused {t['adapters_reused']} "
           f"({t['adapter_sets']} (k, s) sets); embed {'reused' if results['embed']['reused'] else 'ran'}")
-    print(f"results: {sweep_dir / 'sweep_results.json'}\nbest config: {results['best_config']}")
+    print(f"results: {sweep_dir / 'sweep_results.json'}\nbest config: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
