@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "embed": ("benchmarks.bench_embed", [], ["--rows", "2000", "--actors", "1"]),
     "kmeans": ("benchmarks.bench_kmeans", [], ["--rows", "20000", "--skip", "sklearn_sample"]),
     "parallel_train": ("benchmarks.bench_parallel_train", [], ["--smoke"]),
+    "scale": ("benchmarks.bench_scale", [], ["--smoke"]),
 }
 
 

@@ -89,8 +89,7 @@ def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -
 # ---- driver ---------------------------------------------------------------------------------------
 def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float]:
     c = cfg.cluster
-    if n_rows < c.k:
-        raise ValueError(f"cluster.k={c.k} is more than the {n_rows} embedded rows")
+    km.check_k(c.k, n_rows)
     fraction = min(1.0, max(c.sample_fraction, MIN_ROWS_PER_CLUSTER_IN_SAMPLE * c.k / n_rows))
     sampled = ds.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": cfg.run.seed},
                              batch_format="pyarrow", batch_size=None)  # Ray: only the sample's vectors travel
@@ -114,6 +113,8 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> Path:
     Changing ``cluster.*`` (or ``run.seed``) re-clusters; the embed stage is only read.
     """
     c = cfg.cluster
+    if (rows := (read_manifest(Path(embed_dir)) or {}).get("rows")) is not None:
+        km.check_k(c.k, rows)  # before any Ray work or output directory
     key = {"stage": "cluster", "embed": tree_digest(Path(embed_dir)), "config": cfg.section_hash("cluster"),
            "seed": cfg.run.seed}
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]

@@ -6,8 +6,10 @@ Run:
 Output ``<run_dir>/embed/``:
     embeddings/*.parquet   row_id, source, target, task_name (nullable), embedding (fixed_size_list<float32>[384])
     quarantine/rows.jsonl  one line per rejected row: file, line (JSONL, 1-based) or row (Parquet, 0-based),
-                           reason, raw text
-    manifest.json          key (config hash of data+embed, input digest), counts, seconds
+                           reason, raw text; a file Arrow cannot read as Parquet is one line with row null
+    manifest.json          key (config hash of data+embed, input digest), seconds, counts: rows (embedded),
+                           quarantined (lines of rows.jsonl), duplicates (embedded rows repeating an earlier
+                           source + target; kept) with a few duplicate_examples
 
 Two passes over the files: a cheap validation scan (counts, quarantine, and a clear error before any
 model loads when nothing is valid), then read -> validate -> embed -> write, streamed by Ray Data
@@ -80,7 +82,7 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
     with stage_dir(final, key, extra) as tmp:
         raw = read_corpus(inputs, fields)
         started = time.perf_counter()
-        n_good, n_bad = scan_corpus(raw, tmp / "quarantine" / "rows.jsonl", fields, uri)
+        scan = scan_corpus(raw, tmp / "quarantine" / "rows.jsonl", fields, inputs)
         scanned = time.perf_counter()
 
         # ---- Ray touchpoint: the actor pool; each actor loads the model once -------------------------
@@ -96,11 +98,13 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
         )
         embedded.write_parquet(str(tmp / "embeddings"))
         written = sum(pq.read_metadata(p).num_rows for p in (tmp / "embeddings").glob("*.parquet"))
-        if written != n_good:  # the two passes disagree: never hand on a silently short output
-            raise RuntimeError(f"embed: wrote {written} rows but validation passed {n_good}")
-        extra.update(rows=n_good, quarantined=n_bad, seconds_scan=round(scanned - started, 3),
+        if written != scan.rows:  # the two passes disagree: never hand on a silently short output
+            raise RuntimeError(f"embed: wrote {written} rows but validation passed {scan.rows}")
+        extra.update(rows=scan.rows, quarantined=scan.quarantined, duplicates=scan.duplicates,
+                     duplicate_examples=scan.duplicate_examples, seconds_scan=round(scanned - started, 3),
                      seconds_embed=round(time.perf_counter() - scanned, 3))
-    log.info("embed: %d rows embedded, %d quarantined -> %s", n_good, n_bad, final)
+    log.info("embed: %d rows embedded (%d duplicates), %d quarantined -> %s", scan.rows, scan.duplicates,
+             scan.quarantined, final)
     return final
 
 

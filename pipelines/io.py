@@ -9,6 +9,10 @@ numbers, and its ``splitlines`` also splits inside JSON strings at U+2028).
 
 Every row ends up either in the output or in the quarantine file with a reason; nothing is dropped
 silently. Blank lines in JSON Lines are not records and are skipped (line numbers still count them).
+A Parquet file that is not Parquet (say 0 bytes, from a crashed writer) is one quarantine entry with
+no row number; one whose schema cannot hold valid rows (no ``target`` column, an int64 ``source``)
+quarantines every row with a reason naming the expected and the found columns. Duplicate rows (same
+source and target) are kept, as training data often repeats on purpose, but counted and reported.
 """
 
 from __future__ import annotations
@@ -17,24 +21,28 @@ import fnmatch
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from tclora.data import validate_record
+from tclora.data import find_duplicates, record_keys, validate_record
 
 log = logging.getLogger(__name__)
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SUFFIXES = JSON_SUFFIXES + (".parquet",)
 ROWS_PER_BLOCK = 8192
-RAW_SCHEMA = pa.schema([("_file", pa.string()), ("_index", pa.int64()), ("_raw", pa.binary())])
+LINE_SPAN = 2**40  # a row's corpus position is file rank * LINE_SPAN + line: files < 2^23, lines < 2^40
+# _error: set when the whole file is at fault (unreadable, wrong schema); the row is then quarantined with it.
+RAW_SCHEMA = pa.schema([("_file", pa.string()), ("_index", pa.int64()), ("_raw", pa.binary()),
+                        ("_error", pa.string())])
 CLEAN_SCHEMA = pa.schema(
     [("row_id", pa.string()), ("source", pa.string()), ("target", pa.string()), ("task_name", pa.string())]
 )
@@ -133,16 +141,48 @@ def _jsonl_blocks(f, name: str) -> Iterator[pa.Table]:
         yield _raw_table(name, numbers, lines)
 
 
-def _parquet_blocks(f, name: str, columns: list[str]) -> Iterator[pa.Table]:
-    """Raw-record blocks of one Parquet file: each row as JSON, 0-based row numbers."""
-    pf = pq.ParquetFile(f)
+def _parquet_blocks(f, name: str, fields: Fields) -> Iterator[pa.Table]:
+    """Raw-record blocks of one Parquet file: each row as JSON, 0-based row numbers.
+
+    A file Arrow cannot open as Parquet yields one entry with no row number and the reason.
+    """
+    try:
+        pf = pq.ParquetFile(f)
+    except pa.ArrowInvalid as err:  # not Parquet at all (0 bytes, no magic bytes); I/O errors still raise,
+        # so Ray retries those instead of quarantining a file over a network blip
+        yield _raw_table(name, [None], [b""], f"unreadable Parquet file: {err}")
+        return
+    columns = [c for c in (fields.source, fields.target, fields.task) if c]
     present = [c for c in columns if c in pf.schema_arrow.names]
+    problem = _schema_problem(pf.schema_arrow, fields)
     start = 0
     for batch in pf.iter_batches(batch_size=ROWS_PER_BLOCK, columns=present):
         rows = batch.to_pylist() if present else [{}] * batch.num_rows
         raw = [json.dumps(r, ensure_ascii=False, default=_unjsonable).encode() for r in rows]
-        yield _raw_table(name, range(start, start + len(rows)), raw)
+        yield _raw_table(name, range(start, start + len(rows)), raw, problem)
         start += len(rows)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _schema_problem(schema: pa.Schema, fields: Fields) -> str | None:
+    """Why no row of a Parquet file with this schema can be valid (naming expected vs found), or None."""
+    found = ", ".join(f"{f.name} {f.type}" for f in list(schema)[:20]) + (", ..." if len(schema) > 20 else "")
+    expected = f"expected string columns '{fields.source}', '{fields.target}'" + (
+        f" and optional '{fields.task}'" if fields.task else "")
+    for key in (fields.source, fields.target):
+        if key not in schema.names:
+            return f"Parquet schema: no column '{key}' ({expected}; found {found})"
+    for key in (fields.source, fields.target, fields.task):
+        if key and key in schema.names:
+            t = schema.field(key).type
+            if not _is_text(t) and not (key == fields.task and pa.types.is_null(t)):
+                return f"Parquet schema: column '{key}' is {t} ({expected}; found {found})"
+    return None
 
 
 # Ray touchpoint 1: the generators as datasources (one read task per file, streamed)
@@ -160,20 +200,21 @@ class _JsonLinesDatasource(FileBasedDatasource):
 class _ParquetRowsDatasource(FileBasedDatasource):
     """Ray datasource over :func:`_parquet_blocks`."""
 
-    def __init__(self, paths: list[str], root: str, columns: list[str], **kwargs: Any):
+    def __init__(self, paths: list[str], root: str, fields: Fields, **kwargs: Any):
         super().__init__(paths, **kwargs)
-        self._root, self._columns = root, columns
+        self._root, self._fields = root, fields
 
     def _open_input_source(self, filesystem, path: str, **open_args: Any) -> pa.NativeFile:
         return filesystem.open_input_file(path)  # Parquet needs random access, not a stream
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        yield from _parquet_blocks(f, _relative(path, self._root), self._columns)
+        yield from _parquet_blocks(f, _relative(path, self._root), self._fields)
 
 
-def _raw_table(name: str, numbers, lines: list[bytes]) -> pa.Table:
-    return pa.table([pa.array([name] * len(lines), pa.string()), pa.array(numbers, pa.int64()),
-                     pa.array(lines, pa.binary())], schema=RAW_SCHEMA)
+def _raw_table(name: str, numbers, lines: list[bytes], error: str | None = None) -> pa.Table:
+    n = len(lines)
+    return pa.table([pa.array([name] * n, pa.string()), pa.array(numbers, pa.int64()),
+                     pa.array(lines, pa.binary()), pa.array([error] * n, pa.string())], schema=RAW_SCHEMA)
 
 
 def _unjsonable(value: Any) -> dict:
@@ -190,9 +231,8 @@ def read_corpus(inputs: InputFiles, fields: Fields):
             _JsonLinesDatasource(json_paths, inputs.root, filesystem=inputs.filesystem),
             override_num_blocks=len(json_paths)))
     if pq_paths := inputs.paths((".parquet",)):
-        columns = [c for c in (fields.source, fields.target, fields.task) if c]
         parts.append(ray.data.read_datasource(
-            _ParquetRowsDatasource(pq_paths, inputs.root, columns, filesystem=inputs.filesystem),
+            _ParquetRowsDatasource(pq_paths, inputs.root, fields, filesystem=inputs.filesystem),
             override_num_blocks=len(pq_paths)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
@@ -202,10 +242,11 @@ def _check(batch: pa.Table, fields: Fields) -> tuple[list[dict], list[dict]]:
     """Split a raw batch into clean rows and quarantine entries (file, line/row, reason, raw)."""
     good, bad = [], []
     json_file = {name: name.lower().endswith(JSON_SUFFIXES) for name in set(batch.column("_file").to_pylist())}
-    for name, index, raw in zip(*(batch.column(c).to_pylist() for c in ("_file", "_index", "_raw"))):
-        reason, record = None, None
+    columns = (batch.column(c).to_pylist() for c in ("_file", "_index", "_raw", "_error"))
+    for name, index, raw, error in zip(*columns):
+        reason, record = error, None
         try:
-            record = json.loads(raw.decode("utf-8"))
+            record = None if error else json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             reason = "line is not valid UTF-8"
         except json.JSONDecodeError as err:
@@ -219,7 +260,8 @@ def _check(batch: pa.Table, fields: Fields) -> tuple[list[dict], list[dict]]:
             reason = reason or validate_record(record, fields.source, fields.target, fields.task)
         where = {"file": name, "line" if json_file[name] else "row": index}
         if reason is not None:
-            bad.append({**where, "reason": reason, "raw": raw.decode("utf-8", "replace")[:2000]})
+            # the first 2000 characters (at most 8000 bytes) is enough to find the row; not a 10 MB copy
+            bad.append({**where, "reason": reason, "raw": raw[:8000].decode("utf-8", "replace")[:2000]})
             continue
         task = record.get(fields.task) if fields.task else None
         good.append({"row_id": f"{name}:{index}", "source": record[fields.source],
@@ -233,10 +275,15 @@ def clean_batch(batch: pa.Table, fields: Fields) -> pa.Table:
     return pa.Table.from_pylist(good, schema=CLEAN_SCHEMA)
 
 
-def scan_batch(batch: pa.Table, fields: Fields) -> pa.Table:
-    """map_batches fn: one row per batch, the number of valid rows and the bad ones as JSON."""
+def scan_batch(batch: pa.Table, fields: Fields, file_rank: dict[str, int]) -> pa.Table:
+    """map_batches fn: one row per batch: the bad rows as JSON, and the key and corpus position of each
+    valid row (``file_rank * LINE_SPAN + line``, both int64 arrays as bytes)."""
     good, bad = _check(batch, fields)
-    return pa.table({"n_good": [len(good)], "bad": [json.dumps(bad, ensure_ascii=False)]})
+    keys = record_keys([g["source"] for g in good], [g["target"] for g in good])  # (n_good,) uint64
+    where = [g["row_id"].rsplit(":", 1) for g in good]
+    order = np.array([file_rank[name] * LINE_SPAN + int(i) for name, i in where], dtype=np.int64)
+    return pa.table({"bad": [json.dumps(bad, ensure_ascii=False)], "key": [keys.tobytes()],
+                     "order": [order.tobytes()]})
 
 
 def clean_records(raw_ds, fields: Fields):
@@ -252,13 +299,12 @@ def read_records(path: str, data) -> list[dict]:
     """
     inputs, fields = list_input_files(path), Fields.from_config(data)
     good, bad = [], []
-    columns = [c for c in (fields.source, fields.target, fields.task) if c]
     for info in inputs.files:
         name = _relative(info.path, inputs.root)
         is_json = info.path.lower().endswith(JSON_SUFFIXES)
         with (inputs.filesystem.open_input_stream(info.path) if is_json
               else inputs.filesystem.open_input_file(info.path)) as f:
-            for block in _jsonl_blocks(f, name) if is_json else _parquet_blocks(f, name, columns):
+            for block in _jsonl_blocks(f, name) if is_json else _parquet_blocks(f, name, fields):
                 ok, rejected = _check(block, fields)
                 good += ok
                 bad += rejected
@@ -267,38 +313,58 @@ def read_records(path: str, data) -> list[dict]:
     return good
 
 
-def scan_corpus(raw_ds, quarantine_file: Path, fields: Fields, uri: str) -> tuple[int, int]:
+@dataclass
+class ScanResult:
+    """What the validation scan found: valid rows, quarantine entries, and duplicates among the valid rows."""
+
+    rows: int
+    quarantined: int
+    duplicates: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)  # "b.jsonl:4 repeats a.jsonl:1"
+
+
+def scan_corpus(raw_ds, quarantine_file: Path, fields: Fields, inputs: InputFiles) -> ScanResult:
     """Validate every row (Ray touchpoint 4); stream bad rows into ``quarantine_file`` (JSONL) on the driver.
 
-    Only counts and bad rows travel to the driver, batch by batch, so memory stays bounded.
-
-    Returns:
-        (valid rows, quarantined rows).
+    Bad rows travel to the driver batch by batch and are written at once; of each valid row only a
+    64-bit key and its position come back (16 bytes a row on the driver, for the duplicate count).
 
     Raises:
         CorpusError: no row is valid; the message names the path and the commonest reasons.
     """
     quarantine_file.parent.mkdir(parents=True, exist_ok=True)
-    n_good = n_bad = 0
+    n_bad = 0
     reasons: dict[str, int] = {}
-    first: list[str] = []
-    scanned = raw_ds.map_batches(scan_batch, fn_kwargs={"fields": fields}, batch_format="pyarrow",
-                                 batch_size=None)
+    examples: list[str] = []
+    keys: list[bytes] = []
+    orders: list[bytes] = []
+    names = sorted(_relative(f.path, inputs.root) for f in inputs.files)
+    scanned = raw_ds.map_batches(scan_batch, batch_format="pyarrow", batch_size=None,
+                                 fn_kwargs={"fields": fields, "file_rank": {n: i for i, n in enumerate(names)}})
     with open(quarantine_file, "w", encoding="utf-8") as out:
         for batch in scanned.iter_batches(batch_format="pyarrow", batch_size=None):
-            n_good += sum(batch.column("n_good").to_pylist())
+            keys += batch.column("key").to_pylist()
+            orders += batch.column("order").to_pylist()
             for text in batch.column("bad").to_pylist():
                 for row in json.loads(text):
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    key = row["reason"].split(":")[0]
-                    reasons[key] = reasons.get(key, 0) + 1
+                    kind = row["reason"].split(":")[0]
+                    reasons[kind] = reasons.get(kind, 0) + 1
                     n_bad += 1
-                    if len(first) < 3:
+                    if len(examples) < 3:
                         where = f"{row['file']}:{row.get('line', row.get('row'))}"
-                        first.append(f"{where} {row['reason']}")
+                        examples.append(f"{where} {row['reason']}")
+    key = np.frombuffer(b"".join(keys), dtype=np.uint64)
+    order = np.frombuffer(b"".join(orders), dtype=np.int64)
+    n_good, uri = len(key), inputs.uri
     if n_bad:
         log.warning("%s: %d bad rows quarantined in %s (%s)", uri, n_bad, quarantine_file, reasons)
     if n_good == 0:
-        detail = f"all {n_bad} rows rejected, e.g. " + "; ".join(first) if n_bad else "the files hold no rows"
+        detail = f"all {n_bad} rows rejected, e.g. " + "; ".join(examples) if n_bad else "the files hold no rows"
         raise CorpusError(f"data.path {uri!r}: no valid rows ({detail})")
-    return n_good, n_bad
+    n_dup, pairs = find_duplicates(key, order)
+    where = lambda i: f"{names[order[i] // LINE_SPAN]}:{order[i] % LINE_SPAN}"  # noqa: E731
+    repeats = [f"{where(dup)} repeats {where(orig)}" for dup, orig in pairs]
+    if n_dup:
+        log.warning("%s: %d duplicate rows (same source and target) kept, e.g. %s", uri, n_dup, repeats)
+    return ScanResult(n_good, n_bad, n_dup, repeats)

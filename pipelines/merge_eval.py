@@ -5,18 +5,22 @@
 The actor (resources from ``eval.num_cpus`` / ``eval.num_gpus``) loads the base model once, routes each
 held-out example to its nearest cluster centroid (for the oracle row), runs every configured merge
 method on the adapters' factors, saves each result (PEFT adapter, or merged checkpoint for dense
-methods) and scores everything. It is restarted if it dies; the stage directory only appears once the
-whole stage has finished.
+methods) and scores everything; with ``eval.lm_eval_tasks`` set, also the base and each merge on
+lm-eval benchmarks. If its process dies, Ray restarts it (``max_restarts``) and retries the call in
+flight on the new process (``max_task_retries``); a retried call starts over in an emptied directory, so
+nothing of the killed attempt reaches the stage, which only appears once the whole stage has finished.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 
 import ray
+import torch
 
 from tclora import adapters, artifacts, compare, report
 from tclora.config import Config, validate
@@ -34,6 +38,15 @@ def adapter_dirs(train_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _empty(directory: Path) -> None:
+    """Delete everything inside ``directory`` (kept itself): what a killed attempt of the stage left."""
+    for path in directory.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 @ray.remote(max_restarts=2, max_task_retries=2)
 class MergeEvalActor:
     def __init__(self, cfg: dict):
@@ -41,12 +54,20 @@ class MergeEvalActor:
 
         self.cfg: Config = validate(cfg)
         self.model, self.tokenizer = load_base_for(self.cfg.model)
+        if self.cfg.eval.num_gpus > 0 and torch.cuda.is_available():  # Ray set CUDA_VISIBLE_DEVICES for us
+            self.model.to("cuda")
 
     def run(self, out_dir: str, cluster_dir: str, train_dir: str) -> dict:
         from pipelines.cluster import route_records
         from pipelines.io import read_records
 
         cfg, out = self.cfg, Path(out_dir)
+        # After a restart this call is a retry: a killed attempt may have left half-written merges or a
+        # torn temp file in `out`, which the manifest would otherwise hash as outputs. Start over.
+        restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if restarted:
+            log.warning("merge/eval actor was restarted: redoing the stage from an empty %s", out)
+        _empty(out)
         dirs = adapter_dirs(Path(train_dir))
         adapters.check_compatible(list(dirs.values()))
         factors = {cid: adapters.load_factors(d) for cid, d in dirs.items()}
@@ -67,9 +88,12 @@ class MergeEvalActor:
             log.info("evaluating %d examples of %s", len(records), path)
             per_split[Path(path).stem] = compare.evaluate_all(self.model, self.tokenizer, records, factors, merged, cfg.eval)
         headline = Path(cfg.data.eval_paths[0]).stem
-        results = report.combine_splits(per_split, headline)
-        artifacts.atomic_write_json(out / "eval.json", {"eval": results, "eval_split": headline, "merge": merge_info})
-        return {"eval": results, "eval_split": headline, "merge": merge_info, "adapters": {str(c): str(d) for c, d in dirs.items()}}
+        summary = {"eval": report.combine_splits(per_split, headline), "eval_split": headline, "merge": merge_info}
+        if cfg.eval.lm_eval_tasks:
+            log.info("lm-eval: %s on the base and %d merges", cfg.eval.lm_eval_tasks, len(merged))
+            summary["lm_eval"] = compare.lm_eval_all(self.model, self.tokenizer, merged, cfg.eval)
+        artifacts.atomic_write_json(out / "eval.json", summary)
+        return {**summary, "adapters": {str(c): str(d) for c, d in dirs.items()}, "actor_restarted": restarted}
 
 
 def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Path) -> Path:

@@ -41,6 +41,7 @@ import yaml
 from filelock import FileLock
 from tabulate import tabulate
 
+from pipelines import storage
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
@@ -160,18 +161,18 @@ def _search(search: str, space: dict, num_samples: int | None, n_rungs: int, see
         "num_samples": num_samples or max(1, n_points // 2)}
 
 
-def _tune(trainable, param_space: dict, tune_kwargs: dict, name: str, storage: Path, concurrent: int):
-    """Fit, or restore and finish, the experiment ``storage/name`` (errored trials are retried)."""
-    path = storage / name
-    if ray.tune.Tuner.can_restore(str(path)):
+def _tune(trainable, param_space: dict, tune_kwargs: dict, name: str, root: str, concurrent: int):
+    """Fit, or restore and finish, the experiment ``root/name`` (errored trials are retried)."""
+    path = f"{root}/{name}"
+    if ray.tune.Tuner.can_restore(path):
         log.info("sweep: restoring the Tune experiment in %s", path)
-        return ray.tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit(), True
+        return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit(), True
     trial_name = lambda t: "k{k}-s{sparsity:g}-r{cp_rank}".format(**t.config)  # noqa: E731
     tuner = ray.tune.Tuner(
         trainable, param_space=param_space,
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_name, **tune_kwargs),
-        run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+        run_config=ray.tune.RunConfig(name=name, storage_path=root, verbose=1,
                                       failure_config=ray.tune.FailureConfig(max_failures=1)))
     return tuner.fit(), False
 
@@ -208,6 +209,9 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     if metric not in (*cfg.merge.methods, BASE, ORACLE):
         cfg = point_config(cfg, methods=[*cfg.merge.methods, metric])
     user_cfg = cfg
+    if cfg.eval.lm_eval_tasks:  # benchmarks are for the chosen model: `tclora run` on best_config.yaml runs them
+        log.info("sweep: eval.lm_eval_tasks are skipped in trials; best_config.yaml keeps them")
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lm_eval_tasks": []})})
     for point in itertools.product(*space.values()):
         point_config(cfg, *point)  # every point validates before anything runs
     cap = cfg.eval.max_per_task
@@ -233,12 +237,13 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         _trial, cfg_json=cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir), sets=sets,
         metric=metric, split=split, rungs=rungs), trial_resources(cfg))
-    grid, restored = _tune(trainable, param_space, tune_kwargs, name, sweep_dir / "tune", concurrent)
+    tune_root = storage.ray_storage(cfg, sweep_dir / "tune", "sweep", "tune")
+    grid, restored = _tune(trainable, param_space, tune_kwargs, name, tune_root, concurrent)
 
     key = f"eval.{metric}." + (f"splits.{split}" if split else "mean")
     results = {"objective": {"metric": metric, "split": split or splits[0], "key": key}, "search": search,
                "space": space, **collect(grid, sets, metric, split), **prepared,
-               "tune": {"name": name, "path": str(sweep_dir / "tune" / name), "restored": restored,
+               "tune": {"name": name, "path": f"{tune_root}/{name}", "restored": restored,
                         "max_concurrent": concurrent},
                "seconds": round(time.time() - started, 2)}
     write_outputs(results, user_cfg, sweep_dir)

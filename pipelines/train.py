@@ -36,6 +36,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipelines import storage
 from pipelines.cluster import list_clusters, read_cluster
 from tclora import artifacts, data, lori
 from tclora.config import Config, ConfigError, load_config
@@ -234,7 +235,7 @@ def stage_key(cfg: Config, cluster_dir: Path) -> dict:
             "config": cfg.section_hash("model", "lori", "train"), "seed": cfg.run.seed}
 
 
-def train_cluster(cluster_id: int, cfg: Config, cluster_dir: Path, out_dir: Path, storage_path: Path,
+def train_cluster(cluster_id: int, cfg: Config, cluster_dir: Path, out_dir: Path, storage_path: str | Path,
                   *, report_to_tune: bool = False) -> dict:
     """Train (or resume, or reuse) one cluster's adapter into ``out_dir/cluster-<id>``; returns its summary.
 
@@ -266,7 +267,8 @@ def train_cluster(cluster_id: int, cfg: Config, cluster_dir: Path, out_dir: Path
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"cluster-{cluster_id}", storage_path=str(Path(storage_path).resolve()), callbacks=callbacks,
+            name=f"cluster-{cluster_id}", callbacks=callbacks,
+            storage_path=str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # DeepSpeed picks its accelerator when imported: the workers' environment must say which.
@@ -300,32 +302,37 @@ def max_concurrent_trials(cfg: Config, n_clusters: int, resources: dict | None =
     return max(1, min(fits, n_clusters))
 
 
-def _cluster_trial(config: dict, cfg_json: dict, cluster_dir: str, work_dir: str) -> None:
+def _cluster_trial(config: dict, cfg_json: dict, cluster_dir: str, work_dir: str, ray_root: str | None = None) -> None:
     """Tune function trainable: one cluster's ``train_cluster`` (the trial itself needs almost no CPU)."""
-    work = Path(work_dir)
     summary = train_cluster(int(config["cluster_id"]), Config.model_validate(cfg_json), Path(cluster_dir),
-                            work / "adapters", work / "ray", report_to_tune=True)
+                            Path(work_dir) / "adapters", f"{ray_root or Path(work_dir).resolve()}/ray",
+                            report_to_tune=True)
     ray.tune.report({"cluster_id": config["cluster_id"], "finished": True,
                      "loss": summary.get("sparse_loss_last", summary.get("dense_loss_last"))})
 
 
-def train_clusters(cluster_ids: list[int], cfg: Config, cluster_dir: Path, work_dir: Path) -> int:
+def train_clusters(cluster_ids: list[int], cfg: Config, cluster_dir: Path, work_dir: Path,
+                   ray_root: str | None = None) -> int:
     """Train the given clusters through Ray Tune into ``work_dir/adapters``; returns the concurrency used.
+
+    Ray Train checkpoints and Tune's experiment state go below ``ray_root`` (default ``work_dir``; a
+    shared-storage URI on a multi-node cluster, see :mod:`pipelines.storage`).
 
     Raises:
         RuntimeError: naming every cluster whose trial failed.
     """
     concurrent = max_concurrent_trials(cfg, len(cluster_ids))
     log.info("training %d cluster adapter(s), %d at a time", len(cluster_ids), concurrent)
+    ray_root = ray_root or str(Path(work_dir).resolve())
     trainable = ray.tune.with_parameters(_cluster_trial, cfg_json=cfg.model_dump(mode="json"),
-                                         cluster_dir=str(cluster_dir), work_dir=str(work_dir))
+                                         cluster_dir=str(cluster_dir), work_dir=str(work_dir), ray_root=ray_root)
     name = lambda trial: f"cluster-{trial.config['cluster_id']}"  # noqa: E731
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         param_space={"cluster_id": ray.tune.grid_search(list(cluster_ids))},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=name,
                                         trial_dirname_creator=name),
-        run_config=ray.tune.RunConfig(name="train", storage_path=str(Path(work_dir, "tune").resolve()), verbose=1,
+        run_config=ray.tune.RunConfig(name="train", storage_path=f"{ray_root}/tune", verbose=1,
                                       failure_config=ray.tune.FailureConfig(max_failures=1)),
     )
     failed = {r.config.get("cluster_id"): r.error for r in tuner.fit() if r.error}
@@ -361,7 +368,8 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path) -> Path:
     todo = [c for c in sorted(sizes)
             if not artifacts.is_complete(work / "adapters" / f"cluster-{c}", {**key, "cluster_id": c})]
     log.info("train: %d clusters, %d to train, %d reused (%s)", len(sizes), len(todo), len(sizes) - len(todo), work)
-    concurrent = train_clusters(todo, cfg, cluster_dir, work) if todo else 0
+    ray_root = storage.ray_storage(cfg, work, ".train_work", work.name)
+    concurrent = train_clusters(todo, cfg, cluster_dir, work, ray_root) if todo else 0
     extra: dict[str, Any] = {}
     with artifacts.stage_dir(final, key, extra) as tmp:
         clusters = {}
@@ -374,6 +382,7 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path) -> Path:
             "clusters": clusters, "trained": todo, "max_concurrent": concurrent, "seconds": seconds})
         extra.update(seconds=seconds, adapters={str(c): f"cluster-{c}" for c in sorted(sizes)})
     shutil.rmtree(work, ignore_errors=True)  # Ray checkpoints + staged adapters: all now inside `final`
+    storage.remove(ray_root)
     return final
 
 

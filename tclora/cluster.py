@@ -24,9 +24,24 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from tclora.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 32768  # rows per distance matmul: 32768 x k floats of scratch, whatever n is
+
+
+def check_k(k: int, n_rows: int) -> None:
+    """Fail, naming ``cluster.k``, when there are fewer valid rows than clusters.
+
+    Raises:
+        ConfigError: ``k > n_rows``.
+    """
+    if k > n_rows:
+        raise ConfigError(
+            f"cluster.k={k} is more than the {n_rows} valid rows of the corpus (after quarantine), and k-means "
+            f"needs at least one row per cluster: lower it (--set cluster.k={max(1, n_rows)} or less) or add data"
+        )
 
 
 @dataclass

@@ -6,6 +6,9 @@ What gets compared on each held-out split:
 - ``adapters``: the oracle upper bound, each example answered by its own cluster's adapter;
 - one entry per merge method: a single merged update applied to the base.
 
+With ``eval.lm_eval_tasks`` set, the base and every merge are also scored on lm-eval benchmarks
+(:func:`lm_eval_all`).
+
 Only one base model is held in memory: each adapter or merge is added into its weights for the
 duration of its evaluation and removed again (:func:`tclora.adapters.deltas_applied`).
 """
@@ -103,6 +106,23 @@ def evaluate_all(
     for method, deltas in merges.items():
         with adapters.deltas_applied(model, deltas):
             results[method] = _scores(_hits(model, tokenizer, records, cfg), tasks)
+    return results
+
+
+def lm_eval_all(
+    model, tokenizer, merges: Mapping[str, Mapping[str, Delta]], cfg: EvalSection
+) -> dict[str, dict[str, dict[str, float]]]:
+    """lm-eval benchmark scores of the base and of every merge: ``{model: {task: {metric: value}}}``.
+
+    No oracle row: benchmark examples have no cluster to route them to.
+    """
+    from tclora import harness  # lm-eval is an optional extra: imported only when tasks are configured
+
+    manager = harness.task_manager(cfg)  # indexed once for every model
+    results = {BASE: harness.run_tasks(model, tokenizer, cfg, manager)}
+    for method, deltas in merges.items():
+        with adapters.deltas_applied(model, deltas):
+            results[method] = harness.run_tasks(model, tokenizer, cfg, manager)
     return results
 
 

@@ -7,12 +7,13 @@ dotted key, before any expensive work starts.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,12 @@ class RunSection(_Section):
     seed: int = Field(0, description="Global seed for sampling, k-means, LoRI's random A and training.")
     ray_address: str | None = Field(
         None, description="Ray cluster address; None uses RAY_ADDRESS or starts a local instance."
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Shared storage for a multi-node run (s3://, gs://, or a path every node mounts): Ray "
+        "Train/Tune checkpoints and a copy of each finished stage go to <storage_path>/<run name>; a driver "
+        "restarted on another node pulls finished stages back. None keeps everything in run.dir.",
     )
 
 
@@ -142,11 +149,37 @@ class MergeSection(_Section):
 
 
 class EvalSection(_Section):
-    batch_size: int = Field(32, ge=1, description="Examples per generation batch.")
+    batch_size: int = Field(32, ge=1, description="Examples per generation batch (lm-eval: requests per batch).")
     max_new_tokens: int = Field(24, ge=1, description="Greedy decoding length limit.")
     max_per_task: int | None = Field(None, ge=1, description="Cap on evaluated examples per task.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs of the merge/eval actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the merge/eval actor.")
+    # Standard benchmarks through lm-evaluation-harness (tclora.harness), scored for the base and each merge.
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task or group names (arc_challenge, hellaswag, ...) or paths to task YAML files; "
+        "empty runs none. Needs the `eval` extra: pip install 'tclora[eval]'.",
+    )
+    lm_eval_include_path: list[str] = Field(
+        default_factory=list, description="Extra directories of lm-eval task YAMLs, so their task names resolve."
+    )
+    lm_eval_num_fewshot: int | None = Field(
+        0, ge=0, description="Few-shot examples per prompt: 0 is zero-shot (TC-LoRA's setting); None keeps each "
+        "task's default."
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Cap on evaluated examples per lm-eval task.")
+    lm_eval_confirm_unsafe_code: bool = Field(
+        False, description="Allow tasks that execute model-generated code (humaneval, mbpp) on the eval actor's "
+        "machine. Off by default."
+    )
+
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _lm_eval_installed(cls, tasks: list[str]) -> list[str]:
+        # Checked on load, so a run that wants benchmarks fails before any Ray work instead of after training.
+        if tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("lm-eval is not installed; pip install 'tclora[eval]' (or clear eval.lm_eval_tasks)")
+        return tasks
 
 
 class Config(_Section):

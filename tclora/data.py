@@ -6,10 +6,12 @@ instead of raising, so the pipeline can quarantine bad rows with their reason an
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 # The char-level demo model reads this separator as "now answer"; real models see the same plain text.
@@ -41,6 +43,39 @@ def validate_record(
     if task_field and row.get(task_field) is not None and not isinstance(row[task_field], str):
         return f"field '{task_field}' must be a string, got {type(row[task_field]).__name__}"
     return None
+
+
+def record_keys(sources: Sequence[str], targets: Sequence[str]) -> np.ndarray:
+    """64-bit key of each (source, target) pair: equal keys mark duplicate training examples.
+
+    The task name is left out: the same prompt and answer under two task names is still one example.
+    """
+    return np.array([int.from_bytes(hashlib.blake2b(json.dumps([s, t]).encode(), digest_size=8).digest(), "big")
+                     for s, t in zip(sources, targets)], dtype=np.uint64)
+
+
+def find_duplicates(keys: np.ndarray, order: np.ndarray, n_examples: int = 3) -> tuple[int, list[tuple[int, int]]]:
+    """Count rows whose key appeared earlier, with a few ``(duplicate, first occurrence)`` index pairs.
+
+    Args:
+        keys: (n,) uint64 record keys (:func:`record_keys`).
+        order: (n,) position of each row in corpus order (file, then line): "earlier" means lower here,
+            so the answer does not depend on the order rows arrived in.
+        n_examples: pairs to return, the earliest duplicates first.
+
+    Returns:
+        (number of duplicates, pairs of indices into ``keys``).
+    """
+    if len(keys) == 0:
+        return 0, []
+    idx = np.lexsort((order, keys))  # by key, then corpus order: each group starts with its first row
+    sorted_keys = keys[idx]
+    dup = np.zeros(len(idx), dtype=bool)
+    dup[1:] = sorted_keys[1:] == sorted_keys[:-1]
+    group_start = np.maximum.accumulate(np.where(dup, 0, np.arange(len(idx))))
+    dups = np.flatnonzero(dup)
+    earliest = dups[np.argsort(order[idx[dups]], kind="stable")[:n_examples]]
+    return int(dup.sum()), [(int(idx[i]), int(idx[group_start[i]])) for i in earliest]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

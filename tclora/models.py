@@ -23,12 +23,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from tclora import artifacts
+
+if TYPE_CHECKING:
+    from tclora.config import ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +321,25 @@ def load_base_for(model_cfg) -> tuple:
     spec = DemoBaseSpec(pretrain_steps=model_cfg.demo_pretrain_steps)
     return load_base(model_cfg.name_or_path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                      cache_dir=model_cfg.cache_dir, demo_spec=spec)
+
+
+def module_skeleton(model_cfg: ModelSection) -> torch.nn.Module:
+    """The base model of a :class:`tclora.config.ModelSection` on the meta device: its module tree only.
+
+    Reads just the model's config (for ``"demo"``, not even that: nothing is built), so it is cheap enough
+    to check module names before any stage runs.
+
+    Raises:
+        OSError: the config cannot be read here (no such checkpoint, or an unreachable hub).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_cfg.name_or_path == "demo":
+        config = demo_llama_config(DemoBaseSpec(pretrain_steps=model_cfg.demo_pretrain_steps))
+    else:
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):  # shapes without storage: a 7B skeleton costs no memory
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 
 
 def resolve_embedding_model(name: str) -> str:

@@ -65,7 +65,8 @@ def write_report_md(metrics: Mapping[str, Any], path: Path) -> None:
     lines = [
         "# tclora run report",
         "",
-        f"- rows: {metrics['data']['rows']} trained on, {metrics['data']['quarantined']} quarantined",
+        f"- rows: {metrics['data']['rows']} trained on ({metrics['data'].get('duplicates', 0)} duplicates), "
+        f"{metrics['data']['quarantined']} quarantined",
         f"- clusters: k = {clustering.get('k')}, NMI vs task_name = {'n/a' if nmi is None else f'{nmi:.3f}'}",
         "",
         "## Exact match (mean over tasks)",
@@ -76,6 +77,7 @@ def write_report_md(metrics: Mapping[str, Any], path: Path) -> None:
         "",
         per_task_table(metrics),
         "",
+        *(["## lm-eval benchmarks", "", lm_eval_table(metrics), ""] if "lm_eval" in metrics else []),
         "## Stages",
         "",
         stage_table(metrics),
@@ -92,6 +94,19 @@ def per_task_table(metrics: Mapping[str, Any], fmt: str = "github") -> str:
     tasks = sorted({t for s in evals.values() for t in s["per_task"]})
     rows = [[t, *(f"{evals[m]['per_task'].get(t, float('nan')):.2f}" for m in methods)] for t in tasks]
     return tabulate(rows, headers=["task", *methods], tablefmt=fmt)
+
+
+def lm_eval_table(metrics: Mapping[str, Any], fmt: str = "github") -> str:
+    """One row per lm-eval task and metric (stderrs left out), one column per model, base first."""
+    scores = metrics["lm_eval"]  # {model: {task: {metric: value}}}
+    models = [BASE] + sorted(m for m in scores if m != BASE)
+    rows = []
+    for task, task_scores in sorted(scores[BASE].items()):
+        for metric in task_scores:
+            if metric == "n" or "_stderr" in metric:
+                continue
+            rows.append([task, metric, task_scores.get("n"), *(scores[m].get(task, {}).get(metric) for m in models)])
+    return tabulate(rows, headers=["task", "metric", "n", *models], tablefmt=fmt, floatfmt=".3f", missingval="-")
 
 
 def plot_merge_comparison(metrics: Mapping[str, Any], path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 # Tests never reach a model hub; everything they load is built locally or ships in a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval task data (tests/test_harness.py)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -1,7 +1,10 @@
 """Embed + cluster stages on a real local Ray (shared ``ray_session``), smoke size.
 
 One corpus directory holds a JSON Lines file (3 topics x 20 rows + 5 bad lines + a blank line) and a
-Parquet file (3 topics x 3 rows + 2 bad rows), so both readers run in the same embed pass.
+Parquet file (3 topics x 3 rows + 2 bad rows), so both readers run in the same embed pass, plus the
+awkward inputs of issue #7 in the same pass (one Ray run for all): duplicates, invalid UTF-8 and a
+10 MB row (more.jsonl), an empty JSON Lines file, a 0-byte "Parquet" file and two Parquet files whose
+schema cannot hold valid rows.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.io import CorpusError, list_input_files, read_records
-from tclora.config import validate
+from tclora.config import ConfigError, validate
 
 pytestmark = pytest.mark.ray
 
@@ -36,6 +39,11 @@ BAD_LINES = [  # (line text, reason prefix); lines 61..66 of corpus.jsonl, 62 is
     (json.dumps({"source": "nul\x00byte", "target": "x"}), "field 'source' contains a NUL byte"),
 ]
 GOOD_JSONL, GOOD_PARQUET = 60, 9
+DUPLICATES = 3  # more.jsonl lines 1, 4 and 5: kept and embedded, counted in the manifest
+GOOD = GOOD_JSONL + GOOD_PARQUET + DUPLICATES
+BIG_SOURCE = "word " * 2_000_000  # 10 MB: over tclora.data.MAX_FIELD_CHARS, quarantined with its size
+PARQUET_FOUND = {"no_target.parquet": "found source string, task_name string",
+                 "int_source.parquet": "found source int64, target string"}
 
 
 def _rows(per_topic: int, offset: int) -> list[dict]:
@@ -57,6 +65,17 @@ def corpus(tmp_path_factory) -> Path:
                             {"source": "empty target", "target": "", "task_name": None}]
     pq.write_table(pa.Table.from_pylist(rows), root / "extra.parquet")
     (root / "_SUCCESS").write_text("")  # marker files are not corpus files
+
+    first_cooking, first_football = lines[0], lines[20]  # corpus.jsonl lines 1 and 21
+    more = [first_cooking.encode(),
+            b'{"source": "caf\xe9 au lait", "target": "x"}',  # Latin-1 bytes: not UTF-8
+            json.dumps({"source": BIG_SOURCE, "target": "big", "task_name": "code"}).encode(),
+            first_cooking.encode(), first_football.encode()]
+    (root / "more.jsonl").write_bytes(b"\n".join(more) + b"\n")
+    (root / "empty.jsonl").write_bytes(b"")
+    (root / "empty.parquet").write_bytes(b"")  # what a crashed writer leaves: not Parquet at all
+    pq.write_table(pa.table({"source": ["a", "b"], "task_name": ["code", "code"]}), root / "no_target.parquet")
+    pq.write_table(pa.table({"source": [1, 2], "target": ["a", "b"]}), root / "int_source.parquet")
     return root
 
 
@@ -68,24 +87,59 @@ def embedded(ray_session, corpus, tmp_path_factory) -> tuple[Path, Path]:
     return run_dir, run_embed(_config(), run_dir, str(corpus))
 
 
+def _quarantined(embed_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (embed_dir / "quarantine" / "rows.jsonl").read_text().splitlines()]
+
+
 def test_embed_counts_quarantine_and_schema(embedded):
     _, embed_dir = embedded
     manifest = json.loads((embed_dir / "manifest.json").read_text())
-    assert manifest["rows"] == GOOD_JSONL + GOOD_PARQUET and manifest["quarantined"] == 7
+    assert manifest["rows"] == GOOD and manifest["quarantined"] == 14
 
-    quarantined = [json.loads(line) for line in (embed_dir / "quarantine" / "rows.jsonl").read_text().splitlines()]
+    quarantined = _quarantined(embed_dir)
     got = {(q["file"], q.get("line", q.get("row")), q["reason"].split(":")[0]) for q in quarantined}
     expected = {("corpus.jsonl", 61 + i, reason.split(":")[0]) for i, (_, reason) in enumerate(BAD_LINES) if reason}
     expected |= {("extra.parquet", 9, "missing field 'target'"), ("extra.parquet", 10, "field 'target' is empty")}
+    expected |= {("more.jsonl", 2, "line is not valid UTF-8"),
+                 ("more.jsonl", 3, "field 'source' is 10000000 characters (limit 1000000)"),
+                 ("empty.parquet", None, "unreadable Parquet file"),
+                 ("no_target.parquet", 0, "Parquet schema"), ("no_target.parquet", 1, "Parquet schema"),
+                 ("int_source.parquet", 0, "Parquet schema"), ("int_source.parquet", 1, "Parquet schema")}
     assert got == expected
-    assert all(q["raw"] for q in quarantined)
+    assert all(q["raw"] for q in quarantined if q["file"] != "empty.parquet")
+    assert all(len(q["raw"]) <= 2000 for q in quarantined)  # the 10 MB row is not copied whole
 
     table = pq.read_table(embed_dir / "embeddings")
     assert table.column_names == ["row_id", "source", "target", "task_name", "embedding"]
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
     ids = table.column("row_id").to_pylist()
-    assert len(set(ids)) == len(ids) == GOOD_JSONL + GOOD_PARQUET
+    assert len(set(ids)) == len(ids) == GOOD
     assert "corpus.jsonl:1" in ids and "extra.parquet:0" in ids
+
+
+def test_bad_parquet_files_are_quarantined_naming_expected_and_found_columns(embedded):
+    by_file: dict[str, list[dict]] = {}
+    for q in _quarantined(embedded[1]):
+        by_file.setdefault(q["file"], []).append(q)
+    [empty] = by_file["empty.parquet"]
+    assert empty["row"] is None and "0 bytes" in empty["reason"]
+    for name, found in PARQUET_FOUND.items():
+        assert len(by_file[name]) == 2
+        for q in by_file[name]:
+            assert "expected string columns 'source', 'target'" in q["reason"] and found in q["reason"]
+    assert "no column 'target'" in by_file["no_target.parquet"][0]["reason"]
+    assert "column 'source' is int64" in by_file["int_source.parquet"][0]["reason"]
+
+
+def test_duplicates_are_embedded_and_counted(embedded):
+    _, embed_dir = embedded
+    manifest = json.loads((embed_dir / "manifest.json").read_text())
+    assert manifest["duplicates"] == DUPLICATES
+    assert manifest["duplicate_examples"] == ["more.jsonl:1 repeats corpus.jsonl:1",
+                                              "more.jsonl:4 repeats corpus.jsonl:1",
+                                              "more.jsonl:5 repeats corpus.jsonl:21"]
+    ids = set(pq.read_table(embed_dir / "embeddings", columns=["row_id"]).column("row_id").to_pylist())
+    assert {"more.jsonl:1", "more.jsonl:4", "more.jsonl:5"} <= ids  # kept: nothing is dropped silently
 
 
 def test_rerun_is_a_fast_no_op(embedded, corpus):
@@ -141,7 +195,29 @@ def test_changing_k_reclusters_without_reembedding(embedded, corpus):
     skipped = [int(i) for i, j in report["mapping"].items() if j == -1]
     assert report["skipped_rows"] == sum(report["raw_sizes"][str(i)] for i in skipped)
     assert report["skipped_rows"] == list_clusters(cluster_dir).get(-1, 0)
-    assert len(_written_ids(cluster_dir)) == GOOD_JSONL + GOOD_PARQUET  # skipped rows are kept, as -1
+    assert len(_written_ids(cluster_dir)) == GOOD  # skipped rows are kept, as -1
+
+
+def test_k_above_the_valid_row_count_fails_before_clustering(embedded, corpus, monkeypatch, tmp_path):
+    import pipelines.run as run_module
+    from pipelines.cluster import run_cluster
+    from transformers import LlamaConfig
+
+    run_dir, embed_dir = embedded
+    message = rf"cluster\.k=500 is more than the {GOOD} valid rows.*--set cluster\.k={GOOD}"
+    with pytest.raises(ConfigError, match=message):  # the stage alone (python -m pipelines.cluster)
+        run_cluster(_config(k=500), run_dir, embed_dir)
+    assert not list((run_dir / "cluster").glob("k500-*"))
+
+    # The driver: after the embed stage counted the rows, before the cluster stage starts.
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=64).save_pretrained(tmp_path / "model")  # config only: all preflight reads
+    monkeypatch.setattr(run_module, "run_embed", lambda cfg, run_dir: embed_dir)
+    monkeypatch.setattr(run_module, "run_cluster", lambda *a: pytest.fail("clustering started"))
+    cfg = validate({"run": {"dir": str(tmp_path / "run")}, "data": {"path": str(corpus)}, "cluster": {"k": 500},
+                    "model": {"name_or_path": str(tmp_path / "model")}})
+    with pytest.raises(ConfigError, match=message):
+        run_module.run(cfg)
 
 
 def test_all_bad_corpus_stops_with_one_clear_error(ray_session, tmp_path):
@@ -165,10 +241,13 @@ def test_missing_path_is_named(tmp_path):
 
 def test_glob_listing_and_local_reader(corpus):
     inputs = list_input_files(str(corpus / "*.parquet"))
-    assert [Path(f.path).name for f in inputs.files] == ["extra.parquet"]
-    assert len(list_input_files(str(corpus)).files) == 2  # _SUCCESS is skipped
+    assert [Path(f.path).name for f in inputs.files] == [
+        "empty.parquet", "extra.parquet", "int_source.parquet", "no_target.parquet"]
+    assert len(list_input_files(str(corpus)).files) == 7  # _SUCCESS is skipped
     records = read_records(str(corpus / "extra.parquet"), validate({}).data)
     assert len(records) == GOOD_PARQUET and records[0]["row_id"] == "extra.parquet:0"
+    # The local reader (held-out splits) shares the readers: same rows, no crash on the odd files.
+    assert len(read_records(str(corpus), validate({}).data)) == GOOD
 
 
 def test_jsonl_reader_keeps_line_numbers_and_json_line_separators():

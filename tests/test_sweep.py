@@ -20,13 +20,12 @@ from tclora.cli import main as cli_main
 from tclora.config import load_config, validate
 
 
-KS, RANKS, SPARSITY = [2, 3], [1, 2], 0.8
+KS, RANKS, SPARSITY = [1, 2], [1, 2], 0.8  # k=1 keeps the suite short: 3 adapters in all
 
 
 def ray_slow(test):
-    """Marks an end-to-end sweep test: deselected by default (``pytest -m sweep`` runs them). Each Ray
-    stage start-up costs seconds on a quiet 2-core machine and minutes on a loaded one, so the timeout
-    is a hang guard only."""
+    """Marks an end-to-end sweep test (``pytest -m sweep`` runs only these). Each Ray stage start-up
+    costs seconds on a quiet 2-core machine and minutes on a loaded one, so the timeout is a hang guard only."""
     for mark in (pytest.mark.sweep, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2400)):
         test = mark(test)
     return test
@@ -66,14 +65,14 @@ def first(ray_session, tiny_base, tmp_path_factory):
 def test_sweep_embeds_once_and_trains_one_adapter_set_per_k(first):
     run_dir, _, results = first
     training = results["training"]
-    assert sorted(training["sets"]) == ["k2-s0.8", "k3-s0.8"]  # one set per (k, s), shared by both R
-    assert training["adapters_trained"] == 2 + 3 and training["adapters_reused"] == 0
-    assert {s["trained"] for s in training["sets"].values()} == {2, 3}
+    assert sorted(training["sets"]) == ["k1-s0.8", "k2-s0.8"]  # one set per (k, s), shared by both R
+    assert training["adapters_trained"] == 1 + 2 and training["adapters_reused"] == 0
+    assert {s["trained"] for s in training["sets"].values()} == {1, 2}
     sweep_dir = run_dir / "sweep"
-    assert sorted(p.name.split("-")[0] for p in (sweep_dir / "adapters").iterdir()) == ["k2", "k3"]
+    assert sorted(p.name.split("-")[0] for p in (sweep_dir / "adapters").iterdir()) == ["k1", "k2"]
     assert [p.name for p in run_dir.iterdir() if p.name.startswith("embed")] == ["embed"]
     assert not results["embed"]["reused"]
-    assert sorted(p.name.split("-")[0] for p in (run_dir / "cluster").iterdir()) == ["k2", "k3"]
+    assert sorted(p.name.split("-")[0] for p in (run_dir / "cluster").iterdir()) == ["k1", "k2"]
     assert len(list((sweep_dir / "baselines").iterdir())) == 2  # linear, base, oracle: once per (k, s)
     assert len(list((sweep_dir / "trials").iterdir())) == 4  # cp: once per (k, s, R)
     assert not results["failed"]
@@ -83,7 +82,7 @@ def test_sweep_embeds_once_and_trains_one_adapter_set_per_k(first):
 def test_sweep_results_cover_the_grid_with_baselines(first):
     _, _, results = first
     rows = results["rows"]
-    assert [(r["k"], r["cp_rank"]) for r in rows] == [(2, 1), (2, 2), (3, 1), (3, 2)]
+    assert [(r["k"], r["cp_rank"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     for r in rows:
         assert set(r["scores"]) == {"base", "adapters", "cp", "linear"}
         assert r["objective"] == pytest.approx(r["scores"]["cp"], abs=1e-4)
@@ -119,9 +118,9 @@ def test_rerun_trains_nothing_and_finds_the_same_best(first, tmp_path):
     before = _mtimes(stage_dirs)
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(raw))
-    assert cli_main(["sweep", "--config", str(config), "--k", "2,3", "--cp-rank", "1,2", "--sparsity", "0.8"]) == 0
+    assert cli_main(["sweep", "--config", str(config), "--k", "1,2", "--cp-rank", "1,2", "--sparsity", "0.8"]) == 0
     again = json.loads((sweep_dir / "sweep_results.json").read_text())
-    assert again["training"]["adapters_trained"] == 0 and again["training"]["adapters_reused"] == 5
+    assert again["training"]["adapters_trained"] == 0 and again["training"]["adapters_reused"] == 3
     assert again["embed"]["reused"] and again["tune"]["restored"]
     assert again["tune"]["name"] == results["tune"]["name"]
     assert again["best"] == json.loads(json.dumps(results["best"]))
