@@ -75,7 +75,7 @@ def time_mode(name: str, ids: list[int], cfg, cluster_dir: Path, work: Path) -> 
     from tclora import artifacts
 
     load_before, started = os.getloadavg()[0], time.perf_counter()
-    concurrent = train_clusters(ids, cfg, cluster_dir, work)
+    concurrent = train_clusters([[c] for c in ids], cfg, cluster_dir, work)
     seconds = time.perf_counter() - started
     summaries = [artifacts.read_manifest(work / "adapters" / f"cluster-{c}")["summary"] for c in ids]
     out = {"mode": name, "max_concurrent": concurrent, "seconds": round(seconds, 2),

@@ -3,14 +3,17 @@
     python -m pipelines.train --config configs/demo.yaml [--set train.max_concurrent=2 ...]
     python -m pipelines.run --config configs/demo.yaml          # the whole pipeline; this is stage 3
 
-Ray's train/tune interop pattern: ``train_fn_per_worker`` is the DeepSpeed worker; ``train_cluster`` fits
-one cluster's ``TorchTrainer``; a Tune *function* trainable calls it per cluster id (``grid_search``),
-``max_concurrent_trials`` at a time (``train_clusters``); ``run_train`` is the stage driver.
+Ray's train/tune interop pattern: ``train_fn_per_worker`` is the DeepSpeed worker; ``train_group`` fits
+one ``TorchTrainer`` for one cluster, or for several small ones packed into one run
+(``train.clusters_per_run``: worker start-up, seconds to minutes, is paid once per run instead of once
+per cluster); a Tune *function* trainable calls it per group (``grid_search``), ``max_concurrent_trials``
+at a time (``train_clusters``); ``run_train`` is the stage driver.
 
-Restart safety: Train runs are named ``cluster-<id>`` under ``<run>/.train_work/<key>/ray`` (no
-timestamps), so rerunning after a crash resumes each unfinished cluster from its last checkpoint; a
-finished cluster's adapter waits in ``<run>/.train_work/<key>/adapters/cluster-<id>`` (own manifest) and
-is not retrained. The work directory is deleted once ``<run>/train`` is complete.
+Restart safety: Train runs are named ``cluster-<id>`` (or ``clusters-<id>-<id>...``) under
+``<run>/.train_work/<key>/ray`` (no timestamps), so rerunning after a crash resumes each unfinished run
+from its last checkpoint; a finished cluster's adapter waits in
+``<run>/.train_work/<key>/adapters/cluster-<id>`` (own manifest) and is not retrained. The work
+directory is deleted once ``<run>/train`` is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.1  # a Tune trial only drives its TorchTrainer; its workers reserve the real CPUs
 DS_TAG = "engine"  # DeepSpeed checkpoint tag inside every Ray checkpoint
 STATE_FILE = "state.json"
-ADAPTER_SUBDIR = "adapter"  # the finished PEFT adapter, in the last checkpoint
+ADAPTERS_SUBDIR = "adapters"  # finished PEFT adapters (cluster-<id>/) in every later checkpoint
 READ_BATCH = 256  # rows per Ray Data batch; tokenised and regrouped into train batches in the worker
 CACHE_ROWS = 100_000  # shards up to this many rows are replayed from memory after the first epoch
 
@@ -61,6 +65,13 @@ def lori_seed(cfg: Config, cluster_id: int) -> int:
 # [1] The Ray Train worker: plain DeepSpeed training plus a few Ray touchpoints (marked "Ray:").
 
 
+def _replay(cache: list, seed: int, first_epoch: int = 0):
+    """Endless epochs over examples held in memory, reshuffled per epoch."""
+    for epoch in itertools.count(first_epoch):
+        order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        yield from (cache[i] for i in order)
+
+
 def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
     """Endless tokenised examples from this worker's shard, epoch after epoch.
 
@@ -72,9 +83,7 @@ def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
     cache: list | None = []
     for epoch in itertools.count():
         if epoch and cache is not None:
-            order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-            yield from (cache[i] for i in order)
-            continue
+            yield from _replay(cache, seed, first_epoch=epoch)  # endless
         rows = 0
         # Ray: each iter_batches call is one epoch over this worker's share of the cluster.
         for chunk in shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy",
@@ -89,6 +98,17 @@ def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
         if rows == 0:
             raise RuntimeError("this worker's data shard is empty (more workers than rows?)")
         stats["shard_rows"] = rows
+
+
+def _by_cluster(shard, tokenizer, cfg: Config) -> dict[int, list]:
+    """Packed clusters: this worker's shard read once, tokenised examples per cluster id (they fit:
+    ``pack_clusters`` caps a group at ``CACHE_ROWS`` rows)."""
+    buckets: dict[int, list] = {}
+    for chunk in shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy"):  # Ray: one pass
+        for cluster_id, source, target in zip(chunk["cluster_id"], chunk["source"], chunk["target"]):
+            example = data.tokenize_example(tokenizer, str(source), str(target), cfg.model.max_length)
+            buckets.setdefault(int(cluster_id), []).append(example)
+    return buckets
 
 
 def _batches(examples, batch_size: int, pad_id: int):
@@ -128,8 +148,12 @@ def _meta(cfg: Config, cluster_id: int, phases, state: dict, model, masks, world
     return meta
 
 
-def _report(metrics: dict, engine, state: dict, masks, model, rank: int, meta: dict | None = None) -> None:
-    """Ray: every rank checkpoints its share (DeepSpeed writes per-rank ZeRO files; Ray merges the dirs)."""
+def _report(metrics: dict, engine, state: dict, masks, finished: Path, rank: int) -> None:
+    """Ray: every rank checkpoints its share (DeepSpeed writes per-rank ZeRO files; Ray merges the dirs).
+
+    Rank 0 adds the run's state, the current mask and every adapter finished so far (``finished``), so
+    the last checkpoint holds all of the run's adapters and any checkpoint resumes the rest.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         if engine is not None:  # frozen base weights are excluded: a checkpoint holds B + optimizer only
             engine.save_checkpoint(os.path.join(tmp, "ds"), tag=DS_TAG, exclude_frozen_parameters=True)
@@ -137,20 +161,23 @@ def _report(metrics: dict, engine, state: dict, masks, model, rank: int, meta: d
             artifacts.atomic_write_json(Path(tmp) / STATE_FILE, state)
             if masks is not None:
                 lori.save_masks(masks, tmp)
-            if meta is not None:  # B is replicated on every rank under ZeRO 0-2: rank 0 saves it whole
-                lori.save_lori_adapter(model, Path(tmp) / ADAPTER_SUBDIR, masks, meta)
+            if any(finished.iterdir()):
+                shutil.copytree(finished, Path(tmp) / ADAPTERS_SUBDIR)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """One rank of one cluster's LoRI training: attach → LoRI-D → mask → LoRI-S, resumable at any report.
+    """One rank of one Train run: attach → LoRI-D → mask → LoRI-S for each of its clusters in turn.
 
-    ``config``: ``{"cfg": Config as JSON, "cluster_id": int}``. A checkpoint holds ``state.json`` (phase,
-    steps done, losses, resumes), the mask, DeepSpeed's engine checkpoint (B, AdamW moments, per-rank ZeRO
-    partitions; resuming is bit-exact for ZeRO 0-2) and, in the last one, the PEFT adapter in ``adapter/``.
+    ``config``: ``{"cfg": Config as JSON, "cluster_ids": [int, ...]}``; more than one id means packed
+    small clusters on one worker, trained one after another on the same loaded base (PEFT's ``unload``
+    gives it back untouched). Resumable at any report: a checkpoint holds ``state.json`` (cluster
+    position, phase, steps done, losses, resumes), the current mask, DeepSpeed's engine checkpoint (B,
+    AdamW moments, per-rank ZeRO partitions; resuming is bit-exact for ZeRO 0-2) and every finished
+    PEFT adapter in ``adapters/cluster-<id>/``.
     """
     started = [time.time()]  # wall time since the last report (a list: the report closure resets it)
-    cfg, cluster_id = Config.model_validate(config["cfg"]), int(config["cluster_id"])
+    cfg, cluster_ids = Config.model_validate(config["cfg"]), [int(c) for c in config["cluster_ids"]]
     use_gpu = cfg.train.gpus_per_worker > 0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read when deepspeed is imported
     import deepspeed
@@ -159,70 +186,93 @@ def train_fn_per_worker(config: dict) -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    seed = lori_seed(cfg, cluster_id)
-    torch.manual_seed(seed + rank)
-    model, tokenizer = load_base_for(cfg.model)
-    model = lori.attach_lori(model, cfg.lori, seed, cfg.model.name_or_path)
-    if use_gpu:
-        torch.cuda.set_device(ray.train.torch.get_device())
-        model.to(ray.train.torch.get_device())
     phases = lori_phases(cfg.train, cfg.lori)
-    state: dict[str, Any] = {"phase": 0, "step": 0, "losses": {}, "resumes": [], "seconds": 0.0}
+    state: dict[str, Any] = {"position": 0, "phase": 0, "step": 0, "losses": {}, "resumes": [], "seconds": 0.0}
+    finished = Path(tempfile.mkdtemp(prefix="tclora-adapters-"))  # this run's adapters, in every checkpoint
     masks = restore = None
     checkpoint = ray.train.get_checkpoint()  # Ray: set after a worker failure or a driver restart
     if checkpoint is not None:
         restore = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="tclora-restore-")))
         state = json.loads((restore / STATE_FILE).read_text())
         masks = lori.load_masks(restore) if (restore / lori.MASK_FILE).is_file() else None
-        state["resumes"].append({"phase": state["phase"], "step": state["step"]})
-        log.info("cluster %d rank %d: resuming at phase %d step %d", cluster_id, rank, state["phase"], state["step"])
-        if state["phase"] >= len(phases):  # finished before a driver restart: hand back the same adapter
-            ckpt = Checkpoint.from_directory(str(restore)) if rank == 0 else None
-            ray.train.report({"finished": True}, checkpoint=ckpt)
+        if (restore / ADAPTERS_SUBDIR).is_dir():
+            shutil.copytree(restore / ADAPTERS_SUBDIR, finished, dirs_exist_ok=True)
+        state["resumes"].append({"position": state["position"], "phase": state["phase"], "step": state["step"]})
+        log.info("clusters %s rank %d: resuming at cluster %d phase %d step %d", cluster_ids, rank,
+                 state["position"], state["phase"], state["step"])
+        if state["position"] >= len(cluster_ids):  # finished before a driver restart: hand back the same adapters
+            ray.train.report({"finished": True}, checkpoint=Checkpoint.from_directory(str(restore)) if rank == 0 else None)
             shutil.rmtree(restore, ignore_errors=True)
             return
-    stats: dict = {}
-    shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the cluster's rows
-    examples = _examples(shard, tokenizer, cfg, seed * 1000 + 100 * len(state["resumes"]) + rank, stats)
-    stream = _batches(examples, cfg.train.batch_size, tokenizer.pad_token_id)
-    for index in range(state["phase"], len(phases)):
-        phase, masked = phases[index], None
-        if phase.name == "sparse":
-            masked = lori.MaskedB(model, masks)  # hooks before the engine: masked grads reach ZeRO's buckets
-            masked.reset_()
-        engine = _make_engine(deepspeed, model, cfg, phase.lr, use_gpu)
-        if restore is not None:
-            loaded = state["step"] == 0 or engine.load_checkpoint(str(restore / "ds"), tag=DS_TAG,
-                                                                  load_module_strict=False)[0] is not None
-            if not loaded:
-                raise RuntimeError(f"cluster {cluster_id}: no DeepSpeed state in checkpoint {restore}")
-            shutil.rmtree(restore, ignore_errors=True)
-            restore = None
-        history = state["losses"][phase.name] = state["losses"].get(phase.name, [])[: state["step"]]
+    base, tokenizer = load_base_for(cfg.model)
+    if use_gpu:
+        torch.cuda.set_device(ray.train.torch.get_device())
+    shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the run's rows
+    packed = _by_cluster(shard, tokenizer, cfg) if len(cluster_ids) > 1 else None
+    for position in range(state["position"], len(cluster_ids)):
+        cluster_id = cluster_ids[position]
+        seed = lori_seed(cfg, cluster_id)
+        torch.manual_seed(seed + rank)
+        model = lori.attach_lori(base, cfg.lori, seed, cfg.model.name_or_path)
+        if use_gpu:
+            model.to(ray.train.torch.get_device())
+        stats: dict = {}
+        example_seed = seed * 1000 + 100 * len(state["resumes"]) + rank
+        if packed is None:
+            examples = _examples(shard, tokenizer, cfg, example_seed, stats)
+        else:
+            stats["shard_rows"] = len(packed[cluster_id])
+            examples = _replay(packed[cluster_id], example_seed)
+        stream = _batches(examples, cfg.train.batch_size, tokenizer.pad_token_id)
+        for index in range(state["phase"], len(phases)):
+            phase, masked = phases[index], None
+            if phase.name == "sparse":
+                masked = lori.MaskedB(model, masks)  # hooks before the engine: masked grads reach ZeRO's buckets
+                masked.reset_()
+            engine = _make_engine(deepspeed, model, cfg, phase.lr, use_gpu)
+            if restore is not None:
+                loaded = state["step"] == 0 or engine.load_checkpoint(str(restore / "ds"), tag=DS_TAG,
+                                                                      load_module_strict=False)[0] is not None
+                if not loaded:
+                    raise RuntimeError(f"cluster {cluster_id}: no DeepSpeed state in checkpoint {restore}")
+                shutil.rmtree(restore, ignore_errors=True)
+                restore = None
+            history = state["losses"][phase.name] = state["losses"].get(phase.name, [])[: state["step"]]
 
-        def report(step: int, engine=None, final: bool = False) -> None:
-            state["seconds"] += time.time() - started[0]
-            started[0] = time.time()
-            metrics = {"cluster_id": cluster_id, "phase": phase.name, "step": step, "finished": final,
-                       "loss": sum(history[-10:]) / len(history[-10:]), "resumes": len(state["resumes"])}
-            meta = _meta(cfg, cluster_id, phases, state, model, masks, world, stats) if final else None
-            _report(metrics, engine, state, masks, model, rank, meta)
+            def report(step: int, engine=None, done: bool = False) -> None:
+                state["seconds"] += time.time() - started[0]
+                started[0] = time.time()
+                metrics = {"cluster_id": cluster_id, "phase": phase.name, "step": step,
+                           "finished": done and position + 1 == len(cluster_ids), "clusters_done": state["position"],
+                           "loss": sum(history[-10:]) / len(history[-10:]), "resumes": len(state["resumes"])}
+                _report(metrics, engine, state, masks, finished, rank)
 
-        def on_step(step: int, loss: float) -> None:
-            history.append(loss)
-            if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < phase.steps:
-                state.update(phase=index, step=step + 1)
-                report(step + 1, engine)
+            def on_step(step: int, loss: float) -> None:
+                history.append(loss)
+                if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < phase.steps:
+                    state.update(phase=index, step=step + 1)
+                    report(step + 1, engine)
 
-        train_loop(engine, stream, phase.steps, masked=masked, start_step=state["step"], on_step=on_step,
-                   desc=f"cluster {cluster_id} LoRI {phase.name}")
-        engine.destroy()  # drops ZeRO's grad hooks: the next phase's engine installs its own
-        if masked is not None:
-            masked.remove()
-        if index + 1 < len(phases) and phases[index + 1].name == "sparse":
-            masks = lori.extract_masks(lori.lora_b_params(model), cfg.lori.sparsity, cfg.lori.mask_scope)
-        state.update(phase=index + 1, step=0)  # a phase-end checkpoint resumes at the next phase's start
-        report(phase.steps, final=index + 1 == len(phases))
+            train_loop(engine, stream, phase.steps, masked=masked, start_step=state["step"], on_step=on_step,
+                       desc=f"cluster {cluster_id} LoRI {phase.name}")
+            engine.destroy()  # drops ZeRO's grad hooks: the next phase's engine installs its own
+            if masked is not None:
+                masked.remove()
+            if index + 1 < len(phases):
+                if phases[index + 1].name == "sparse":
+                    masks = lori.extract_masks(lori.lora_b_params(model), cfg.lori.sparsity, cfg.lori.mask_scope)
+                state.update(phase=index + 1, step=0)  # a phase-end checkpoint resumes at the next phase's start
+                report(phase.steps)
+        # The cluster is done: its adapter joins the finished ones and the next cluster starts afresh.
+        state["seconds"] += time.time() - started[0]
+        started[0] = time.time()
+        if rank == 0:  # B is replicated on every rank under ZeRO 0-2: rank 0 saves it whole
+            meta = _meta(cfg, cluster_id, phases, state, model, masks, world, stats)
+            lori.save_lori_adapter(model, finished / f"cluster-{cluster_id}", masks, meta)
+        state.update(position=position + 1, phase=0, step=0, losses={}, seconds=0.0)
+        masks = None
+        report(phases[-1].steps, done=True)
+        base = model.unload()  # the base without LoRI layers (B never touched its weights)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,55 +285,96 @@ def stage_key(cfg: Config, cluster_dir: Path) -> dict:
             "config": cfg.section_hash("model", "lori", "train"), "seed": cfg.run.seed}
 
 
-def train_cluster(cluster_id: int, cfg: Config, cluster_dir: Path, out_dir: Path, storage_path: str | Path,
-                  *, report_to_tune: bool = False) -> dict:
-    """Train (or resume, or reuse) one cluster's adapter into ``out_dir/cluster-<id>``; returns its summary.
+def pack_clusters(sizes: dict[int, int], per_run: int, max_rows: int = CACHE_ROWS) -> list[list[int]]:
+    """Cluster ids in Train-run groups: up to ``per_run`` consecutive ids and ``max_rows`` rows each
+    (a larger cluster runs alone). Deterministic, so a restarted driver finds the same run names."""
+    groups: list[list[int]] = []
+    rows = 0
+    for cluster_id in sorted(sizes):
+        if not groups or len(groups[-1]) >= per_run or rows + sizes[cluster_id] > max_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(cluster_id)
+        rows += sizes[cluster_id]
+    return groups
 
-    Ray Train checkpoints live in ``storage_path/cluster-<id>``: after a worker failure Train restarts
-    the workers from the last one (``train.max_failures`` times); calling this again after a driver crash
-    resumes from it. The adapter directory is written atomically, its manifest holding the summary.
+
+def _run_name(cluster_ids: list[int]) -> str:
+    return f"cluster-{cluster_ids[0]}" if len(cluster_ids) == 1 else "clusters-" + "-".join(map(str, cluster_ids))
+
+
+def _run_dataset(cluster_dir: Path, cluster_ids: list[int]):
+    """The run's rows, read before ``fit()``: once the Train workers' placement group holds its CPUs,
+    read tasks that still need a whole free CPU can starve (a hang seen with 2 concurrent trials filling
+    a 2-CPU Ray). A materialised dataset is split per epoch without any task. Packed runs get a
+    ``cluster_id`` column."""
+    parts = []
+    for cluster_id in cluster_ids:
+        part = read_cluster(Path(cluster_dir), cluster_id).select_columns(["source", "target"])
+        if len(cluster_ids) > 1:
+            part = part.add_column("cluster_id", lambda batch, c=cluster_id: pa.array([c] * batch.num_rows, pa.int64()),
+                                   batch_format="pyarrow")
+        parts.append(part)
+    return parts[0].union(*parts[1:]).materialize() if len(parts) > 1 else parts[0].materialize()
+
+
+def train_group(cluster_ids: list[int], cfg: Config, cluster_dir: Path, out_dir: Path, storage_path: str | Path,
+                *, report_to_tune: bool = False) -> dict[int, dict]:
+    """Train (or resume, or reuse) these clusters' adapters in one Ray Train run; returns their summaries.
+
+    Each adapter lands in ``out_dir/cluster-<id>`` (written atomically, its manifest holding the
+    summary). Ray Train checkpoints live in ``storage_path/<run name>``: after a worker failure Train
+    restarts the workers from the last one (``train.max_failures`` times); calling this again after a
+    driver crash resumes from it.
     """
-    final = Path(out_dir) / f"cluster-{cluster_id}"
-    key = {**stage_key(cfg, cluster_dir), "cluster_id": cluster_id}
-    if artifacts.is_complete(final, key):
-        return artifacts.read_manifest(final)["summary"]
+    key = stage_key(cfg, cluster_dir)
+    finals = {c: Path(out_dir) / f"cluster-{c}" for c in cluster_ids}
+    if all(artifacts.is_complete(finals[c], {**key, "cluster_id": c}) for c in cluster_ids):
+        return {c: artifacts.read_manifest(finals[c])["summary"] for c in cluster_ids}
     started, t = time.time(), cfg.train
-    rows = list_clusters(Path(cluster_dir))[cluster_id]  # from the stage manifest: Dataset.count() costs a read
-    if rows < t.num_workers:
-        raise ValueError(f"cluster {cluster_id} has {rows} rows, fewer than train.num_workers={t.num_workers}")
+    sizes = list_clusters(Path(cluster_dir))  # from the stage manifest: Dataset.count() costs a read
+    for c in cluster_ids:
+        if sizes[c] < t.num_workers:
+            raise ValueError(f"cluster {c} has {sizes[c]} rows, fewer than train.num_workers={t.num_workers}")
     callbacks = []
     if report_to_tune:  # forwards every Train report to the Tune trial (progress table, trial metrics)
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    # Read before fit(): once the Train workers' placement group holds its CPUs, read tasks that still
-    # need a whole free CPU can starve (a hang seen with 2 concurrent trials filling a 2-CPU Ray). A
-    # materialised dataset is split per epoch without any task. Costs the cluster's rows in object store.
-    dataset = read_cluster(Path(cluster_dir), cluster_id).select_columns(["source", "target"]).materialize()
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {})}
+    storage_path = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "cluster_id": cluster_id},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"cluster-{cluster_id}", callbacks=callbacks,
-            storage_path=str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve()),
+            name=_run_name(cluster_ids), storage_path=storage_path, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # DeepSpeed picks its accelerator when imported: the workers' environment must say which.
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.gpus_per_worker > 0 else "cpu"}},
         ),
-        datasets={"train": dataset},  # Ray Data splits the rows evenly across the workers (streaming_split)
+        datasets={"train": _run_dataset(Path(cluster_dir), cluster_ids)},  # split evenly across the workers
     )
+    summaries = {}
     with trainer.fit().checkpoint.as_directory() as ckpt:
-        meta = json.loads((Path(ckpt) / ADAPTER_SUBDIR / lori.LORI_FILE).read_text())
-        summary = {"rows": rows, "wall_seconds": round(time.time() - started, 2), **meta}
-        with artifacts.stage_dir(final, key, {"summary": summary}) as tmp:
-            shutil.copytree(Path(ckpt) / ADAPTER_SUBDIR, tmp, dirs_exist_ok=True)
-    log.info("cluster %d: adapter in %s (%d rows, %.0fs, %d resumes)", cluster_id, final, rows,
-             summary["wall_seconds"], len(meta["resumes"]))
-    return summary
+        wall = round(time.time() - started, 2)
+        for c in cluster_ids:
+            src = Path(ckpt) / ADAPTERS_SUBDIR / f"cluster-{c}"
+            meta = json.loads((src / lori.LORI_FILE).read_text())
+            summaries[c] = {"rows": sizes[c], "wall_seconds": wall, "run_clusters": len(cluster_ids), **meta}
+            with artifacts.stage_dir(finals[c], {**key, "cluster_id": c}, {"summary": summaries[c]}) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+            log.info("cluster %d: adapter in %s (%d rows, %.0fs in the worker, %d resumes)", c, finals[c],
+                     sizes[c], meta["seconds"], len(meta["resumes"]))
+    return summaries
+
+
+def train_cluster(cluster_id: int, cfg: Config, cluster_dir: Path, out_dir: Path, storage_path: str | Path,
+                  *, report_to_tune: bool = False) -> dict:
+    """One cluster's adapter in its own Train run (:func:`train_group` of one); returns its summary."""
+    return train_group([cluster_id], cfg, cluster_dir, out_dir, storage_path, report_to_tune=report_to_tune)[cluster_id]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,18 +393,20 @@ def max_concurrent_trials(cfg: Config, n_clusters: int, resources: dict | None =
     return max(1, min(fits, n_clusters))
 
 
-def _cluster_trial(config: dict, cfg_json: dict, cluster_dir: str, work_dir: str, ray_root: str | None = None) -> None:
-    """Tune function trainable: one cluster's ``train_cluster`` (the trial itself needs almost no CPU)."""
-    summary = train_cluster(int(config["cluster_id"]), Config.model_validate(cfg_json), Path(cluster_dir),
-                            Path(work_dir) / "adapters", f"{ray_root or Path(work_dir).resolve()}/ray",
-                            report_to_tune=True)
-    ray.tune.report({"cluster_id": config["cluster_id"], "finished": True,
-                     "loss": summary.get("sparse_loss_last", summary.get("dense_loss_last"))})
+def _group_trial(config: dict, cfg_json: dict, cluster_dir: str, work_dir: str, ray_root: str | None = None) -> None:
+    """Tune function trainable: one group's ``train_group`` (the trial itself needs almost no CPU)."""
+    ids = [int(c) for c in config["cluster_ids"]]
+    summaries = train_group(ids, Config.model_validate(cfg_json), Path(cluster_dir), Path(work_dir) / "adapters",
+                            f"{ray_root or Path(work_dir).resolve()}/ray", report_to_tune=True)
+    last = summaries[ids[-1]]
+    ray.tune.report({"cluster_id": ids[-1], "finished": True,
+                     "loss": last.get("sparse_loss_last", last.get("dense_loss_last"))})
 
 
-def train_clusters(cluster_ids: list[int], cfg: Config, cluster_dir: Path, work_dir: Path,
+def train_clusters(groups: list[list[int]], cfg: Config, cluster_dir: Path, work_dir: Path,
                    ray_root: str | None = None) -> int:
-    """Train the given clusters through Ray Tune into ``work_dir/adapters``; returns the concurrency used.
+    """Train the groups of clusters (:func:`pack_clusters`; ``[[0], [1], ...]`` unpacked) through Ray Tune,
+    one Train run per group, into ``work_dir/adapters``; returns the concurrency used.
 
     Ray Train checkpoints and Tune's experiment state go below ``ray_root`` (default ``work_dir``; a
     shared-storage URI on a multi-node cluster, see :mod:`pipelines.storage`).
@@ -321,23 +414,25 @@ def train_clusters(cluster_ids: list[int], cfg: Config, cluster_dir: Path, work_
     Raises:
         RuntimeError: naming every cluster whose trial failed.
     """
-    concurrent = max_concurrent_trials(cfg, len(cluster_ids))
-    log.info("training %d cluster adapter(s), %d at a time", len(cluster_ids), concurrent)
+    concurrent = max_concurrent_trials(cfg, len(groups))
+    log.info("training %d cluster adapter(s) in %d Train run(s), %d at a time", sum(map(len, groups)),
+             len(groups), concurrent)
     ray_root = ray_root or str(Path(work_dir).resolve())
-    trainable = ray.tune.with_parameters(_cluster_trial, cfg_json=cfg.model_dump(mode="json"),
+    trainable = ray.tune.with_parameters(_group_trial, cfg_json=cfg.model_dump(mode="json"),
                                          cluster_dir=str(cluster_dir), work_dir=str(work_dir), ray_root=ray_root)
-    name = lambda trial: f"cluster-{trial.config['cluster_id']}"  # noqa: E731
+    name = lambda trial: _run_name(trial.config["cluster_ids"])  # noqa: E731
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
-        param_space={"cluster_id": ray.tune.grid_search(list(cluster_ids))},
+        param_space={"cluster_ids": ray.tune.grid_search([list(g) for g in groups])},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=name,
                                         trial_dirname_creator=name),
         run_config=ray.tune.RunConfig(name="train", storage_path=f"{ray_root}/tune", verbose=1,
                                       failure_config=ray.tune.FailureConfig(max_failures=1)),
     )
-    failed = {r.config.get("cluster_id"): r.error for r in tuner.fit() if r.error}
+    failed = {tuple(r.config.get("cluster_ids", ())): r.error for r in tuner.fit() if r.error}
     if failed:
-        raise RuntimeError(f"training failed for cluster(s) {sorted(failed)}: {next(iter(failed.values()))}")
+        ids = sorted(c for group in failed for c in group)
+        raise RuntimeError(f"training failed for cluster(s) {ids}: {next(iter(failed.values()))}")
     return concurrent
 
 
@@ -369,7 +464,8 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path) -> Path:
             if not artifacts.is_complete(work / "adapters" / f"cluster-{c}", {**key, "cluster_id": c})]
     log.info("train: %d clusters, %d to train, %d reused (%s)", len(sizes), len(todo), len(sizes) - len(todo), work)
     ray_root = storage.ray_storage(cfg, work, ".train_work", work.name)
-    concurrent = train_clusters(todo, cfg, cluster_dir, work, ray_root) if todo else 0
+    groups = pack_clusters({c: sizes[c] for c in todo}, cfg.train.clusters_per_run)
+    concurrent = train_clusters(groups, cfg, cluster_dir, work, ray_root) if todo else 0
     extra: dict[str, Any] = {}
     with artifacts.stage_dir(final, key, extra) as tmp:
         clusters = {}

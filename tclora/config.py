@@ -131,6 +131,17 @@ class TrainSection(_Section):
     )
     checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every this many steps.")
     max_failures: int = Field(3, ge=0, description="Worker failures a trial survives (resumes from checkpoint).")
+    clusters_per_run: int = Field(
+        1, ge=1, description="Small clusters trained one after another in one Ray Train run (same worker, "
+        "base loaded from its cache): amortises worker start-up over hundreds of clusters. Needs num_workers=1.",
+    )
+
+    @model_validator(mode="after")
+    def _packing_is_single_worker(self) -> "TrainSection":
+        if self.clusters_per_run > 1 and self.num_workers > 1:
+            raise ValueError(f"clusters_per_run={self.clusters_per_run} needs num_workers=1 (got "
+                             f"{self.num_workers}): packed clusters are small, one worker each")
+        return self
 
 
 class MergeSection(_Section):

@@ -82,6 +82,27 @@ def concurrent_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
     return cfg, out, time.time() - started
 
 
+@pytest.fixture(scope="module")
+def packed_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
+    """Both clusters one after another in a single Train run (train.clusters_per_run=2), ZeRO-0."""
+    from pipelines.train import run_train
+
+    run_dir = tmp_path_factory.mktemp("packed")
+    cfg = small_cfg(run_dir, tiny_base, zero_stage=0, clusters_per_run=2)
+    started = time.time()
+    out = run_train(cfg, run_dir, cluster_dir)
+    return cfg, out, time.time() - started
+
+
+def test_pack_clusters_groups_small_clusters_deterministically():
+    from pipelines.train import pack_clusters
+
+    sizes = {3: 10, 0: 10, 1: 500, 2: 10, 4: 10}
+    assert pack_clusters(sizes, 1) == [[0], [1], [2], [3], [4]]
+    assert pack_clusters(sizes, 2, max_rows=100) == [[0], [1], [2, 3], [4]]  # 1 is too big to share a run
+    assert pack_clusters(sizes, 8, max_rows=10_000) == [[0, 1, 2, 3, 4]]
+
+
 def test_max_concurrent_trials_from_the_scarce_resource(tmp_path):
     from pipelines.train import max_concurrent_trials
 
@@ -107,13 +128,15 @@ def _lora_a(model) -> dict[str, torch.Tensor]:
             for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
 
 
-def test_adapters_are_plain_peft_dirs_with_lori_invariants(concurrent_run, tiny_base, cluster_dir):
+@pytest.mark.parametrize("run", ["concurrent_run", "packed_run"])
+def test_adapters_are_plain_peft_dirs_with_lori_invariants(run, request, tiny_base, cluster_dir):
     from pipelines.train import lori_seed
 
-    cfg, out, seconds = concurrent_run
+    cfg, out, seconds = request.getfixturevalue(run)
+    packed = run == "packed_run"
     report = json.loads((out / "train_report.json").read_text())
     assert sorted(p.name for p in out.glob("cluster-*")) == ["cluster-0", "cluster-1"]  # -1 skipped
-    assert report["max_concurrent"] == 2 and sorted(report["clusters"]) == ["0", "1"]
+    assert report["max_concurrent"] == (1 if packed else 2) and sorted(report["clusters"]) == ["0", "1"]
     for cid in (0, 1):
         adapter_dir = out / f"cluster-{cid}"
         model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(adapter_dir))
@@ -126,7 +149,8 @@ def test_adapters_are_plain_peft_dirs_with_lori_invariants(concurrent_run, tiny_
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in got)
 
         summary = report["clusters"][str(cid)]
-        assert summary["rows"] == ROWS and summary["zero_stage"] == 2 and summary["world_size"] == 1
+        assert summary["rows"] == ROWS and summary["zero_stage"] == cfg.train.zero_stage and summary["world_size"] == 1
+        assert summary["run_clusters"] == (2 if packed else 1)  # packed: both adapters from one Train run
         assert summary["steps"] == {"dense": 16, "sparse": 12}
         assert len(summary["losses"]["dense"]) == 16 and len(summary["losses"]["sparse"]) == 12
         assert summary["dense_loss_last"] < summary["dense_loss_first"]
@@ -137,8 +161,9 @@ def test_adapters_are_plain_peft_dirs_with_lori_invariants(concurrent_run, tiny_
     assert not (Path(cfg.run.dir) / ".train_work").exists() or not any((Path(cfg.run.dir) / ".train_work").iterdir())
 
 
-def test_adapter_beats_base_on_its_cluster(concurrent_run, tiny_base, cluster_dir):
-    _, out, _ = concurrent_run
+@pytest.mark.parametrize("run", ["concurrent_run", "packed_run"])
+def test_adapter_beats_base_on_its_cluster(run, request, tiny_base, cluster_dir):
+    _, out, _ = request.getfixturevalue(run)
     base, tok = load_base(str(tiny_base))
     for cid, rows in ((0, _rows("copy", ROWS, 0)), (1, _rows("flip", ROWS, 1))):
         base_loss = mean_loss(base, tok, rows, max_length=32)
