@@ -7,7 +7,8 @@
 A synthetic corpus of ``--tasks`` string-function tasks (one JSONL file, ``rows-per-task`` rows each,
 plus a one-example-per-task test split) goes through the real driver, ``pipelines.run.run``: Ray Data
 embed -> cluster at each k -> one LoRI adapter per cluster through Ray Tune + Ray Train + DeepSpeed
-(very few steps: this measures the plumbing, not quality) -> merge (factored CP and linear, never a
+(very few steps: this measures the plumbing, not quality; ``--clusters-per-run`` small clusters share
+one Train run, so worker start-up is paid per run, not per cluster) -> merge (factored CP and linear, never a
 dense delta stack) and eval in the merge actor. A thread samples the driver's resident memory every
 0.2 s. The driver holds no per-row Python objects (rows live in Ray Data blocks and Parquet; the
 driver reads counts from manifests) and no adapter weights (the merge actor loads factors), so its
@@ -95,7 +96,8 @@ def make_config(run_dir: Path, train: Path, test: Path, base: Path, k: int, args
         "cluster": {"k": k, "min_cluster_size": 1, "sample_fraction": 1.0},
         "lori": {"rank": 4, "alpha": 8.0, "sparsity": 0.9, "target_modules": ["q_proj", "v_proj"]},
         "train": {"steps": args.steps, "sparse_steps": args.steps, "batch_size": 8, "lr": 3e-3,
-                  "checkpoint_every": 1000, "max_concurrent": args.max_concurrent, "cpus_per_worker": 1.0},
+                  "checkpoint_every": 1000, "max_concurrent": args.max_concurrent, "cpus_per_worker": 1.0,
+                  "clusters_per_run": args.clusters_per_run},
         "merge": {"methods": ["cp", "linear"], "cp_iters": 20},
         "eval": {"batch_size": 64, "max_new_tokens": 8},
     })
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tasks", type=int, default=None, help="synthetic tasks (default max k)")
     p.add_argument("--rows-per-task", type=int, default=None, help="training rows per task (default 30; smoke 12)")
     p.add_argument("--steps", type=int, default=1, help="steps per LoRI phase (default 1: plumbing, not quality)")
-    p.add_argument("--max-concurrent", type=int, default=2, help="adapters trained at once (default 2)")
+    p.add_argument("--max-concurrent", type=int, default=2, help="Train runs at once (default 2)")
+    p.add_argument("--clusters-per-run", type=int, default=10,
+                   help="clusters packed into one Train run (train.clusters_per_run, default 10)")
     args = p.parse_args(argv)
     setup_logging()
     ks = sorted(args.ks or ([2, 8] if args.smoke else [10, 100]))
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     result = {"benchmark": "scale", "smoke": args.smoke, "machine": machine_info(),
               "config": {"ks": ks, "tasks": tasks, "rows_per_task": rows_per_task, "rows": tasks * rows_per_task,
-                         "steps_per_phase": args.steps, "max_concurrent": args.max_concurrent}}
+                         "steps_per_phase": args.steps, "max_concurrent": args.max_concurrent,
+                         "clusters_per_run": args.clusters_per_run}}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         train, test = write_corpus(Path(tmp) / "corpus", tasks, rows_per_task)
         result["runs"] = [run_at(k, Path(tmp), train, test, base, args) for k in ks]
