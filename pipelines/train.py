@@ -262,7 +262,8 @@ def train_fn_per_worker(config: dict) -> None:
                 if phases[index + 1].name == "sparse":
                     masks = lori.extract_masks(lori.lora_b_params(model), cfg.lori.sparsity, cfg.lori.mask_scope)
                 state.update(phase=index + 1, step=0)  # a phase-end checkpoint resumes at the next phase's start
-                report(phase.steps)
+                if phase.steps >= cfg.train.checkpoint_every:  # a shorter phase is cheaper to redo than to save
+                    report(phase.steps)
         # The cluster is done: its adapter joins the finished ones and the next cluster starts afresh.
         state["seconds"] += time.time() - started[0]
         started[0] = time.time()

@@ -130,6 +130,9 @@ def save_factors(
         lora_dropout=0.0, bias="none", use_rslora=False, use_dora=False, task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
     )
+    # PEFT turns the list into a set, written in the process's hash-seed order: sorted, the same merge
+    # saves the same bytes in every process (content-hashed manifests stay reproducible).
+    config.target_modules = sorted(config.target_modules)
     config.save_pretrained(str(out_dir))
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS))
     return out_dir

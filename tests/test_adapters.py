@@ -78,6 +78,15 @@ def test_vllm_rank_padding():
         adapters.vllm_rank(513)
 
 
+def test_exported_config_lists_target_modules_sorted(tmp_path):
+    """PEFT keeps target_modules as a set, whose order follows the process's hash seed: unsorted, one merge
+    saved by two processes (a retried merge/eval call) differs byte for byte."""
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    factors = {f"model.layers.0.m.{n}": LowRank(torch.ones(4, 2), torch.ones(2, 4)) for n in names}
+    adapters.save_factors(factors, tmp_path, "tiny-test", pad_for_vllm=False)
+    assert json.loads((tmp_path / adapters.ADAPTER_CONFIG).read_text())["target_modules"] == sorted(names)
+
+
 def test_incompatible_adapters_are_named(trained_adapter, tmp_path):
     path, _ = trained_adapter
     other = lori.attach_lori(tiny_llama(), LoRISection(rank=4, alpha=8, target_modules=["q_proj"]), seed=0,
