@@ -176,7 +176,14 @@ def load_masks(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
 def save_lori_adapter(model: PeftModel, out_dir: str | Path, masks: dict[str, torch.Tensor] | None, meta: dict) -> Path:
     """PEFT adapter files (A included) + mask + ``lori.json`` (seed, sparsity, phases, losses)."""
     out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    config = model.peft_config[model.active_adapter]
+    modules = config.target_modules
+    # PEFT keeps a set, written in the process's hash-seed order: sorted, the same adapter saves the same bytes.
+    config.target_modules = sorted(modules)
+    try:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+    finally:
+        config.target_modules = modules
     if masks is not None:
         save_masks(masks, out_dir)
     (out_dir / LORI_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
