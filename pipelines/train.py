@@ -202,7 +202,8 @@ def train_fn_per_worker(config: dict) -> None:
                  state["position"], state["phase"], state["step"])
         if state["position"] >= len(cluster_ids):  # finished before a driver restart: hand back the same adapters
             ray.train.report({"finished": True}, checkpoint=Checkpoint.from_directory(str(restore)) if rank == 0 else None)
-            shutil.rmtree(restore, ignore_errors=True)
+            for tmp in (restore, finished):
+                shutil.rmtree(tmp, ignore_errors=True)
             return
     base, tokenizer = load_base_for(cfg.model)
     if use_gpu:
@@ -274,6 +275,7 @@ def train_fn_per_worker(config: dict) -> None:
         masks = None
         report(phases[-1].steps, done=True)
         base = model.unload()  # the base without LoRI layers (B never touched its weights)
+    shutil.rmtree(finished, ignore_errors=True)  # every adapter is in the last checkpoint now
 
 
 # ------------------------------------------------------------------------------------------------
