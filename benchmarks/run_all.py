@@ -31,7 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "merge_quality": ("benchmarks.bench_merge_quality", [], ["--smoke"]),
     "cp_merge": ("benchmarks.bench_cp_merge", [], ["--smoke"]),
     "embed": ("benchmarks.bench_embed", [], ["--rows", "2000", "--actors", "1"]),
-    "kmeans": ("benchmarks.bench_kmeans", [], ["--rows", "20000", "--skip", "sklearn_sample"]),
+    "kmeans": ("benchmarks.bench_kmeans", ["--rows", "1000000"], ["--rows", "20000", "--skip", "sklearn_sample"]),
     "parallel_train": ("benchmarks.bench_parallel_train", [], ["--smoke"]),
     "scale": ("benchmarks.bench_scale", [], ["--smoke"]),
 }
