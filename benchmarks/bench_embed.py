@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tclora.config import EmbedSection
+
 WORDS = ("model data cluster adapter merge train token layer vector sample batch query answer task "
          "river market garden engine planet music recipe league theorem protein contract weather").split()
 
@@ -84,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=16_000)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per map_batches call")
+    parser.add_argument("--batch-size", type=int, default=EmbedSection().batch_size, help="rows per map_batches call (default: embed.batch_size)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

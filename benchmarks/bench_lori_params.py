@@ -283,8 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
             result["models"][name] = measure(name, SHAPES[name], args, Path(tmp))
     result["headline"] = headlines(result["models"])
     write_result(args.out, result_stem("lori_params", args.smoke), result, plot)
-    for row in result["headline"]:
-        print(f"{row['metric']:55s} {row['display']:32s} target {row['target']:6s} {'met' if row['met'] else 'MISSED'}")
     return result
 
 

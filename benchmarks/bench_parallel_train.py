@@ -168,8 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
                  f"{result['speedup']:.2f}x", target=">= 1.6x", met=result["speedup"] >= 1.6),
     ]
     write_result(args.out, result_stem("parallel_train", args.smoke), result, plot)
-    for row in result["headline"]:
-        print(f"{row['metric']:60s} {row['display']}")
     return result
 
 

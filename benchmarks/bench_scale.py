@@ -194,8 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
                  large["seconds"], f"{large['seconds']:.0f} s, {large['clusters_trained']} adapters"),
     ]
     write_result(args.out, result_stem("scale", args.smoke), result, plot)
-    for row in result["headline"]:
-        print(f"{row['metric']:60s} {row['display']}")
     return result
 
 

@@ -88,7 +88,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_result(out_dir: Path, stem: str, result: dict, plot: Callable[[dict, Path], None] | None = None) -> Path:
-    """``<out_dir>/<stem>.json`` (and ``.png`` from ``plot(result, path)``), each written atomically."""
+    """``<out_dir>/<stem>.json`` (and ``.png`` from ``plot(result, path)``), each written atomically; prints the headline."""
     result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     out_dir = Path(out_dir)
     path = out_dir / f"{stem}.json"
@@ -99,4 +99,14 @@ def write_result(out_dir: Path, stem: str, result: dict, plot: Callable[[dict, P
         matplotlib.use("Agg")
         _atomic(out_dir / f"{stem}.png", lambda p: plot(result, p))
     logging.getLogger("benchmarks").info("wrote %s", path)
+    print_headline(result.get("headline", []))
     return path
+
+
+def print_headline(rows: list[dict[str, Any]]) -> None:
+    """The headline rows as the README shows them, one per line."""
+    width = max((len(r["metric"]) for r in rows), default=0)
+    for r in rows:
+        verdict = "" if r["met"] is None else ("met" if r["met"] else "MISSED")
+        target = f"target {r['target']} {verdict}" if r["target"] else ""
+        print(f"{r['metric']:{width}s}  {r['display']}  {target}".rstrip())

@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "kmeans": ("benchmarks.bench_kmeans", ["--rows", "1000000"], ["--rows", "20000", "--skip", "sklearn_sample"]),
     "parallel_train": ("benchmarks.bench_parallel_train", [], ["--smoke"]),
     "scale": ("benchmarks.bench_scale", [], ["--smoke"]),
+    "demo": ("benchmarks.bench_demo", [], ["--smoke"]),
 }
 
 

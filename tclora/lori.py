@@ -10,7 +10,7 @@ The recipe, per adapter:
    AdamW (weight decay included).
 
 Adapters are ordinary PEFT LoRA adapters: A is stored in the file (vLLM cannot rebuild it from a seed),
-and the mask is saved beside it.
+and the mask is saved beside it (one bit per entry of B).
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import zlib
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -166,11 +168,22 @@ class MaskedB:
 
 
 def save_masks(masks: dict[str, torch.Tensor], adapter_dir: str | Path) -> None:
-    save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(Path(adapter_dir) / MASK_FILE))
+    """One bit per entry of B (packed, ``numpy.packbits``): 1/32 of B's float32 bytes, not 1/4."""
+    packed = {n: torch.from_numpy(np.packbits(m.cpu().numpy().astype(bool).ravel())) for n, m in masks.items()}
+    shapes = {n: list(m.shape) for n, m in masks.items()}
+    save_file(packed, str(Path(adapter_dir) / MASK_FILE), metadata={"format": "packbits", "shapes": json.dumps(shapes)})
 
 
 def load_masks(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    return {n: m.bool() for n, m in load_file(str(Path(adapter_dir) / MASK_FILE)).items()}
+    path = str(Path(adapter_dir) / MASK_FILE)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(path)
+    if meta.get("format") != "packbits":  # one byte per entry: masks saved before bits were packed
+        return {n: m.bool() for n, m in tensors.items()}
+    shapes = json.loads(meta["shapes"])
+    return {n: torch.from_numpy(np.unpackbits(tensors[n].numpy(), count=math.prod(shapes[n])).astype(bool)).view(shapes[n])
+            for n in shapes}
 
 
 def save_lori_adapter(model: PeftModel, out_dir: str | Path, masks: dict[str, torch.Tensor] | None, meta: dict) -> Path:

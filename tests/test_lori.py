@@ -1,7 +1,10 @@
 """LoRI: frozen seeded A, exact mask fractions, masked entries stay zero through AdamW."""
 
+import math
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tclora import lori
 from tclora.config import LoRISection
@@ -91,9 +94,17 @@ def test_sparse_phase_keeps_masked_entries_exactly_zero_through_adamw():
     assert counts["lori_s_fraction_of_lora"] < (1 - CFG.sparsity)
 
 
-def test_masks_round_trip_through_safetensors(tmp_path):
-    masks = {"a.b": torch.rand(6, 3) > 0.5, "c": torch.rand(4, 2) > 0.5}
+def test_masks_round_trip_through_safetensors_one_bit_per_entry(tmp_path):
+    masks = {"a.b": torch.rand(64, 33) > 0.5, "c": torch.rand(4, 2) > 0.5}  # 33 columns: not a multiple of 8
     lori.save_masks(masks, tmp_path)
     loaded = lori.load_masks(tmp_path)
     assert loaded.keys() == masks.keys()
-    assert all(torch.equal(loaded[k], masks[k]) for k in masks)
+    assert all(loaded[k].dtype == torch.bool and torch.equal(loaded[k], masks[k]) for k in masks)
+    stored = load_file(str(tmp_path / lori.MASK_FILE))
+    assert stored["a.b"].numel() == math.ceil(64 * 33 / 8)
+
+
+def test_masks_saved_one_byte_per_entry_still_load(tmp_path):
+    masks = {"a.b": torch.rand(6, 3) > 0.5}
+    save_file({n: m.to(torch.uint8) for n, m in masks.items()}, str(tmp_path / lori.MASK_FILE))
+    assert torch.equal(lori.load_masks(tmp_path)["a.b"], masks["a.b"])

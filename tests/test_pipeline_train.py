@@ -73,22 +73,19 @@ def cluster_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def concurrent_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
     """Both clusters through Tune at once, ZeRO-2, one worker each."""
-    from pipelines.train import run_train
-
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = small_cfg(run_dir, tiny_base, zero_stage=2, max_concurrent=2)
-    started = time.time()
-    out = run_train(cfg, run_dir, cluster_dir)
-    return cfg, out, time.time() - started
+    return _timed_train(tiny_base, cluster_dir, tmp_path_factory.mktemp("run"), zero_stage=2, max_concurrent=2)
 
 
 @pytest.fixture(scope="module")
 def packed_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
     """Both clusters one after another in a single Train run (train.clusters_per_run=2), ZeRO-0."""
+    return _timed_train(tiny_base, cluster_dir, tmp_path_factory.mktemp("packed"), zero_stage=0, clusters_per_run=2)
+
+
+def _timed_train(tiny_base, cluster_dir, run_dir, **train):
     from pipelines.train import run_train
 
-    run_dir = tmp_path_factory.mktemp("packed")
-    cfg = small_cfg(run_dir, tiny_base, zero_stage=0, clusters_per_run=2)
+    cfg = small_cfg(run_dir, tiny_base, **train)
     started = time.time()
     out = run_train(cfg, run_dir, cluster_dir)
     return cfg, out, time.time() - started
