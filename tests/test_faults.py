@@ -31,6 +31,7 @@ import yaml
 from tclora import adapters, artifacts
 from tclora.config import validate
 from tclora.merge import LowRank
+from tests.helpers import demo_run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -46,18 +47,13 @@ STEPS, SPARSE_STEPS = 16, 8
 
 def driver_config(run_dir: Path, base: Path) -> dict:
     """The demo at smoke size: 66 rows, k=2, clusters trained one at a time (a kill lands between them)."""
-    return {
-        "run": {"dir": str(run_dir), "seed": 0},
-        "data": {"path": "demo", "demo_train_per_task": 6, "demo_eval_per_task": 2},
-        "model": {"name_or_path": str(base), "max_length": 64},
-        "embed": {"batch_size": 256},
-        "cluster": {"k": 2, "min_cluster_size": 1, "n_init": 2},
-        "lori": {"rank": 4, "alpha": 8.0, "sparsity": 0.8, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"steps": STEPS, "sparse_steps": SPARSE_STEPS, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 4,
-                  "max_concurrent": 1, "cpus_per_worker": 1.0},
-        "merge": {"methods": ["linear"]},
-        "eval": {"batch_size": 64, "max_new_tokens": 8, "max_per_task": 1},
-    }
+    return demo_run_config(
+        run_dir, base,
+        data={"demo_train_per_task": 6, "demo_eval_per_task": 2},
+        train={"steps": STEPS, "sparse_steps": SPARSE_STEPS, "checkpoint_every": 4, "max_concurrent": 1},
+        merge={"methods": ["linear"]},
+        eval={"max_per_task": 1},
+    )
 
 
 class Driver:
@@ -230,7 +226,7 @@ def merge_inputs(tiny_base, tmp_path_factory) -> dict:
 
 
 def merge_config(run_dir: Path, inputs: dict):
-    # cp runs second and slowly (many ALS iterations, no early stop): the kill lands while it merges.
+    # cp runs second (many ALS iterations, no early stop), then eval: the kill lands in one of them.
     return validate({
         "run": {"dir": str(run_dir)},
         "data": {"eval_paths": [str(inputs["root"] / "test.jsonl")]},

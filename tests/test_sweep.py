@@ -18,6 +18,7 @@ import yaml
 from tclora import artifacts
 from tclora.cli import main as cli_main
 from tclora.config import load_config, validate
+from tests.helpers import demo_run_config
 
 
 KS, RANKS, SPARSITY = [1, 2], [1, 2], 0.8  # k=1 keeps the suite short: 3 adapters in all
@@ -32,18 +33,7 @@ def ray_slow(test):
 
 
 def sweep_raw(run_dir: Path, base: Path) -> dict:
-    return {
-        "run": {"dir": str(run_dir), "seed": 0},
-        "data": {"path": "demo", "demo_train_per_task": 20, "demo_eval_per_task": 4},
-        "model": {"name_or_path": str(base), "max_length": 64},
-        "embed": {"batch_size": 256},
-        "cluster": {"k": 2, "min_cluster_size": 1, "n_init": 2},
-        "lori": {"rank": 4, "alpha": 8.0, "sparsity": SPARSITY, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"steps": 4, "sparse_steps": 3, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 50,
-                  "max_concurrent": 2, "cpus_per_worker": 1.0},
-        "merge": {"methods": ["cp", "linear"], "cp_iters": 10},
-        "eval": {"batch_size": 64, "max_new_tokens": 8},
-    }
+    return demo_run_config(run_dir, base, lori={"sparsity": SPARSITY})
 
 
 def _mtimes(paths) -> dict[str, float]:
