@@ -60,6 +60,19 @@ class EmbedCallable:
         return batch.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
 
 
+def actor_cpus(num_actors: int, cluster_cpus: float) -> float:
+    """CPUs each embedding actor reserves: one, unless the pool would then hold every CPU of the cluster.
+
+    The pool's actors start first; a read or write task that still needs a whole free CPU then waits
+    forever (seen: 2 actors on a 2-CPU Ray, the stage idle at "Read: 0/1"). Such a pool shares all
+    but one CPU, so reads and writes always have one. The actors' torch threads are set separately
+    (:class:`EmbedCallable`), so this only changes what Ray schedules, not how fast they encode.
+    """
+    if num_actors < cluster_cpus:
+        return 1.0
+    return max(cluster_cpus - 1, 0.5) / num_actors
+
+
 def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
     """Embed the corpus at ``path`` (default ``cfg.data.path``) into ``<run_dir>/embed``; skip if done.
 
@@ -94,6 +107,7 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
             compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors),
             batch_size=cfg.embed.batch_size,
             batch_format="pyarrow",
+            num_cpus=actor_cpus(cfg.embed.num_actors, ray.cluster_resources().get("CPU", 1.0)),
             num_gpus=gpus or None,
         )
         embedded.write_parquet(str(tmp / "embeddings"))

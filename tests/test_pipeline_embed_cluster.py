@@ -263,3 +263,12 @@ def test_jsonl_reader_keeps_line_numbers_and_json_line_separators():
     assert [g["row_id"] for g in good] == ["f.jsonl:1", "f.jsonl:5"] and good[0]["source"] == "a\u2028b"
     assert [(b["line"], b["reason"]) for b in bad] == [
         (3, "field 'target' must be a string, got int"), (4, "line is not valid UTF-8")]
+
+
+def test_embedding_actors_leave_a_cpu_for_reads_and_writes():
+    from pipelines.embed import actor_cpus
+
+    assert actor_cpus(1, 8) == 1.0 and actor_cpus(7, 8) == 1.0  # room to spare: a whole CPU each
+    assert actor_cpus(2, 2) == 0.5  # 2 actors on 2 CPUs hung at "Read: 0/1": now they share one
+    assert actor_cpus(4, 4) * 4 == 3  # all but one CPU, whatever the pool size
+    assert actor_cpus(1, 1) == 0.5  # a 1-CPU Ray still schedules a read beside the actor
