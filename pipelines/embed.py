@@ -104,7 +104,10 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
             EmbedCallable,
             fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
                                    "num_actors": cfg.embed.num_actors},
-            compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors),
+            # One block at a time per actor: with Ray's default of 4 in flight, the actor that finished
+            # loading its model first took every block of a small corpus while the others sat idle
+            # (2 actors ran at half the speed of 1).
+            compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors, max_tasks_in_flight_per_actor=1),
             batch_size=cfg.embed.batch_size,
             batch_format="pyarrow",
             num_cpus=actor_cpus(cfg.embed.num_actors, ray.cluster_resources().get("CPU", 1.0)),
