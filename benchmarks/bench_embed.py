@@ -86,7 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=16_000)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=EmbedSection().batch_size, help="rows per map_batches call (default: embed.batch_size)")
+    parser.add_argument("--batch-size", type=int, default=EmbedSection().batch_size,
+                        help="rows per map_batches call (default: embed.batch_size)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

@@ -88,7 +88,10 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_result(out_dir: Path, stem: str, result: dict, plot: Callable[[dict, Path], None] | None = None) -> Path:
-    """``<out_dir>/<stem>.json`` (and ``.png`` from ``plot(result, path)``), each written atomically; prints the headline."""
+    """``<out_dir>/<stem>.json`` (and ``.png`` from ``plot(result, path)``), each written atomically.
+
+    Prints the headline rows too, so every script ends with the lines the README table will show.
+    """
     result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     out_dir = Path(out_dir)
     path = out_dir / f"{stem}.json"
