@@ -38,9 +38,7 @@ log = logging.getLogger(__name__)
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SUFFIXES = JSON_SUFFIXES + (".parquet",)
-# A block is what one embedding actor takes at a time: no larger than embed.batch_size's default, so the
-# blocks of a 16k-row file spread over several actors (at 8192, a second actor of two sat idle).
-ROWS_PER_BLOCK = 2048
+ROWS_PER_BLOCK = 8192
 LINE_SPAN = 2**40  # a row's corpus position is file rank * LINE_SPAN + line: files < 2^23, lines < 2^40
 # _error: set when the whole file is at fault (unreadable, wrong schema); the row is then quarantined with it.
 RAW_SCHEMA = pa.schema([("_file", pa.string()), ("_index", pa.int64()), ("_raw", pa.binary()),
