@@ -104,9 +104,8 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
             EmbedCallable,
             fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
                                    "num_actors": cfg.embed.num_actors},
-            # One block at a time per actor: with Ray's default of 4 in flight, the actor that finished
-            # loading its model first took every block of a small corpus while the others sat idle
-            # (2 actors ran at half the speed of 1).
+            # One block at a time per actor, so a block waits for whichever actor is free rather than
+            # queueing (Ray's default: 4 in flight) behind the actor that finished loading first.
             compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors, max_tasks_in_flight_per_actor=1),
             batch_size=cfg.embed.batch_size,
             batch_format="pyarrow",
