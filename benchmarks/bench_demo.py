@@ -31,14 +31,15 @@ TARGET_SECONDS = 300
 SMOKE_SETS = ["cluster.k=2", "train.steps=5", "data.demo_train_per_task=40", "data.demo_eval_per_task=4"]
 
 
-def build_base_once() -> float:
-    """Build (or find) the cached demo base outside the timing; returns the seconds it took."""
-    from tclora.config import ModelSection
-    from tclora.models import DemoBaseSpec, build_demo_base
+def build_base_once(config: Path, sets: list[str]) -> float:
+    """Build (or find) the cached demo base the run will load, outside the timing; returns the seconds."""
+    from tclora.config import load_config
+    from tclora.models import build_demo_base, demo_spec
 
-    model = ModelSection()
+    model = load_config(config, sets).model
     started = time.perf_counter()
-    build_demo_base(model.cache_dir, DemoBaseSpec(pretrain_steps=model.demo_pretrain_steps))
+    if model.name_or_path == "demo":
+        build_demo_base(model.cache_dir, demo_spec(model))
     return time.perf_counter() - started
 
 
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for tclora run")
     args = p.parse_args(argv)
     setup_logging()
-    base_seconds = build_base_once()
     sets = (SMOKE_SETS if args.smoke else []) + args.set
+    base_seconds = build_base_once(args.config, sets)
     result = {"benchmark": "demo", "smoke": args.smoke, "machine": machine_info(),
               "config": {"config": str(args.config), "set": sets, "base_build_seconds": round(base_seconds, 1)}}
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:

@@ -92,10 +92,10 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> Config:
             data = data.model_copy(update={"eval_paths": [str(splits["test"]), str(splits["compose_test"])]})
         updates["data"] = data
     if cfg.model.name_or_path == "demo":
-        from tclora.models import DemoBaseSpec, build_demo_base
+        from tclora.models import build_demo_base, demo_spec
 
         # Built here, once, before any worker starts: workers must not race to build the same cache.
-        path = build_demo_base(cfg.model.cache_dir, DemoBaseSpec(pretrain_steps=cfg.model.demo_pretrain_steps))
+        path = build_demo_base(cfg.model.cache_dir, demo_spec(cfg.model))
         updates["model"] = cfg.model.model_copy(update={"name_or_path": str(path)})
     return cfg.model_copy(update=updates) if updates else cfg
 

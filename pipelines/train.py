@@ -374,12 +374,6 @@ def train_group(cluster_ids: list[int], cfg: Config, cluster_dir: Path, out_dir:
     return summaries
 
 
-def train_cluster(cluster_id: int, cfg: Config, cluster_dir: Path, out_dir: Path, storage_path: str | Path,
-                  *, report_to_tune: bool = False) -> dict:
-    """One cluster's adapter in its own Train run (:func:`train_group` of one); returns its summary."""
-    return train_group([cluster_id], cfg, cluster_dir, out_dir, storage_path, report_to_tune=report_to_tune)[cluster_id]
-
-
 # ------------------------------------------------------------------------------------------------
 # [3] All clusters: a Tune function trainable per cluster, max_concurrent_trials at once.
 

@@ -316,11 +316,15 @@ def load_base(
     return model, tokenizer
 
 
-def load_base_for(model_cfg) -> tuple:
+def demo_spec(model_cfg: ModelSection) -> DemoBaseSpec:
+    """The demo base a :class:`tclora.config.ModelSection` asks for (its cache key)."""
+    return DemoBaseSpec(pretrain_steps=model_cfg.demo_pretrain_steps)
+
+
+def load_base_for(model_cfg: ModelSection) -> tuple:
     """``load_base`` from a :class:`tclora.config.ModelSection`."""
-    spec = DemoBaseSpec(pretrain_steps=model_cfg.demo_pretrain_steps)
     return load_base(model_cfg.name_or_path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
-                     cache_dir=model_cfg.cache_dir, demo_spec=spec)
+                     cache_dir=model_cfg.cache_dir, demo_spec=demo_spec(model_cfg))
 
 
 def module_skeleton(model_cfg: ModelSection) -> torch.nn.Module:
@@ -335,7 +339,7 @@ def module_skeleton(model_cfg: ModelSection) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_cfg.name_or_path == "demo":
-        config = demo_llama_config(DemoBaseSpec(pretrain_steps=model_cfg.demo_pretrain_steps))
+        config = demo_llama_config(demo_spec(model_cfg))
     else:
         config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
     with torch.device("meta"):  # shapes without storage: a 7B skeleton costs no memory

@@ -201,7 +201,7 @@ def _registered_checkpoints(run_storage: Path) -> int:
 
 def test_two_ranks_resume_after_worker_is_killed(ray_session, tiny_base, cluster_dir, tmp_path):
     """SIGKILL a rank once the first checkpoint is reported: Train restarts both ranks from it."""
-    from pipelines.train import train_cluster
+    from pipelines.train import train_group
 
     cfg = small_cfg(tmp_path, tiny_base, num_workers=2, cpus_per_worker=0.5, zero_stage=1,
                     steps=40, sparse_steps=24, checkpoint_every=4)
@@ -210,7 +210,7 @@ def test_two_ranks_resume_after_worker_is_killed(ray_session, tiny_base, cluster
 
     def run() -> None:
         try:
-            result["summary"] = train_cluster(0, cfg, cluster_dir, tmp_path / "adapters", storage)
+            result["summary"] = train_group([0], cfg, cluster_dir, tmp_path / "adapters", storage)[0]
         except BaseException as err:  # surfaced by the assertion below
             result["error"] = err
 
