@@ -51,7 +51,10 @@ EXPECTED = {
     "svd": ("lowrank", 4, {"rank": R_ADAPTER}),
     "knots": ("lowrank", T * R_ADAPTER, {"density": 1.0}),
     "cp": ("lowrank", 4, {"rank": R_ADAPTER, "n_iter": 50}),
+    "tsvm": ("lowrank", T * R_ADAPTER, {"fraction": 1.0}),
+    "isoc": ("lowrank", T * R_ADAPTER, None),  # flattens the spectrum: identity only for rank-1 (tested below)
 }
+RANK_PARAM = {"cp", "svd"}  # the methods that take merge.cp_rank
 
 
 def test_table_covers_every_registered_method():
@@ -76,6 +79,9 @@ def test_method_contract(name):
         assert dense(delta).dtype == torch.float32
         assert torch.isfinite(dense(delta)).all()
 
+    assert spec.rank_param == (name in RANK_PARAM)
+    if identity_params is None:
+        return
     # One adapter at weight 1 comes back unchanged.
     one = make_adapters(T=1, r=R_ADAPTER, seed=1)
     back = merge_adapters(one, name, weights=[1.0], params=identity_params)
@@ -87,13 +93,13 @@ def test_method_contract(name):
 def test_linear_and_cat_are_exact_weighted_sums():
     a, b = (x["q"] for x in make_adapters(T=2, dtype=torch.float64))
     for name in ("linear", "cat"):
-        diff = merge_adapters([{"q": a}, {"q": b}], name, weights=[1.0, -1.0])["q"]
+        diff = merge_adapters([{"q": a}, {"q": b}], name, [1.0, -1.0], {"scale": 1.0})["q"]
         assert torch.equal(diff.B, torch.cat([a.B, -b.B], dim=1)) and torch.equal(diff.A, torch.cat([a.A, b.A]))
         assert_close(diff.dense(), a.dense() - b.dense(), rtol=0, atol=1e-12)
 
     adapters = make_adapters(T=3, dtype=torch.float64)
     w = [0.5, -0.25, 1.375]  # exact in float32, the dtype merge_adapters resolves weights to
-    got = merge_adapters(adapters, "linear", weights=w)["q"].dense()
+    got = merge_adapters(adapters, "linear", weights=w, params={"scale": 1.0})["q"].dense()
     assert_close(got, sum(wt * x["q"].dense() for wt, x in zip(w, adapters)), rtol=0, atol=1e-12)
     # Default weights: linear averages, cat sums.
     mean = merge_adapters(adapters, "linear")["q"].dense()
@@ -144,7 +150,7 @@ def test_dare_is_seeded_and_unbiased():
     assert torch.equal(run(3, "ties"), run(3, "ties"))
     # E[drop-and-rescale] is the task vector, so the mean over seeds approaches the linear merge.
     mean = torch.stack([run(s) for s in range(400)]).mean(0)
-    assert rel(mean, merge_adapters(adapters, "linear", w)["m"].dense()) < 0.1
+    assert rel(mean, merge_adapters(adapters, "cat", w)["m"].dense()) < 0.1
 
 
 def test_dare_rejects_unknown_combine():
@@ -159,11 +165,11 @@ def test_svd_matches_dense_truncation():
     total = sum(wt * x["q"].dense() for wt, x in zip(w, adapters))
     U, S, Vh = torch.linalg.svd(total)
     for k in (2, 5):
-        got = merge_adapters(adapters, "svd", w, {"rank": k})["q"]
+        got = merge_adapters(adapters, "svd", w, {"rank": k, "scale": 1.0})["q"]
         assert got.rank == k
         assert_close(torch.linalg.svdvals(got.dense())[:k], S[:k])
         assert_close(got.dense(), U[:, :k] @ torch.diag(S[:k]) @ Vh[:k])
-    padded = merge_adapters(adapters, "svd", w, {"rank": 12})["q"]  # the sum has rank 9: zero-padded to 12
+    padded = merge_adapters(adapters, "svd", w, {"rank": 12, "scale": 1.0})["q"]  # the sum has rank 9: zero-padded to 12
     assert padded.rank == 12 and padded.B[:, 9:].abs().max() == 0
     assert_close(padded.dense(), total)
 
@@ -172,7 +178,7 @@ def test_knots_linear_full_rank_is_linear():
     adapters = make_adapters(T=4, d_out=20, d_in=24, r=2, dtype=torch.float64)
     w = [0.3, 0.1, -0.4, 0.8]
     got = merge_adapters(adapters, "knots", w, {"combine": "linear"})["q"].dense()
-    assert_close(got, merge_adapters(adapters, "linear", w)["q"].dense())
+    assert_close(got, merge_adapters(adapters, "cat", w)["q"].dense())
     truncated = merge_adapters(adapters, "knots", w, {"rank": 3})["q"]
     assert truncated.rank == 3 and torch.isfinite(truncated.dense()).all()
 
@@ -198,8 +204,10 @@ def test_cp_merge_is_weighted_sum_of_reconstructions():
     adapters = make_adapters(T=3, dtype=torch.float64)
     deltas, w = [x["q"] for x in adapters], torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     res = cp_decompose(deltas, rank=4, n_iter=30)
-    merged = merge_adapters(adapters, "cp", w.tolist(), {"n_iter": 30})["q"]
+    merged = merge_adapters(adapters, "cp", w.tolist(), {"n_iter": 30, "combine": "sum"})["q"]
     assert_close(merged.dense(), torch.einsum("t,tij->ij", w, reconstruct(res)))
+    mean = merge_adapters(adapters, "cp", w.tolist(), {"n_iter": 30})["q"]  # the default rule divides by T
+    assert_close(mean.dense(), merged.dense() / 3)
 
 
 @pytest.mark.parametrize("rank", [2, 5])  # 5 > T: tensorly fills the extra task columns at random
@@ -284,3 +292,66 @@ def test_mismatched_modules_and_shapes_raise():
 def test_weights_length_must_match():
     with pytest.raises(ValueError, match="weights"):
         merge_adapters(make_adapters(T=3), "linear", weights=[1.0, 2.0])
+
+
+# ---------------------------------------------------------------- λ and the registry contract
+@pytest.mark.parametrize("name", registry.names())
+@pytest.mark.parametrize("lam", [0.37, -2.0])
+def test_scale_multiplies_every_methods_update_exactly(name, lam):
+    # λ has one meaning: the update computed with weights 1, times λ (so linear at 1/T is the mean).
+    adapters = make_adapters(T=T, r=R_ADAPTER, dtype=torch.float64)
+    base = {"n_iter": 20} if name == "cp" else {}
+    one = merge_adapters(adapters, name, params={**base, "scale": 1.0})
+    got = merge_adapters(adapters, name, params={**base, "scale": lam})
+    for m in one:
+        assert_close(dense(got[m]), lam * dense(one[m]), rtol=1e-10, atol=1e-12)
+
+
+def test_default_scale_of_linear_is_the_mean_and_of_cat_the_sum():
+    adapters = make_adapters(T=3, dtype=torch.float64)
+    total = sum(x["q"].dense() for x in adapters)
+    assert_close(merge_adapters(adapters, "linear")["q"].dense(), total / 3, rtol=0, atol=1e-12)
+    assert_close(merge_adapters(adapters, "linear", params={"scale": 1 / 3})["q"].dense(), total / 3, rtol=0, atol=1e-12)
+    assert_close(merge_adapters(adapters, "cat")["q"].dense(), total, rtol=0, atol=1e-12)
+
+
+def test_parameters_and_defaults_come_from_the_signature(monkeypatch):
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # leave the real registry untouched
+
+    @registry.register("toy", reference_url="https://example.org", help={"k": "a knob", "scale": "λ"})
+    def toy(deltas, weights, k: int = 3, scale: float = 1.0):
+        return deltas[0]
+
+    assert [(p.name, p.default, p.help) for p in registry.get("toy").params] == [("k", 3, "a knob"), ("scale", 1.0, "λ")]
+    assert registry.get("ties").resolve_params(None) == {"density": 0.2, "scale": 1.0}
+    with pytest.raises(ValueError, match="needs a help"):
+        registry.register("nohelp", reference_url="u", help={"scale": "λ"})(lambda d, w, k=1, scale=1.0: d)
+    with pytest.raises(ValueError, match="needs a default"):
+        registry.register("nodefault", reference_url="u", help={"k": "x", "scale": "λ"})(lambda d, w, k, scale=1.0: d)
+    with pytest.raises(ValueError, match="scale"):
+        registry.register("noscale", reference_url="u", help={})(lambda d, w: d)
+    with pytest.raises(ValueError, match="rank_param"):
+        registry.register("norank", reference_url="u", help={"scale": "λ"}, rank_param=True)(lambda d, w, scale=1.0: d)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        registry.register("extra", reference_url="u", help={"scale": "λ", "zz": "?"})(lambda d, w, scale=1.0: d)
+
+
+def test_whole_model_methods_see_every_module(monkeypatch):
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    seen = []
+
+    @registry.register("whole", reference_url="https://example.org", help={"scale": "λ"}, whole_model=True)
+    def whole(modules, weights, scale: float = 1.0):
+        seen.append({m: len(d) for m, d in modules.items()})
+        return {m: d[0] for m, d in modules.items()}
+
+    adapters = make_adapters(T=2)
+    out = merge_adapters(adapters, "whole")
+    assert seen == [{"q": 2, "v": 2}] and list(out) == ["q", "v"]  # one call, every module, T deltas each
+
+    @registry.register("lossy", reference_url="https://example.org", help={"scale": "λ"}, whole_model=True)
+    def lossy(modules, weights, scale: float = 1.0):
+        return {"q": modules["q"][0]}
+
+    with pytest.raises(ValueError, match="lossy"):
+        merge_adapters(adapters, "lossy")

@@ -22,18 +22,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tclora.merge.base import LowRank, Param, check_same_shape
+from tclora.merge.base import SCALE_HELP, LowRank, check_same_shape
 from tclora.merge.registry import register
 from tclora.merge.svd import block_svd
 
-PARAMS = [
-    Param("rank", 4, "CP rank R: number of rank-1 components shared by the adapters (TC-LoRA default 4)"),
-    Param("n_iter", 100, "maximum ALS iterations"),
-    Param("tol", 1e-8, "stop when the relative error changes by less than this between iterations (0: never)"),
-    Param("init", "svd", "'svd' (leading singular vectors of each unfolding, as tensorly) or 'random'"),
-    Param("seed", 0, "seed for random init and for the columns tensorly fills at random when R > a mode's size"),
-    Param("backend", "factored", "'factored' (from B_t, A_t; never the dense tensor) or 'tensorly' (dense parafac)"),
-]
+HELP = {
+    "rank": "CP rank R: number of rank-1 components shared by the adapters (TC-LoRA default 4)",
+    "combine": "recombination: 'mean' (Σ_t w_t X̂_t / T), 'sum' (Σ_t w_t X̂_t) or 'shared' (TC-LoRA's "
+               "reference: shared factors, task loadings dropped, Σ_k λ_k u_k v_kᵀ)",
+    "n_iter": "maximum ALS iterations",
+    "tol": "stop when the relative error changes by less than this between iterations (0: never)",
+    "init": "'svd' (leading singular vectors of each unfolding, as tensorly) or 'random'",
+    "seed": "seed for random init and for the columns tensorly fills at random when R > a mode's size",
+    "backend": "'factored' (from B_t, A_t; never the dense tensor) or 'tensorly' (dense parafac)",
+    "scale": SCALE_HELP,
+}
+COMBINE_RULES = ("mean", "sum", "shared")
 
 
 @dataclass
@@ -293,27 +297,66 @@ def cp_decompose(
     return CPResult(*normalize_cp(weights, *factors), errors=errors)
 
 
-@register("cp", reference_url="https://arxiv.org/abs/2508.03999", params=PARAMS)
+def recombine(res: CPResult, combine: str, weights: Tensor, scale: float = 1.0) -> LowRank:
+    """The merged delta from a normalised CP decomposition, as a rank-R LoRA ``(U diag(g), Vᵀ)``.
+
+    With ``X ≈ Σ_k λ_k c_k ∘ u_k ∘ v_k`` (unit ``c_k, u_k, v_k``, :func:`normalize_cp`):
+
+    - ``"sum"``: ``Σ_t w_t X̂_t = Σ_k λ_k (Σ_t w_t c_tk) u_k v_kᵀ``, every adapter's reconstruction
+      through the shared directions; components used with opposite signs cancel, shared ones add up;
+    - ``"mean"``: the same divided by T (TC-LoRA's merge of equally important clusters at w_t = 1);
+    - ``"shared"``: ``Σ_k λ_k u_k v_kᵀ``, TC-LoRA's reference recombination (keep the shared output and
+      input factors, drop the task loadings). The reference multiplies the raw, unnormalised ALS
+      factors, so its size follows the random initialisation (measured ~1e3 to ~1e5 whatever the
+      adapters). Here each component gets its CP weight ``λ_k = ‖c_k‖‖u_k‖‖v_k‖`` of the normalised
+      decomposition, i.e. the norm of the task-mode loadings once the shared factors have unit norm.
+      The reconstruction ALS converges to does not depend on how its initialisation is scaled (each
+      update is a least-squares solve that absorbs any per-column scale), and after normalisation
+      neither do ``λ_k, u_k, v_k``, so the result is invariant to the init's scale; and ``X → cX``
+      scales every ``λ_k`` by ``|c|`` (a negative ``c`` flips ``v_k`` through the sign convention), so
+      ``shared(cX) = c·shared(X)``. For identical adapters ``X_t = D`` it gives ``√T·D`` (the mean gives
+      ``D``, the sum ``T·D``), which λ then tunes. The weights enter the decomposition instead
+      (:func:`cp` decomposes ``w_t X_t`` for this rule), as there are no loadings left to weight.
+
+    Raises:
+        ValueError: unknown ``combine``.
+    """
+    if combine == "shared":
+        coeffs = res.weights  # (R,)
+    elif combine in ("mean", "sum"):
+        coeffs = res.weights * (weights.to(res.C) @ res.C)  # (R,) λ_k Σ_t w_t c_tk
+        if combine == "mean":
+            coeffs = coeffs / res.C.shape[0]
+    else:
+        raise ValueError(f"cp: combine must be one of {COMBINE_RULES}, got {combine!r}")
+    return LowRank(res.U * (coeffs * scale), res.V.T.contiguous())
+
+
+@register("cp", reference_url="https://arxiv.org/abs/2508.03999", help=HELP, rank_param=True)
 def cp(
     deltas: Sequence[LowRank],
     weights: Tensor,
     rank: int = 4,
+    combine: str = "mean",
     n_iter: int = 100,
     tol: float = 1e-8,
     init: str = "svd",
     seed: int = 0,
     backend: str = "factored",
+    scale: float = 1.0,
 ) -> LowRank:
-    """TC-LoRA joint CP merge: decompose the stacked deltas, recombine the adapters through the shared factors.
+    """TC-LoRA joint CP merge: decompose the stacked deltas, recombine them through the shared factors.
 
-    With ``X ≈ Σ_k λ_k c_k ∘ u_k ∘ v_k`` the merged delta is
-    ``Σ_k (λ_k Σ_t w_t c_tk) u_k v_kᵀ = Σ_t w_t X̂_t``: the weighted sum of every adapter's
-    reconstruction through the shared directions (default ``w_t = 1/T``, the mean, as TC-LoRA's
-    merge of equally important clusters). Components the adapters use with opposite signs cancel in
-    ``Σ_t w_t c_tk``; those they share add up. The factors are normalised first (:func:`normalize_cp`)
-    so the output is deterministic. Returns ``LowRank(B = U diag(λ ∘ Cᵀw) (d_out, R), A = Vᵀ (R, d_in))``
-    in the input dtype, a rank-R LoRA.
+    The factors are normalised first (:func:`normalize_cp`) so the output is deterministic, then
+    recombined by ``combine`` (:func:`recombine`; the default ``"mean"`` is ``Σ_t w_t X̂_t / T``) and
+    multiplied by λ. Returns ``LowRank(B (d_out, R), A = Vᵀ (R, d_in))`` in the input dtype, a rank-R LoRA.
+
+    Raises:
+        ValueError: unknown ``combine`` (and see :func:`cp_decompose`).
     """
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"cp: combine must be one of {COMBINE_RULES}, got {combine!r}")
+    if combine == "shared":  # no task loadings to weight afterwards: weight the adapters themselves
+        deltas = [LowRank(d.B * w.to(d.B.dtype), d.A) for d, w in zip(deltas, weights)]
     res = cp_decompose(deltas, rank=rank, n_iter=n_iter, tol=tol, init=init, seed=seed, backend=backend)
-    coeffs = res.weights * (weights.to(res.C) @ res.C)  # (R,) λ_k Σ_t w_t c_tk
-    return LowRank(res.U * coeffs, res.V.T.contiguous()).to(deltas[0].B.dtype)
+    return recombine(res, combine, weights, scale).to(deltas[0].B.dtype)

@@ -7,20 +7,20 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tclora.merge.base import LowRank, Param
+from tclora.merge.base import SCALE_HELP, LowRank
 from tclora.merge.registry import register
 from tclora.merge.sparsify import linear_combine, random_drop, ties_combine
-from tclora.merge.ties import SCALE, dense_stack
+from tclora.merge.ties import dense_stack
 
-PARAMS = [
-    Param("density", 0.5, "keep probability per entry; survivors are rescaled by 1/density"),
-    Param("combine", "linear", "how the sparsified task vectors are combined: 'linear' (weighted sum) or 'ties'"),
-    Param("seed", 0, "seed of the drop masks, so a merge is reproducible"),
-    SCALE,
-]
+HELP = {
+    "density": "keep probability per entry (1 - drop rate); survivors are rescaled by 1/density",
+    "combine": "how the sparsified task vectors are combined: 'linear' (weighted sum) or 'ties'",
+    "seed": "seed of the drop masks, so a merge is reproducible",
+    "scale": SCALE_HELP,
+}
 
 
-@register("dare", reference_url="https://arxiv.org/abs/2311.03099", params=PARAMS, default_weights="ones")
+@register("dare", reference_url="https://arxiv.org/abs/2311.03099", help=HELP)
 def dare(
     deltas: Sequence[LowRank],
     weights: Tensor,

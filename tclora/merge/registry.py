@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping
 
-from tclora.merge.base import MergeDecorator, MergeMethod, Param
+from tclora.merge.base import MergeDecorator, MergeMethod, signature_params
 
 _METHODS: dict[str, MergeMethod] = {}
 
 
 def register(
-    name: str, *, reference_url: str, params: Sequence[Param] = (), default_weights: str = "uniform"
+    name: str, *, reference_url: str, help: Mapping[str, str], rank_param: bool = False, whole_model: bool = False
 ) -> MergeDecorator:
-    """Register a merge function under ``name`` (lower case, unique)."""
+    """Register a merge function under ``name`` (lower case, unique).
+
+    Parameters and defaults come from the function's signature (everything after ``deltas, weights``);
+    ``help`` gives each one its help text.
+
+    Args:
+        rank_param: the method's ``rank`` is set from ``merge.cp_rank`` by the pipeline.
+        whole_model: the function merges every module at once (see :mod:`tclora.merge.base`).
+
+    Raises:
+        ValueError: bad or duplicate name, a parameter without default or help, or ``rank_param``
+            on a method without a ``rank`` parameter.
+    """
     if name != name.lower() or not name.isidentifier():
         raise ValueError(f"merge method names are lower-case identifiers, got {name!r}")
-    if default_weights not in ("uniform", "ones"):
-        raise ValueError(f"default_weights must be 'uniform' or 'ones', got {default_weights!r}")
 
     def decorator(fn):
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is already registered")
-        _METHODS[name] = MergeMethod(name, fn, reference_url, tuple(params), default_weights)
+        params = signature_params(name, fn, help)
+        if rank_param and "rank" not in {p.name for p in params}:
+            raise ValueError(f"merge method {name!r}: rank_param=True needs a `rank` parameter")
+        _METHODS[name] = MergeMethod(name, fn, reference_url, params, rank_param, whole_model)
         return fn
 
     return decorator

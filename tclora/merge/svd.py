@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tclora.merge.base import LowRank, Param, check_same_shape, stack_factors
+from tclora.merge.base import SCALE_HELP, LowRank, check_same_shape, stack_factors
 from tclora.merge.registry import register
 
 # Factor-sized work is cheap, so it runs in float64: truncation and ALS then do not lose digits.
@@ -79,10 +79,12 @@ def pad_rank(delta: LowRank, rank: int) -> LowRank:
 @register(
     "svd",
     reference_url="https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/model.py",
-    params=[Param("rank", 4, "rank of the merged LoRA (the pipeline passes merge.cp_rank, to compare like with like)")],
+    help={"rank": "rank of the merged LoRA (the pipeline passes merge.cp_rank, to compare like with like)",
+          "scale": SCALE_HELP + "; None: 1/T, the truncated mean"},
+    rank_param=True,
 )
-def svd(deltas: Sequence[LowRank], weights: Tensor, rank: int = 4) -> LowRank:
-    """Best rank-``rank`` approximation (Eckart–Young) of the exact weighted sum ``Σ_t w_t B_t A_t``.
+def svd(deltas: Sequence[LowRank], weights: Tensor, rank: int = 4, scale: float | None = None) -> LowRank:
+    """Best rank-``rank`` approximation (Eckart–Young) of ``λ Σ_t w_t B_t A_t`` (default: of the mean).
 
     This is PEFT's ``svd`` combination computed on the exact deltas, and the baseline TC-LoRA compares
     against. The SVD comes from QR of the stacked ``[w_t B_t]`` and ``[A_t]ᵀ`` and an SVD of the
@@ -93,8 +95,9 @@ def svd(deltas: Sequence[LowRank], weights: Tensor, rank: int = 4) -> LowRank:
     check_same_shape(deltas)
     if rank < 1:
         raise ValueError(f"svd: rank must be >= 1, got {rank}")
+    lam = 1.0 / len(deltas) if scale is None else scale
     stacked = stack_factors([d.to(COMPUTE_DTYPE) for d in deltas], weights.to(COMPUTE_DTYPE))
     U, S, Vh = factored_svd(stacked.B, stacked.A)  # (d_out, k), (k,), (k, d_in)
     k = min(rank, S.shape[0])
-    merged = LowRank(U[:, :k] * S[:k], Vh[:k])
+    merged = LowRank(U[:, :k] * (S[:k] * lam), Vh[:k])
     return pad_rank(merged, rank).to(deltas[0].B.dtype)
