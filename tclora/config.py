@@ -32,9 +32,19 @@ class RunSection(_Section):
     )
     storage_path: str | None = Field(
         None,
-        description="Shared storage for a multi-node run (s3://, gs://, or a path every node mounts): Ray "
-        "Train/Tune checkpoints and a copy of each finished stage go to <storage_path>/<run name>; a driver "
-        "restarted on another node pulls finished stages back. None keeps everything in run.dir.",
+        description="Older spelling of an object-store run.dir, beside a local one: the run's store is "
+        "<storage_path>/<run name> (s3://, gs://, or a path every node mounts). Prefer run.dir=s3://...",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of the object store behind run.dir / data.path / storage_path, used by pyarrow, Ray "
+        "Data and Ray Train alike: endpoint (http://host:port of an S3-compatible server), region, "
+        "connect_timeout, ... (pyarrow S3FileSystem / GcsFileSystem arguments). Credentials come from the "
+        "environment (AWS_ACCESS_KEY_ID, instance profile, ...), never from here.",
+    )
+    local_dir: str | None = Field(
+        None, description="The driver's working copy of a run whose run.dir is an object-store URI; None uses "
+        "~/.cache/tclora/runs/<scheme>/<path>. Ignored for a local run.dir (the working copy is run.dir).",
     )
 
 
@@ -70,7 +80,7 @@ class ModelSection(_Section):
     cache_dir: str | None = Field(
         None, description="Where the demo base is built and cached; None uses ~/.cache/tclora."
     )
-    demo_pretrain_steps: int = Field(600, ge=0, description="Demo base: pre-training steps on generic text.")
+    demo_pretrain_steps: int = Field(1500, ge=0, description="Demo base: pre-training steps (tclora.demo_base).")
 
 
 class EmbedSection(_Section):
@@ -129,7 +139,11 @@ class TrainSection(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers per cluster adapter.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each Train worker.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Train worker (0 trains on CPU with gloo).")
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-2 recommended with PEFT).")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused, see below).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each Train worker also asks for, e.g. "
+        "{accelerator_type:L4: 0.001} or a label your GPU node type carries, to steer training onto it.",
+    )
     max_concurrent: int | None = Field(
         None, ge=1, description="Clusters trained at once; None derives it from the cluster's resources."
     )
@@ -139,6 +153,16 @@ class TrainSection(_Section):
         1, ge=1, description="Small clusters trained one after another in one Ray Train run (same worker, "
         "base loaded from its cache): amortises worker start-up over hundreds of clusters. Needs num_workers=1.",
     )
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _no_zero3(cls, stage: int) -> int:
+        # Refused when the config loads, not inside the train stage after embedding and clustering.
+        if stage == 3:
+            raise ValueError("3 is not supported for LoRI adapters: ZeRO-3 shards B too, so masks, the sparse "
+                             "projection and the adapter save would each need gathers; use 0, 1 or 2 (the "
+                             "frozen base is not in the optimizer, so ZeRO-3 would save little here)")
+        return stage
 
     @model_validator(mode="after")
     def _packing_is_single_worker(self) -> "TrainSection":
@@ -169,6 +193,10 @@ class EvalSection(_Section):
     max_per_task: int | None = Field(None, ge=1, description="Cap on evaluated examples per task.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs of the merge/eval actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the merge/eval actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources the merge/eval actor also asks for, to place it "
+        "on a node type that carries them (e.g. {eval_node: 1}).",
+    )
     # Standard benchmarks through lm-evaluation-harness (tclora.harness), scored for the base and each merge.
     lm_eval_tasks: list[str] = Field(
         default_factory=list,
