@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from tclora.adapter_checks import LORA_A, LORA_B, PEFT_PREFIX, adapter_problems
 from tclora.merge.base import Delta, LowRank, dense
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 # Ranks vLLM's multi-LoRA serving accepts as max_lora_rank; exported adapters are zero-padded up to one.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -33,40 +36,78 @@ class AdapterError(ValueError):
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The adapter's ``adapter_config.json`` as a dict.
+
+    Raises:
+        AdapterError: the file is missing or is not a JSON object; the message names the directory.
+    """
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
-    return json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{adapter_dir}: {ADAPTER_CONFIG} is not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{adapter_dir}: {ADAPTER_CONFIG} holds a JSON {type(cfg).__name__}, not an object")
+    return cfg
 
 
 def load_factors(adapter_dir: str | Path) -> dict[str, LowRank]:
-    """Read a PEFT LoRA adapter as ``{module path: LowRank(B * scaling, A)}``.
+    """Read a PEFT LoRA adapter as ``{module path: LowRank(B * scaling, A)}``, B (d_out, r), A (r, d_in).
+
+    ``scaling`` is PEFT's own: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), with ``r`` and ``alpha``
+    per module from ``rank_pattern`` / ``alpha_pattern``, whose regex keys PEFT's own matcher resolves
+    against the module path exactly as ``LoraModel`` does when it builds the layers. The view is in the
+    logical ``(d_out, d_in)`` orientation whatever the base layer stores (``fan_in_fan_out``, GPT-2's
+    ``Conv1D``): :func:`add_deltas_` transposes where the layer does.
+
+    Everything the adapter carries must be a plain LoRA pair: an option or tensor whose update is not
+    ``s·B·A`` on a Linear layer (see :func:`tclora.adapter_checks.adapter_problems`) is refused, never dropped.
 
     Raises:
-        AdapterError: missing files, non-safetensors weights, or a LoRA variant we cannot express.
+        AdapterError: missing files, non-safetensors weights, or weights/options a low-rank merge cannot
+            represent; the message names the adapter directory, each offending option or tensor, and
+            what to do.
     """
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise AdapterError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
-    if cfg.get("use_dora"):
-        raise AdapterError(f"{adapter_dir}: DoRA adapters are not low-rank deltas; not supported")
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a torn file
+        raise AdapterError(f"{adapter_dir}: {ADAPTER_WEIGHTS} cannot be read ({err})") from None
+    problems = adapter_problems(cfg, tensors)
+    if problems:
+        raise AdapterError(f"{adapter_dir}: not a plain LoRA adapter that tclora can merge; nothing was loaded:\n  - "
+                           + "\n  - ".join(problems))
+    if "lora_alpha" not in cfg or "r" not in cfg:
+        raise AdapterError(f"{adapter_dir}: {ADAPTER_CONFIG} has no 'r' or 'lora_alpha'")
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     factors: dict[str, LowRank] = {}
     for key, a in tensors.items():
-        if ".lora_A." not in key:
+        if not key.endswith(LORA_A):
             continue
-        module = key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        if b_key not in tensors:
-            raise AdapterError(f"{adapter_dir}: {key} has no matching lora_B")
-        r = a.shape[0]
-        leaf = module.rsplit(".", 1)[-1]
-        rank = cfg.get("rank_pattern", {}).get(leaf, r)
-        alpha = cfg.get("alpha_pattern", {}).get(leaf, cfg["lora_alpha"])
-        scaling = alpha / (rank**0.5 if cfg.get("use_rslora") else rank)
-        factors[module] = LowRank(tensors[b_key].float() * scaling, a.float())
+        module = key.removeprefix(PEFT_PREFIX).removesuffix(LORA_A)
+        b = tensors[key.removesuffix(LORA_A) + LORA_B]
+        if a.ndim != 2 or b.ndim != 2:
+            raise AdapterError(
+                f"{adapter_dir}: module {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}: LoRA on "
+                "a non-Linear layer (a convolution?). tclora merges LoRA on Linear layers only: remove this "
+                "module from target_modules and retrain")
+        if b.shape[1] != a.shape[0]:
+            raise AdapterError(f"{adapter_dir}: module {module!r}: lora_B {tuple(b.shape)} and lora_A {tuple(a.shape)} "
+                               "disagree on the rank")
+        # PEFT's LoraModel._create_and_replace: first matching pattern key, else the global value.
+        rank = rank_pattern.get(get_pattern_key(list(rank_pattern), module), cfg["r"])
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), cfg["lora_alpha"])
+        if a.shape[0] != rank:
+            raise AdapterError(f"{adapter_dir}: module {module!r} has rank {a.shape[0]} in {ADAPTER_WEIGHTS}, but "
+                               f"{ADAPTER_CONFIG} (r / rank_pattern) gives {rank}")
+        scaling = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)  # PEFT's LoraLayer.update_layer
+        factors[module] = LowRank(b.float() * scaling, a.float())
     if not factors:
         raise AdapterError(f"{adapter_dir}: no LoRA weights found in {ADAPTER_WEIGHTS}")
     return factors
@@ -138,38 +179,59 @@ def save_factors(
     return out_dir
 
 
-def _linear(model: nn.Module, module: str) -> nn.Linear:
+def _weight(model: nn.Module, module: str) -> tuple[nn.Parameter, bool]:
+    """The weight a delta for ``module`` adds to, and whether the layer stores it transposed.
+
+    ``nn.Linear`` keeps ``(d_out, d_in)``; transformers' ``Conv1D`` (GPT-2 and kin; PEFT's
+    ``fan_in_fan_out``) keeps ``(d_in, d_out)``, so its delta is added as ``ΔWᵀ``. The layer's type decides,
+    never the shape, so a square module cannot take a delta in the wrong orientation.
+
+    Raises:
+        AdapterError: no such module, or a layer kind tclora does not merge into (naming module and kind).
+    """
     try:
         layer = model.get_submodule(module)
     except AttributeError:
         raise AdapterError(f"the base model has no module {module!r}") from None
-    if not isinstance(layer, nn.Linear):
-        raise AdapterError(f"module {module!r} is a {type(layer).__name__}, not a Linear layer")
-    return layer
+    if isinstance(layer, nn.Linear):
+        return layer.weight, False
+    if isinstance(layer, Conv1D):
+        return layer.weight, True
+    raise AdapterError(f"module {module!r} is a {type(layer).__name__}; tclora adds deltas to Linear (and "
+                       "transformers Conv1D) layers only")
 
 
 @torch.no_grad()
 def add_deltas_(model: nn.Module, deltas: Mapping[str, Delta], sign: float = 1.0) -> None:
-    """``W += sign * ΔW`` for every module, in the weight's dtype and device."""
+    """``W += sign * ΔW`` for every module (``ΔWᵀ`` where the layer stores W transposed), in W's dtype and device.
+
+    Args:
+        deltas: module path -> ``LowRank`` or dense ``(d_out, d_in)`` update.
+
+    Raises:
+        AdapterError: a module is missing, not a Linear/Conv1D layer, or its delta's shape differs.
+    """
     for module, delta in deltas.items():
-        weight = _linear(model, module).weight  # (d_out, d_in)
+        weight, transposed = _weight(model, module)
         d = dense(delta.to(device=weight.device, dtype=torch.float32) if isinstance(delta, LowRank) else delta.float().to(weight.device))
-        if d.shape != weight.shape:
-            raise AdapterError(f"delta for {module!r} has shape {tuple(d.shape)}, weight is {tuple(weight.shape)}")
-        weight.add_((sign * d).to(weight.dtype))
+        d_out, d_in = weight.shape[::-1] if transposed else weight.shape
+        if d.shape != (d_out, d_in):
+            raise AdapterError(f"delta for {module!r} has shape {tuple(d.shape)} (d_out, d_in), the layer is "
+                               f"{(d_out, d_in)}")
+        weight.add_((sign * (d.T if transposed else d)).to(weight.dtype))
 
 
 @contextmanager
 def deltas_applied(model: nn.Module, deltas: Mapping[str, Delta]) -> Iterator[nn.Module]:
     """Temporarily merge deltas into the weights: one base model in memory evaluates every merge."""
-    originals = {m: _linear(model, m).weight.detach().clone() for m in deltas}
-    add_deltas_(model, deltas)
+    originals = {m: _weight(model, m)[0].detach().clone() for m in deltas}
     try:
+        add_deltas_(model, deltas)  # inside: a delta refused half way still restores the ones already added
         yield model
     finally:
         with torch.no_grad():
             for m, w in originals.items():
-                _linear(model, m).weight.copy_(w)
+                _weight(model, m)[0].copy_(w)
 
 
 def save_merged_model(model: nn.Module, tokenizer, deltas: Mapping[str, Delta], out_dir: str | Path) -> Path:

@@ -8,11 +8,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """2 layers, hidden 32: every Llama module name a real model has, in a few KB."""
+def tiny_llama(seed: int = 0, **config) -> LlamaForCausalLM:
+    """2 layers, hidden 32: every Llama module name a real model has, in a few KB; ``config`` overrides
+    LlamaConfig fields (e.g. ``attention_bias=True``)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64), **config})
     return LlamaForCausalLM(cfg)
 
 
