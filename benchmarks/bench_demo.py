@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "demo", "smoke": args.smoke, "machine": machine_info(),
               "config": {"config": str(args.config), "set": sets, "base_build_seconds": round(base_seconds, 1)}}
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
-        cmd = [sys.executable, "-m", "tclora.cli", "run", "--config", str(args.config),
+        cmd = [sys.executable, "-m", "pipelines.cli", "run", "--config", str(args.config),
                "--set", f"run.dir={tmp}/run", *[a for s in sets for a in ("--set", s)]]
         log.info("%s", " ".join(cmd[1:]))
         started = time.perf_counter()

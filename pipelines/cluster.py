@@ -197,18 +197,6 @@ def read_cluster(cluster_dir: Path, cluster_id: int):
     return ray.data.read_parquet(str(part), partitioning=None)  # no string "cluster" column from the dir name
 
 
-def route_records(records: list[dict], cluster_dir: Path, cfg: Config) -> list[dict]:
-    """Held-out records with ``cluster``: the final id of their nearest centroid (embedded here, no Ray)."""
-    from tclora.embed import Embedder
-
-    cluster_dir = Path(cluster_dir)
-    centroids = np.load(cluster_dir / "centroids.npy", allow_pickle=False)
-    mapping = {int(i): j for i, j in json.loads((cluster_dir / "kmeans.json").read_text())["mapping"].items()}
-    vectors = Embedder(cfg.embed.model).encode([r["source"] for r in records], 64)
-    labels, _ = km.assign(vectors, centroids)
-    return [{**r, "cluster": mapping[int(label)]} for r, label in zip(records, labels)]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (default: built-in defaults)")

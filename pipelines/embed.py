@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipelines.io import Fields, clean_records, list_input_files, read_corpus, scan_corpus
+from pipelines.io import clean_records, read_corpus, scan_corpus
 from tclora.artifacts import is_complete, stage_dir
 from tclora.config import Config, load_config
+from tclora.corpus import Fields, list_input_files
 
 log = logging.getLogger(__name__)
 

@@ -1,204 +1,56 @@
-"""Corpus reading for the pipelines: list inputs, read with Ray Data, validate, quarantine bad rows.
+"""Corpus reading on Ray Data: the readers of :mod:`tclora.corpus` as datasources, validation in ``map_batches``.
 
-Inputs are a file, a directory (searched recursively) or a glob, local or ``s3://`` / ``gs://``, in JSON
-Lines (``.jsonl``, or ``.json`` holding JSON Lines, optionally ``.gz``) or Parquet. Each file is read by a small
-``FileBasedDatasource`` that emits one raw record per row with its file and position, and validation
-runs in ``map_batches``. Why not ``ray.data.read_json``: one malformed line fails the whole file there,
-whereas here it becomes one quarantined row that names its file and line (``read_text`` would lose line
-numbers, and its ``splitlines`` also splits inside JSON strings at U+2028).
-
-Every row ends up either in the output or in the quarantine file with a reason; nothing is dropped
-silently. Blank lines in JSON Lines are not records and are skipped (line numbers still count them).
-A Parquet file that is not Parquet (say 0 bytes, from a crashed writer) is one quarantine entry with
-no row number; one whose schema cannot hold valid rows (no ``target`` column, an int64 ``source``)
-quarantines every row with a reason naming the expected and the found columns. Duplicate rows (same
-source and target) are kept, as training data often repeats on purpose, but counted and reported.
+Each file is read by a small ``FileBasedDatasource`` that emits one raw record per row with its file and
+position (:func:`tclora.corpus.jsonl_blocks`, :func:`tclora.corpus.parquet_blocks`); validation
+(:func:`tclora.corpus.check_rows`) runs in ``map_batches``; the driver streams bad rows into the
+quarantine file and counts duplicates from 16 bytes per valid row. Formats, positions and the
+quarantine rules are described in :mod:`tclora.corpus`.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from tclora.data import find_duplicates, record_keys, validate_record
+from tclora.corpus import (
+    JSON_SUFFIXES,
+    LINE_SPAN,
+    CorpusError,
+    Fields,
+    InputFiles,
+    ScanResult,
+    clean_batch,
+    jsonl_blocks,
+    parquet_blocks,
+    relative_path,
+    scan_batch,
+)
+from tclora.data import find_duplicates
 
 log = logging.getLogger(__name__)
-
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-SUFFIXES = JSON_SUFFIXES + (".parquet",)
-ROWS_PER_BLOCK = 8192
-LINE_SPAN = 2**40  # a row's corpus position is file rank * LINE_SPAN + line: files < 2^23, lines < 2^40
-# _error: set when the whole file is at fault (unreadable, wrong schema); the row is then quarantined with it.
-RAW_SCHEMA = pa.schema([("_file", pa.string()), ("_index", pa.int64()), ("_raw", pa.binary()),
-                        ("_error", pa.string())])
-CLEAN_SCHEMA = pa.schema(
-    [("row_id", pa.string()), ("source", pa.string()), ("target", pa.string()), ("task_name", pa.string())]
-)
-
-
-class CorpusError(ValueError):
-    """The corpus cannot be used: missing path, no readable files, or no valid rows. Names the path."""
-
-
-@dataclass(frozen=True)
-class Fields:
-    """Column names from the ``data`` config section."""
-
-    source: str = "source"
-    target: str = "target"
-    task: str | None = "task_name"
-
-    @classmethod
-    def from_config(cls, data) -> "Fields":
-        return cls(data.source_field, data.target_field, data.task_field)
-
-
-@dataclass(frozen=True)
-class InputFiles:
-    """The files behind ``data.path``: filesystem paths, sizes and mtimes (for the stage key)."""
-
-    uri: str
-    filesystem: pafs.FileSystem
-    root: str
-    files: tuple[pafs.FileInfo, ...]
-
-    def paths(self, suffixes: tuple[str, ...]) -> list[str]:
-        return [f.path for f in self.files if f.path.lower().endswith(suffixes)]
-
-    def digest(self) -> str:
-        """Hash of (relative name, size, mtime) of every file: changes when any input changes."""
-        items = [(_relative(f.path, self.root), f.size, f.mtime_ns) for f in self.files]
-        return hashlib.sha256(json.dumps([self.uri, items]).encode()).hexdigest()[:16]
-
-
-def _relative(path: str, root: str) -> str:
-    return path[len(root) :].lstrip("/") if root and path.startswith(root) else path
-
-
-def list_input_files(uri: str) -> InputFiles:
-    """Resolve a file, directory or glob (local, ``s3://``, ``gs://``) to the corpus files.
-
-    Raises:
-        CorpusError: the path does not exist or holds no .jsonl/.json/.parquet files.
-    """
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    else:
-        fs, path = pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
-    hint = " ('demo' is generated by the end-to-end driver; run_embed needs a real path)" if uri == "demo" else ""
-    is_glob = any(ch in path for ch in "*?[")
-    base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] if is_glob else path
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound:
-        raise CorpusError(f"data.path {uri!r}: no such file or directory{hint}")
-    if info.type == pafs.FileType.File:
-        if not path.lower().endswith(SUFFIXES):
-            raise CorpusError(f"data.path {uri!r}: unsupported file type (expected one of {SUFFIXES})")
-        return InputFiles(uri, fs, path.rsplit("/", 1)[0], (info,))
-    listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    files = sorted(
-        (f for f in listing if f.type == pafs.FileType.File and f.path.lower().endswith(SUFFIXES)
-         and not any(part.startswith((".", "_")) for part in _relative(f.path, base).split("/"))
-         and (not is_glob or fnmatch.fnmatch(f.path, path))),
-        key=lambda f: f.path,
-    )
-    if not files:
-        raise CorpusError(f"data.path {uri!r}: no {'/'.join(SUFFIXES)} files found")
-    return InputFiles(uri, fs, base, tuple(files))
-
-
-# ---- readers: raw records with their file and position; plain generators, wrapped for Ray below ----
-
-def _jsonl_blocks(f, name: str) -> Iterator[pa.Table]:
-    """Raw-record blocks of one JSON Lines stream: raw bytes, 1-based line numbers, blank lines skipped."""
-    lines, numbers, tail, line_no = [], [], b"", 0
-    while chunk := f.read(1 << 22):
-        *complete, tail = (tail + chunk).split(b"\n")
-        for raw in complete:
-            line_no += 1
-            if raw.strip():
-                lines.append(raw)
-                numbers.append(line_no)
-        if len(lines) >= ROWS_PER_BLOCK:
-            yield _raw_table(name, numbers, lines)
-            lines, numbers = [], []
-    if tail.strip():
-        lines.append(tail)
-        numbers.append(line_no + 1)
-    if lines:
-        yield _raw_table(name, numbers, lines)
-
-
-def _parquet_blocks(f, name: str, fields: Fields) -> Iterator[pa.Table]:
-    """Raw-record blocks of one Parquet file: each row as JSON, 0-based row numbers.
-
-    A file Arrow cannot open as Parquet yields one entry with no row number and the reason.
-    """
-    try:
-        pf = pq.ParquetFile(f)
-    except pa.ArrowInvalid as err:  # not Parquet at all (0 bytes, no magic bytes); I/O errors still raise,
-        # so Ray retries those instead of quarantining a file over a network blip
-        yield _raw_table(name, [None], [b""], f"unreadable Parquet file: {err}")
-        return
-    columns = [c for c in (fields.source, fields.target, fields.task) if c]
-    present = [c for c in columns if c in pf.schema_arrow.names]
-    problem = _schema_problem(pf.schema_arrow, fields)
-    start = 0
-    for batch in pf.iter_batches(batch_size=ROWS_PER_BLOCK, columns=present):
-        rows = batch.to_pylist() if present else [{}] * batch.num_rows
-        raw = [json.dumps(r, ensure_ascii=False, default=_unjsonable).encode() for r in rows]
-        yield _raw_table(name, range(start, start + len(rows)), raw, problem)
-        start += len(rows)
-
-
-def _is_text(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _schema_problem(schema: pa.Schema, fields: Fields) -> str | None:
-    """Why no row of a Parquet file with this schema can be valid (naming expected vs found), or None."""
-    found = ", ".join(f"{f.name} {f.type}" for f in list(schema)[:20]) + (", ..." if len(schema) > 20 else "")
-    expected = f"expected string columns '{fields.source}', '{fields.target}'" + (
-        f" and optional '{fields.task}'" if fields.task else "")
-    for key in (fields.source, fields.target):
-        if key not in schema.names:
-            return f"Parquet schema: no column '{key}' ({expected}; found {found})"
-    for key in (fields.source, fields.target, fields.task):
-        if key and key in schema.names:
-            t = schema.field(key).type
-            if not _is_text(t) and not (key == fields.task and pa.types.is_null(t)):
-                return f"Parquet schema: column '{key}' is {t} ({expected}; found {found})"
-    return None
 
 
 # Ray touchpoint 1: the generators as datasources (one read task per file, streamed)
 class _JsonLinesDatasource(FileBasedDatasource):
-    """Ray datasource over :func:`_jsonl_blocks` (streamed, so a file never sits in memory whole)."""
+    """Ray datasource over :func:`jsonl_blocks` (streamed, so a file never sits in memory whole)."""
 
     def __init__(self, paths: list[str], root: str, **kwargs: Any):
         super().__init__(paths, **kwargs)
         self._root = root
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        yield from _jsonl_blocks(f, _relative(path, self._root))
+        yield from jsonl_blocks(f, relative_path(path, self._root))
 
 
 class _ParquetRowsDatasource(FileBasedDatasource):
-    """Ray datasource over :func:`_parquet_blocks`."""
+    """Ray datasource over :func:`parquet_blocks`."""
 
     def __init__(self, paths: list[str], root: str, fields: Fields, **kwargs: Any):
         super().__init__(paths, **kwargs)
@@ -208,17 +60,7 @@ class _ParquetRowsDatasource(FileBasedDatasource):
         return filesystem.open_input_file(path)  # Parquet needs random access, not a stream
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        yield from _parquet_blocks(f, _relative(path, self._root), self._fields)
-
-
-def _raw_table(name: str, numbers, lines: list[bytes], error: str | None = None) -> pa.Table:
-    n = len(lines)
-    return pa.table([pa.array([name] * n, pa.string()), pa.array(numbers, pa.int64()),
-                     pa.array(lines, pa.binary()), pa.array([error] * n, pa.string())], schema=RAW_SCHEMA)
-
-
-def _unjsonable(value: Any) -> dict:
-    return {"$type": type(value).__name__}  # reported as "must be a string, got <type>"
+        yield from parquet_blocks(f, relative_path(path, self._root), self._fields)
 
 
 def read_corpus(inputs: InputFiles, fields: Fields):
@@ -237,90 +79,10 @@ def read_corpus(inputs: InputFiles, fields: Fields):
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-# ---- validation: pure functions over pyarrow batches, run inside map_batches ------------------------
-def _check(batch: pa.Table, fields: Fields) -> tuple[list[dict], list[dict]]:
-    """Split a raw batch into clean rows and quarantine entries (file, line/row, reason, raw)."""
-    good, bad = [], []
-    json_file = {name: name.lower().endswith(JSON_SUFFIXES) for name in set(batch.column("_file").to_pylist())}
-    columns = (batch.column(c).to_pylist() for c in ("_file", "_index", "_raw", "_error"))
-    for name, index, raw, error in zip(*columns):
-        reason, record = error, None
-        try:
-            record = None if error else json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            reason = "line is not valid UTF-8"
-        except json.JSONDecodeError as err:
-            reason = f"malformed JSON: {err.msg} at column {err.colno}"
-        if reason is None and not isinstance(record, dict):
-            reason = f"line is a JSON {type(record).__name__}, not an object"
-        if reason is None:
-            for key in (fields.source, fields.target, fields.task):
-                if key and isinstance(record.get(key), dict) and "$type" in record[key]:
-                    reason = f"field '{key}' must be a string, got {record[key]['$type']}"
-            reason = reason or validate_record(record, fields.source, fields.target, fields.task)
-        where = {"file": name, "line" if json_file[name] else "row": index}
-        if reason is not None:
-            # the first 2000 characters (at most 8000 bytes) is enough to find the row; not a 10 MB copy
-            bad.append({**where, "reason": reason, "raw": raw[:8000].decode("utf-8", "replace")[:2000]})
-            continue
-        task = record.get(fields.task) if fields.task else None
-        good.append({"row_id": f"{name}:{index}", "source": record[fields.source],
-                     "target": record[fields.target], "task_name": task})
-    return good, bad
-
-
-def clean_batch(batch: pa.Table, fields: Fields) -> pa.Table:
-    """map_batches fn: the valid rows of a raw batch as (row_id, source, target, task_name)."""
-    good, _ = _check(batch, fields)
-    return pa.Table.from_pylist(good, schema=CLEAN_SCHEMA)
-
-
-def scan_batch(batch: pa.Table, fields: Fields, file_rank: dict[str, int]) -> pa.Table:
-    """map_batches fn: one row per batch: the bad rows as JSON, and the key and corpus position of each
-    valid row (``file_rank * LINE_SPAN + line``, both int64 arrays as bytes)."""
-    good, bad = _check(batch, fields)
-    keys = record_keys([g["source"] for g in good], [g["target"] for g in good])  # (n_good,) uint64
-    where = [g["row_id"].rsplit(":", 1) for g in good]
-    order = np.array([file_rank[name] * LINE_SPAN + int(i) for name, i in where], dtype=np.int64)
-    return pa.table({"bad": [json.dumps(bad, ensure_ascii=False)], "key": [keys.tobytes()],
-                     "order": [order.tobytes()]})
-
-
 def clean_records(raw_ds, fields: Fields):
     """Lazy Dataset of the valid rows (Ray touchpoint 3: map_batches)."""
     return raw_ds.map_batches(clean_batch, fn_kwargs={"fields": fields}, batch_format="pyarrow",
                               batch_size=None)
-
-
-def read_records(path: str, data) -> list[dict]:
-    """Valid rows of a small split (e.g. a held-out set) as dicts, read in this process without Ray.
-
-    Bad rows are left out and logged with their file, position and reason.
-    """
-    inputs, fields = list_input_files(path), Fields.from_config(data)
-    good, bad = [], []
-    for info in inputs.files:
-        name = _relative(info.path, inputs.root)
-        is_json = info.path.lower().endswith(JSON_SUFFIXES)
-        with (inputs.filesystem.open_input_stream(info.path) if is_json
-              else inputs.filesystem.open_input_file(info.path)) as f:
-            for block in _jsonl_blocks(f, name) if is_json else _parquet_blocks(f, name, fields):
-                ok, rejected = _check(block, fields)
-                good += ok
-                bad += rejected
-    if bad:
-        log.warning("%s: %d invalid rows left out, e.g. %s", path, len(bad), bad[:3])
-    return good
-
-
-@dataclass
-class ScanResult:
-    """What the validation scan found: valid rows, quarantine entries, and duplicates among the valid rows."""
-
-    rows: int
-    quarantined: int
-    duplicates: int = 0
-    duplicate_examples: list[str] = field(default_factory=list)  # "b.jsonl:4 repeats a.jsonl:1"
 
 
 def scan_corpus(raw_ds, quarantine_file: Path, fields: Fields, inputs: InputFiles) -> ScanResult:
@@ -338,7 +100,7 @@ def scan_corpus(raw_ds, quarantine_file: Path, fields: Fields, inputs: InputFile
     examples: list[str] = []
     keys: list[bytes] = []
     orders: list[bytes] = []
-    names = sorted(_relative(f.path, inputs.root) for f in inputs.files)
+    names = sorted(relative_path(f.path, inputs.root) for f in inputs.files)
     scanned = raw_ds.map_batches(scan_batch, batch_format="pyarrow", batch_size=None,
                                  fn_kwargs={"fields": fields, "file_rank": {n: i for i, n in enumerate(names)}})
     with open(quarantine_file, "w", encoding="utf-8") as out:

@@ -23,7 +23,9 @@ import ray
 import torch
 
 from tclora import adapters, artifacts, compare, report
+from tclora.cluster import route_records
 from tclora.config import Config, validate
+from tclora.corpus import read_records
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,6 @@ class MergeEvalActor:
             self.model.to("cuda")
 
     def run(self, out_dir: str, cluster_dir: str, train_dir: str) -> dict:
-        from pipelines.cluster import route_records
-        from pipelines.io import read_records
-
         cfg, out = self.cfg, Path(out_dir)
         # After a restart this call is a retry: a killed attempt may have left half-written merges or a
         # torn temp file in `out`, which the manifest would otherwise hash as outputs. Start over.
@@ -84,7 +83,7 @@ class MergeEvalActor:
         per_split = {}
         for path in cfg.data.eval_paths:
             records = compare.cap_per_task(read_records(path, cfg.data), cfg.eval.max_per_task)
-            records = route_records(records, Path(cluster_dir), cfg)
+            records = route_records(records, Path(cluster_dir), cfg.embed.model)
             log.info("evaluating %d examples of %s", len(records), path)
             per_split[Path(path).stem] = compare.evaluate_all(self.model, self.tokenizer, records, factors, merged, cfg.eval)
         headline = Path(cfg.data.eval_paths[0]).stem

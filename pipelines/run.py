@@ -4,8 +4,8 @@
     python -m pipelines.run --config configs/demo.yaml
     ray job submit --working-dir . -- tclora run --config configs/phi3-flan.yaml
 
-Before Ray starts, :func:`preflight` checks what the config alone cannot (``lori.target_modules`` against
-the model's modules); ``cluster.k`` is checked against the valid row count as soon as the embed stage has
+Before Ray starts, :func:`pipelines.session.preflight` checks what the config alone cannot
+(``lori.target_modules`` against the model's modules); ``cluster.k`` is checked against the valid row count as soon as the embed stage has
 counted them, before clustering.
 
 Connects to the cluster in ``run.ray_address`` / ``RAY_ADDRESS`` or starts a local Ray instance. Every
@@ -16,15 +16,13 @@ re-clusters without re-embedding.
 
 from __future__ import annotations
 
+import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-import ray
-
-from pipelines import storage
+from pipelines import session, storage
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
@@ -34,70 +32,6 @@ from tclora.cluster import check_k
 from tclora.config import Config, ConfigError
 
 log = logging.getLogger("tclora")
-
-
-def preflight(cfg: Config) -> None:
-    """Checks that need the model, run before Ray starts: a bad value fails in seconds, not after embedding.
-
-    Raises:
-        ConfigError: ``lori.target_modules`` names modules the model does not have; the message lists
-            the missing names and the linear modules the model does have.
-    """
-    from tclora.lori import check_target_modules
-    from tclora.models import module_skeleton
-
-    try:
-        skeleton = module_skeleton(cfg.model)
-    except OSError as err:
-        # The driver may not see the checkpoint the workers load (offline head node): the train stage
-        # runs the same check on the real model, so warn rather than refuse to start.
-        log.warning("preflight: cannot read the config of model.name_or_path=%r here (%s); "
-                    "lori.target_modules will be checked when training starts", cfg.model.name_or_path, err)
-        return
-    try:
-        check_target_modules(skeleton, cfg.lori.target_modules)
-    except ValueError as err:
-        raise ConfigError(f"{err} (model.name_or_path={cfg.model.name_or_path!r})") from None
-
-
-def init_ray(cfg: Config) -> None:
-    if ray.is_initialized():
-        return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"):
-        if name in os.environ:
-            env[name] = os.environ[name]
-    runtime_env = {"env_vars": env}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # A local instance: the dashboard (when installed) listens on localhost only. Logical CPUs are
-        # oversubscribed 2x so a Tune trial, its Train workers and the Ray Data tasks feeding them can
-        # all be scheduled on a small machine instead of waiting on each other forever.
-        ray.init(num_cpus=2 * (os.cpu_count() or 1), dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 log_to_driver=False)
-
-
-def prepare_inputs(cfg: Config, run_dir: Path) -> Config:
-    """Materialise the embedded demo (corpus and base model) and point the config at it."""
-    updates: dict = {}
-    if cfg.data.path == "demo":
-        from tclora.demo_corpus import build_demo_corpus
-
-        splits = build_demo_corpus(run_dir / "corpus", train_per_task=cfg.data.demo_train_per_task,
-                                   eval_per_task=cfg.data.demo_eval_per_task, seed=cfg.run.seed)
-        data = cfg.data.model_copy(update={"path": str(splits["train"])})
-        if not cfg.data.eval_paths:
-            data = data.model_copy(update={"eval_paths": [str(splits["test"]), str(splits["compose_test"])]})
-        updates["data"] = data
-    if cfg.model.name_or_path == "demo":
-        from tclora.models import build_demo_base, demo_spec
-
-        # Built here, once, before any worker starts: workers must not race to build the same cache.
-        path = build_demo_base(cfg.model.cache_dir, demo_spec(cfg.model))
-        updates["model"] = cfg.model.model_copy(update={"name_or_path": str(path)})
-    return cfg.model_copy(update=updates) if updates else cfg
 
 
 def _stage(name: str, fn, started: float, stages: dict, cfg: Config, run_dir: Path) -> Path:
@@ -116,16 +50,7 @@ def _stage(name: str, fn, started: float, stages: dict, cfg: Config, run_dir: Pa
 def run(cfg: Config) -> dict:
     """Run (or resume) the whole pipeline; returns the metrics also written to ``metrics.json``."""
     started = time.time()
-    preflight(cfg)
-    if cfg.eval.lm_eval_tasks:
-        from tclora.harness import check_tasks
-
-        check_tasks(cfg.eval)  # a misspelt benchmark fails now, not after training
-    run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg)
-    storage.restore_run(cfg, run_dir)  # a driver restarted on a fresh node: pull back finished stages
-    cfg = prepare_inputs(cfg, run_dir)
+    cfg, run_dir = session.start(cfg)
     stages: dict = {}
     stage = lambda name, fn: _stage(name, fn, started, stages, cfg, run_dir)  # noqa: E731
     embed_dir = stage("embed", lambda: run_embed(cfg, run_dir))
@@ -167,9 +92,16 @@ def assemble_metrics(embed_dir: Path, cluster_dir: Path, eval_dir: Path, stages:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tclora.cli import main as cli_main
-
-    return cli_main(["run", *(argv if argv is not None else sys.argv[1:])])
+    parser = argparse.ArgumentParser(description="embed -> cluster -> train -> merge + eval, reusing finished stages")
+    session.add_config_args(parser)
+    args = parser.parse_args(argv)
+    session.setup_logging()
+    try:
+        run(session.config_from_args(args))
+    except ConfigError as err:
+        print(f"tclora: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ gets a new directory instead of overwriting one; the stage manifests decide what
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import itertools
@@ -37,19 +38,16 @@ from pathlib import Path
 
 import ray
 import ray.tune
-import yaml
 from filelock import FileLock
-from tabulate import tabulate
 
-from pipelines import storage
+from pipelines import session, storage
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
-from pipelines.run import init_ray, prepare_inputs
 from pipelines.train import TRIAL_CPUS, run_train
 from pipelines.train import stage_key as train_key
-from tclora import artifacts, compare
-from tclora.compare import BASE, ORACLE
+from tclora import artifacts, compare, report
+from tclora.report import BASE, ORACLE
 from tclora.config import Config, ConfigError, validate
 from tclora.merge import registry
 
@@ -185,8 +183,8 @@ def _train_set(cfg: Config, home: Path, cluster_dir: Path) -> dict:
     """Train (or reuse) one (k, s) adapter set in ``home/train``; counts what was trained now."""
     reused = artifacts.is_complete(home / "train", train_key(cfg, cluster_dir))
     train_dir = run_train(cfg, home, cluster_dir)
-    report = json.loads((train_dir / "train_report.json").read_text())
-    n, trained = len(report["clusters"]), 0 if reused else len(report["trained"])
+    trained_report = json.loads((train_dir / "train_report.json").read_text())
+    n, trained = len(trained_report["clusters"]), 0 if reused else len(trained_report["trained"])
     return {"dir": str(train_dir), "adapters": n, "trained": trained, "reused": n - trained}
 
 
@@ -222,8 +220,8 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
 
     run_dir = Path(cfg.run.dir).resolve()
     sweep_dir = run_dir / "sweep"
-    init_ray(cfg)
-    cfg = prepare_inputs(cfg, run_dir)
+    session.init_ray(cfg)
+    cfg = session.prepare_inputs(cfg, run_dir)
     splits = [Path(p).stem for p in cfg.data.eval_paths]
     if split is not None and split not in splits:
         raise ConfigError(f"--split: {split!r} is not an eval split; data.eval_paths has {splits}")
@@ -309,71 +307,31 @@ def _row(point: dict, metrics: dict, sets: dict, metric: str, split: str | None)
             "scores": {m: round(score(evals, m, split), 4) for m in evals}, "dir": metrics["dir"]}
 
 
-# ------------------------------------------------------------------------------------------------
-# [3] Outputs: table, JSON, plots, the best point as a full config.
-
-
-def results_table(results: dict, fmt: str = "github") -> str:
-    metric = results["objective"]["metric"]
-    methods = [m for m in results["rows"][0]["scores"] if m != metric]
-    methods = [m for m in methods if m not in (ORACLE, BASE)] + [m for m in (ORACLE, BASE) if m in methods]
-    rows = [[r["k"], r["cp_rank"], r["sparsity"], r["objective"], *(r["scores"][m] for m in methods)]
-            for r in results["rows"]]
-    return tabulate(rows, headers=["k", "R", "s", f"{metric} (objective)", *methods], tablefmt=fmt,
-                    floatfmt=["g", "g", "g"] + [".3f"] * (1 + len(methods)))
-
-
-def plot_scores(results: dict, x: str, path: Path) -> None:
-    """Each curve: a method's best score over the other swept values, against ``x`` (k or cp_rank)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric, rows = results["objective"]["metric"], results["rows"]
-    xs = sorted({r[x] for r in rows})
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for method in rows[0]["scores"]:
-        ys = [max(r["scores"][method] for r in rows if r[x] == v) for v in xs]
-        main = method == metric
-        label = {ORACLE: "oracle: own-cluster adapter", BASE: "base model"}.get(method, method)
-        ax.plot(xs, ys, marker="o", linewidth=2.5 if main else 1.2, linestyle="-" if main else "--",
-                zorder=3 if main else 2, label=f"{label} (objective)" if main else label)
-    ax.set_xticks(xs)
-    ax.set_xlabel({"k": "clusters k", "cp_rank": "CP rank R"}[x])
-    ax.set_ylabel(f"exact match, {results['objective']['split']} (best over the rest)")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"sweep: {metric} vs baselines")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_outputs(results: dict, cfg: Config, sweep_dir: Path) -> None:
-    """``best_config.yaml`` (the user's config at the best point), ``sweep_results.json``, plots, the table."""
-    best, path = results["best"], sweep_dir / "best_config.yaml"
-    best_cfg = point_config(cfg, best["k"], best["sparsity"], best["cp_rank"])
-    header = (f"# tclora sweep best point: k={best['k']}, cp_rank={best['cp_rank']}, sparsity={best['sparsity']:g}, "
-              f"{results['objective']['key']}={best['objective']:.4f}\n#   tclora run --config {path}\n")
-    body = yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False)
-    artifacts.atomic_write_bytes(path, (header + body).encode())
-    results["best_config"] = str(path)
-    artifacts.atomic_write_json(sweep_dir / "sweep_results.json", results)
-    plot_scores(results, "k", sweep_dir / "score_vs_k.png")
-    plot_scores(results, "cp_rank", sweep_dir / "score_vs_rank.png")
-    t = results["training"]
-    print("\n" + results_table(results) + "\n")
-    print(f"best: k={best['k']} R={best['cp_rank']} s={best['sparsity']:g} -> {best['objective']:.3f}; "
-          f"adapters trained {t['adapters_trained']}, reused {t['adapters_reused']} "
-          f"({t['adapter_sets']} (k, s) sets); embed {'reused' if results['embed']['reused'] else 'ran'}")
-    print(f"results: {sweep_dir / 'sweep_results.json'}\nbest config: {path}")
+    """The sweep's files (:func:`tclora.report.write_sweep_outputs`) with the user's config at the best point."""
+    best = results["best"]
+    report.write_sweep_outputs(results, point_config(cfg, best["k"], best["sparsity"], best["cp_rank"]), sweep_dir)
+
+
+def sweep_from_args(args: argparse.Namespace) -> dict:
+    """:func:`sweep` with the arguments of :func:`pipelines.session.add_sweep_args`."""
+    return sweep(session.config_from_args(args), args.k, args.cp_rank, args.sparsity, search=args.search,
+                 num_samples=args.num_samples, metric=args.metric, split=args.split,
+                 max_concurrent=args.max_concurrent)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tclora.cli import main as cli_main
-
-    return cli_main(["sweep", *(argv if argv is not None else sys.argv[1:])])
+    parser = argparse.ArgumentParser(description="Ray Tune over cluster count k, CP rank R and LoRI sparsity s")
+    session.add_config_args(parser)
+    session.add_sweep_args(parser)
+    args = parser.parse_args(argv)
+    session.setup_logging()
+    try:
+        sweep_from_args(args)
+    except ConfigError as err:
+        print(f"tclora: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from pipelines.cluster import run_cluster
-    from pipelines.run import init_ray, prepare_inputs
+    from pipelines.session import init_ray, prepare_inputs
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(cfg.run.dir).resolve()

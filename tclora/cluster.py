@@ -14,6 +14,7 @@ all rows (347 s single-thread CPU; its one k-means++ run lands in a worse local 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter, defaultdict
@@ -337,3 +338,20 @@ def plot_cluster_sizes(report: Mapping, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def route_records(records: list[dict], cluster_dir: Path, embed_model: str) -> list[dict]:
+    """Held-out records with ``cluster``: the final id of their nearest centroid (embedded in this process).
+
+    ``cluster_dir`` is a finished cluster stage (``centroids.npy``: (k, dim) float32; ``kmeans.json``:
+    k-means label -> final cluster id after the small-cluster rule); ``embed_model`` the embed stage's
+    model, so held-out sources land in the space the centroids were fitted in.
+    """
+    from tclora.embed import Embedder
+
+    cluster_dir = Path(cluster_dir)
+    centroids = np.load(cluster_dir / "centroids.npy", allow_pickle=False)
+    mapping = {int(i): j for i, j in json.loads((cluster_dir / "kmeans.json").read_text())["mapping"].items()}
+    vectors = Embedder(embed_model).encode([r["source"] for r in records], 64)
+    labels, _ = assign(vectors, centroids)
+    return [{**r, "cluster": mapping[int(label)]} for r, label in zip(records, labels)]

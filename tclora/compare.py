@@ -22,9 +22,7 @@ from typing import Any, Mapping, Sequence
 from tclora import adapters, evaluate
 from tclora.config import EvalSection, MergeSection
 from tclora.merge import Delta, LowRank, merge_adapters, registry
-
-
-BASE, ORACLE = "base", "adapters"
+from tclora.report import BASE, ORACLE
 
 
 def method_params(method: str, cfg: MergeSection) -> dict[str, Any]:

@@ -1,13 +1,19 @@
-"""The end of a run: the summary table on stdout, ``report.md`` and the merge-comparison plot."""
+"""The end of a run or sweep: tables on stdout, ``report.md``, plots, and the sweep's files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
 from tabulate import tabulate
 
-from tclora.compare import BASE, ORACLE
+from tclora import artifacts
+from tclora.config import Config
+
+# Row names beside the merge methods in every score table: the base model alone, and the oracle (each
+# example answered by its own cluster's adapter). Here, not in compare.py, so tables need no torch.
+BASE, ORACLE = "base", "adapters"
 
 
 def combine_splits(per_split: Mapping[str, Mapping[str, Mapping[str, Any]]], headline: str) -> dict[str, dict]:
@@ -130,3 +136,62 @@ def plot_merge_comparison(metrics: Mapping[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- sweep outputs: table, JSON, plots, the best point as a full config --------------------------------
+def sweep_table(results: dict, fmt: str = "github") -> str:
+    """One row per sweep point: k, R, s, the objective and every other method's score (oracle, base last)."""
+    metric = results["objective"]["metric"]
+    methods = [m for m in results["rows"][0]["scores"] if m != metric]
+    methods = [m for m in methods if m not in (ORACLE, BASE)] + [m for m in (ORACLE, BASE) if m in methods]
+    rows = [[r["k"], r["cp_rank"], r["sparsity"], r["objective"], *(r["scores"][m] for m in methods)]
+            for r in results["rows"]]
+    return tabulate(rows, headers=["k", "R", "s", f"{metric} (objective)", *methods], tablefmt=fmt,
+                    floatfmt=["g", "g", "g"] + [".3f"] * (1 + len(methods)))
+
+
+def plot_sweep_scores(results: dict, x: str, path: Path) -> None:
+    """Each curve: a method's best score over the other swept values, against ``x`` (k or cp_rank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, rows = results["objective"]["metric"], results["rows"]
+    xs = sorted({r[x] for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for method in rows[0]["scores"]:
+        ys = [max(r["scores"][method] for r in rows if r[x] == v) for v in xs]
+        main = method == metric
+        label = {ORACLE: "oracle: own-cluster adapter", BASE: "base model"}.get(method, method)
+        ax.plot(xs, ys, marker="o", linewidth=2.5 if main else 1.2, linestyle="-" if main else "--",
+                zorder=3 if main else 2, label=f"{label} (objective)" if main else label)
+    ax.set_xticks(xs)
+    ax.set_xlabel({"k": "clusters k", "cp_rank": "CP rank R"}[x])
+    ax.set_ylabel(f"exact match, {results['objective']['split']} (best over the rest)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"sweep: {metric} vs baselines")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_sweep_outputs(results: dict, best_cfg: Config, sweep_dir: Path) -> None:
+    """``best_config.yaml`` (``best_cfg``: the user's config at the best point), ``sweep_results.json``,
+    ``score_vs_k.png``, ``score_vs_rank.png``, and the table on stdout; adds ``best_config`` to ``results``."""
+    best, path = results["best"], sweep_dir / "best_config.yaml"
+    header = (f"# tclora sweep best point: k={best['k']}, cp_rank={best['cp_rank']}, sparsity={best['sparsity']:g}, "
+              f"{results['objective']['key']}={best['objective']:.4f}\n#   tclora run --config {path}\n")
+    body = yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False)
+    artifacts.atomic_write_bytes(path, (header + body).encode())
+    results["best_config"] = str(path)
+    artifacts.atomic_write_json(sweep_dir / "sweep_results.json", results)
+    plot_sweep_scores(results, "k", sweep_dir / "score_vs_k.png")
+    plot_sweep_scores(results, "cp_rank", sweep_dir / "score_vs_rank.png")
+    t = results["training"]
+    print("\n" + sweep_table(results) + "\n")
+    print(f"best: k={best['k']} R={best['cp_rank']} s={best['sparsity']:g} -> {best['objective']:.3f}; "
+          f"adapters trained {t['adapters_trained']}, reused {t['adapters_reused']} "
+          f"({t['adapter_sets']} (k, s) sets); embed {'reused' if results['embed']['reused'] else 'ran'}")
+    print(f"results: {sweep_dir / 'sweep_results.json'}\nbest config: {path}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tclora import cli
+from pipelines import cli
 from tclora.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -69,7 +69,7 @@ class Driver:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another Ray
         env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
         cli = Path(sys.executable).with_name("tclora")
-        cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "tclora.cli"]
+        cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "pipelines.cli"]
         self.ray_tmp, self.log = str(ray_tmp), log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([*cmd, "run", "--config", str(config)], cwd=REPO, env=env, stdout=out,

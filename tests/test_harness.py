@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tclora import compare, harness, report
-from tclora.compare import BASE
+from tclora.report import BASE
 from tclora.config import ConfigError, EvalSection, load_config
 from tclora.merge.base import LowRank
 

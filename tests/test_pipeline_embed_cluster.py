@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.io import CorpusError, list_input_files, read_records
+from tclora.corpus import CorpusError, list_input_files, read_records
 from tclora.config import ConfigError, validate
 
 pytestmark = pytest.mark.ray
@@ -161,7 +161,8 @@ def _written_ids(cluster_dir: Path) -> list[str]:
 
 
 def test_cluster_k3_recovers_topics_and_writes_every_row_once(embedded):
-    from pipelines.cluster import list_clusters, read_cluster, route_records, run_cluster
+    from pipelines.cluster import list_clusters, read_cluster, run_cluster
+    from tclora.cluster import route_records
 
     run_dir, embed_dir = embedded
     cluster_dir = run_cluster(_config(), run_dir, embed_dir)
@@ -174,7 +175,8 @@ def test_cluster_k3_recovers_topics_and_writes_every_row_once(embedded):
     assert sum(sizes.values()) == len(all_ids) and set(sizes) == {0, 1, 2}
     members = read_cluster(cluster_dir, 1).take_all()
     assert len(members) == sizes[1] and set(members[0]) >= {"row_id", "source", "target", "task_name"}
-    routed = route_records([{"source": r["source"], "target": r["target"]} for r in members], cluster_dir, _config())
+    held_out = [{"source": r["source"], "target": r["target"]} for r in members]
+    routed = route_records(held_out, cluster_dir, _config().embed.model)
     assert [r["cluster"] for r in routed] == [1] * len(members)  # held-out routing uses the same centroids
     assert (cluster_dir / "centroids.npy").is_file() and (cluster_dir / "cluster_sizes.png").is_file()
 
@@ -253,13 +255,13 @@ def test_glob_listing_and_local_reader(corpus):
 def test_jsonl_reader_keeps_line_numbers_and_json_line_separators():
     import io
 
-    from pipelines.io import Fields, _check, _jsonl_blocks
+    from tclora.corpus import Fields, check_rows, jsonl_blocks
 
     text = '{"source": "a\u2028b", "target": "t"}\n\n{"source": "x", "target": 3}\n\xff\n{"source": "last", "target": "u"}'
     data = text.encode("utf-8").replace(b"\xc3\xbf", b"\xff")  # line 4: a raw invalid UTF-8 byte
-    [block] = list(_jsonl_blocks(io.BytesIO(data), "f.jsonl"))
+    [block] = list(jsonl_blocks(io.BytesIO(data), "f.jsonl"))
     assert block.column("_index").to_pylist() == [1, 3, 4, 5]  # the blank line 2 is counted, not emitted
-    good, bad = _check(block, Fields())
+    good, bad = check_rows(block, Fields())
     assert [g["row_id"] for g in good] == ["f.jsonl:1", "f.jsonl:5"] and good[0]["source"] == "a\u2028b"
     assert [(b["line"], b["reason"]) for b in bad] == [
         (3, "field 'target' must be a string, got int"), (4, "line is not valid UTF-8")]

@@ -1,4 +1,4 @@
-"""The driver's preflight (pipelines/run.py) and the `tclora run` CLI: bad configs fail before Ray starts.
+"""The session preflight (pipelines/session.py) and the `tclora run` CLI: bad configs fail before Ray starts.
 
 ``init_ray`` is replaced by a function that fails the test, so each case proves the error came first.
 """
@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-import pipelines.run as run_module
-from tclora import cli
+from pipelines import cli, session
+from pipelines.run import run
 from tclora.config import ConfigError, validate
 
 LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -19,7 +19,7 @@ LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_pro
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    monkeypatch.setattr(run_module, "init_ray", lambda cfg: pytest.fail("Ray was started"))
+    monkeypatch.setattr(session, "init_ray", lambda cfg: pytest.fail("Ray was started"))
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +59,13 @@ def test_preflight_reads_a_local_checkpoint_config(phi3_config_dir, no_ray):
     cfg = validate({"model": {"name_or_path": str(phi3_config_dir)}})
     with pytest.raises(ConfigError, match=r"lori\.target_modules: .*\['gate_proj', 'k_proj', 'q_proj', "
                                           r"'up_proj', 'v_proj'\]; available: .*'gate_up_proj'.*'qkv_proj'"):
-        run_module.run(cfg)
-    run_module.preflight(validate({"model": {"name_or_path": str(phi3_config_dir)},
-                                   "lori": {"target_modules": ["qkv_proj", "o_proj"]}}))
+        run(cfg)
+    session.preflight(validate({"model": {"name_or_path": str(phi3_config_dir)},
+                                "lori": {"target_modules": ["qkv_proj", "o_proj"]}}))
 
 
 def test_preflight_accepts_the_defaults_and_warns_when_the_model_is_unreadable(caplog):
-    run_module.preflight(validate({}))  # the demo model has every default target
+    session.preflight(validate({}))  # the demo model has every default target
     with caplog.at_level(logging.WARNING, logger="tclora"):
-        run_module.preflight(validate({"model": {"name_or_path": "/no/such/checkpoint"}}))
+        session.preflight(validate({"model": {"name_or_path": "/no/such/checkpoint"}}))
     assert "will be checked when training starts" in caplog.text

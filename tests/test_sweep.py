@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from tclora import artifacts
-from tclora.cli import main as cli_main
+from pipelines.cli import main as cli_main
 from tclora.config import load_config, validate
 from tests.helpers import demo_run_config
 
