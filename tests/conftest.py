@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# The real S3 server and the two-node Ray cluster (session-scoped, started only by the tests that ask).
+pytest_plugins = ["tests.cluster_fixtures"]
+
 # Tests never reach a model hub; everything they load is built locally or ships in a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
