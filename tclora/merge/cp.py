@@ -194,17 +194,23 @@ def initial_factors(deltas: Sequence[LowRank], rank: int, init: str = "svd", see
     return _init_factors(_Stack.of(deltas, dtype), (len(deltas), *deltas[0].shape), rank, init, seed)
 
 
-def _solve(gram: Tensor, mttkrp: Tensor) -> Tensor:
-    """``mttkrp @ gram⁻¹``, as tensorly writes it.
+def _least_norm_solve(a: Tensor, b: Tensor) -> Tensor:
+    """``x`` with ``a x = b`` for a symmetric ALS Gram ``a`` (R, R); where ``a`` is singular, ``a⁺ b``.
 
     The Gram is singular when the stacked deltas have rank below R (a LoRI-S mask can leave a module's
     B almost empty, or several adapters can be zero there); the least-norm solution through the
-    pseudo-inverse then keeps ALS going where a plain solve would raise.
+    pseudo-inverse then keeps ALS going where a plain solve would raise. Both backends use it (the
+    dense one through tensorly's ``solve``), so they treat degenerate stacks alike.
     """
-    solution, info = torch.linalg.solve_ex(gram.T, mttkrp.T)
+    solution, info = torch.linalg.solve_ex(a, b)
     if int(info) == 0 and bool(torch.isfinite(solution).all()):
-        return solution.T
-    return mttkrp @ torch.linalg.pinv(gram, hermitian=True)
+        return solution
+    return torch.linalg.pinv(a, hermitian=True) @ b
+
+
+def _solve(gram: Tensor, mttkrp: Tensor) -> Tensor:
+    """``mttkrp @ gram⁻¹``, as tensorly writes it (through :func:`_least_norm_solve`)."""
+    return _least_norm_solve(gram.T, mttkrp.T).T
 
 
 def _als_factored(stack: _Stack, factors: list[Tensor], n_iter: int, tol: float) -> tuple[list[Tensor], list[float]]:
@@ -233,14 +239,23 @@ def _als_factored(stack: _Stack, factors: list[Tensor], n_iter: int, tol: float)
 def _als_tensorly(deltas: Sequence[LowRank], rank: int, n_iter: int, tol: float, init: str, seed: int,
                   dtype: torch.dtype) -> tuple[Tensor, list[Tensor], list[float]]:
     import tensorly as tl
+    from tensorly.backend.pytorch_backend import PyTorchBackend
     from tensorly.decomposition import parafac
 
     X = torch.stack([d.B.to(dtype) @ d.A.to(dtype) for d in deltas])  # (T, d_out, d_in): the dense reference
-    with tl.backend_context("pytorch"), warnings.catch_warnings():  # scoped: the global backend is untouched
-        # tensorly warns whenever R exceeds a mode's size (T < R is normal here) and then fills at random.
-        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-        (weights, factors), errors = parafac(X, rank, n_iter_max=n_iter, init=init, tol=tol,
-                                             random_state=seed, return_errors=True)
+    # parafac's one solve per mode is torch.linalg.solve, which raises on the singular Grams of a
+    # rank-deficient stack; for the call, it takes the factored backend's pseudo-inverse fallback (the
+    # same answer wherever the Gram is invertible; a process-wide class attribute, restored after).
+    plain_solve = PyTorchBackend.solve
+    PyTorchBackend.register_method("solve", _least_norm_solve)
+    try:
+        with tl.backend_context("pytorch"), warnings.catch_warnings():  # scoped: the global backend is untouched
+            # tensorly warns whenever R exceeds a mode's size (T < R is normal here) and then fills at random.
+            warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+            (weights, factors), errors = parafac(X, rank, n_iter_max=n_iter, init=init, tol=tol,
+                                                 random_state=seed, return_errors=True)
+    finally:
+        PyTorchBackend.register_method("solve", plain_solve)
     return weights, list(factors), [float(e) for e in errors]
 
 
@@ -271,8 +286,15 @@ def cp_decompose(
     if rank < 1 or n_iter < 1:
         raise ValueError(f"cp: rank and n_iter must be >= 1, got rank={rank}, n_iter={n_iter}")
     shape = (len(deltas), *deltas[0].shape)
+    if backend not in ("factored", "tensorly"):
+        raise ValueError(f"cp: backend must be 'factored' or 'tensorly', got {backend!r}")
+    if init not in ("svd", "random"):
+        raise ValueError(f"cp: init must be 'svd' or 'random', got {init!r}")
+    stack = _Stack.of(deltas, dtype or torch.float64)
+    if float(stack.gram().trace()) == 0.0:  # all-zero deltas: nothing to fit, the exact zero update (both backends)
+        zeros = [stack.B.new_zeros(n, rank) for n in shape]
+        return CPResult(stack.B.new_zeros(rank), *zeros, errors=[0.0])
     if backend == "factored":
-        stack = _Stack.of(deltas, dtype or torch.float64)
         total_rank = stack.B.shape[1]
         if init == "svd" and rank <= min(total_rank, *shape[1:]):
             # The usual case (R <= Σr): ALS on the compressed core. Otherwise the init has columns outside
@@ -280,20 +302,13 @@ def cp_decompose(
             core, Q_out, Q_in = stack.compressed()
         else:
             core, Q_out, Q_in = stack, None, None
-        if float(core.gram().trace()) == 0.0:  # all-zero deltas: nothing to fit
-            zeros = [stack.B.new_zeros(n, rank) for n in shape]
-            return CPResult(stack.B.new_zeros(rank), *zeros, errors=[0.0])
         bases = None if Q_out is None else (Q_out, Q_in)
         factors, errors = _als_factored(core, _init_factors(core, shape, rank, init, seed, bases), n_iter, tol)
         if bases is not None:
             factors = [factors[0], Q_out @ factors[1], Q_in @ factors[2]]
         weights = stack.B.new_ones(rank)
-    elif backend == "tensorly":
-        if init not in ("svd", "random"):
-            raise ValueError(f"cp: init must be 'svd' or 'random', got {init!r}")
-        weights, factors, errors = _als_tensorly(deltas, rank, n_iter, tol, init, seed, dtype or torch.float64)
     else:
-        raise ValueError(f"cp: backend must be 'factored' or 'tensorly', got {backend!r}")
+        weights, factors, errors = _als_tensorly(deltas, rank, n_iter, tol, init, seed, dtype or torch.float64)
     return CPResult(*normalize_cp(weights, *factors), errors=errors)
 
 
