@@ -70,6 +70,26 @@ def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
+def check_finite(x: torch.Tensor, what: str = "x", chunk_rows: int = CHUNK_ROWS) -> None:
+    """Fail naming the first row of ``x`` (n, d) that holds NaN or ±inf.
+
+    k-means cannot place such a row: seeding fails deep inside torch ("invalid multinomial
+    distribution") and every distance to it is NaN, so ``min`` would silently call it cluster 0. Checked
+    in chunks, so the scratch stays ``chunk_rows x d`` bools however many rows there are.
+
+    Raises:
+        ValueError: naming ``what``, the first bad row index (0-based) and how many rows are bad.
+    """
+    if x.shape[0] == 0:
+        return
+    bad = torch.cat([~torch.isfinite(x[s : s + chunk_rows]).all(1) for s in range(0, x.shape[0], chunk_rows)])  # (n,)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        raise ValueError(f"{what}: row {int(rows[0])} holds a non-finite value (NaN or inf); {len(rows)} such "
+                         f"row(s) in all, e.g. {rows[:5].tolist()}. k-means needs finite vectors: drop or "
+                         "re-embed those rows (the embed stage quarantines them)")
+
+
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1).square_()  # (n,); 6x faster than (x * x).sum(1)
 
@@ -86,8 +106,17 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None,
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row: ``(labels int32 (n,), squared distances float32 (n,))``."""
+    """Nearest centroid of every row: ``(labels int32 (n,), squared distances float32 (n,))``.
+
+    Args:
+        x: (n, d) rows; centroids: (k, d).
+
+    Raises:
+        ValueError: a row of ``x`` or of ``centroids`` is not finite (named by its index).
+    """
     xt, ct = _as_tensor(x), _as_tensor(centroids)
+    check_finite(ct, "centroids")
+    check_finite(xt, "assign: x", chunk_rows)
     labels = np.empty(xt.shape[0], dtype=np.int32)
     dists = np.empty(xt.shape[0], dtype=np.float32)
     for start, lab, d2 in _nearest(xt, ct, chunk_rows=chunk_rows):
@@ -171,7 +200,7 @@ def fit_kmeans(
             all of ``x``. With n <= init_size the restarts see every row and nothing is left to refine.
 
     Raises:
-        ValueError: ``x`` is not 2-D, or has fewer rows than ``k``.
+        ValueError: ``x`` is not 2-D, has fewer rows than ``k``, or a row that is not finite (named by index).
     """
     if x.ndim != 2:
         raise ValueError(f"x must be (n, d), got shape {x.shape}")
@@ -179,6 +208,7 @@ def fit_kmeans(
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of rows ({n})")
     xt = _as_tensor(x)
+    check_finite(xt, "fit_kmeans: x")
     gen = torch.Generator().manual_seed(seed)
     abs_tol = tol * float(xt.var(0).mean()) if n > 1 else 0.0
     m = min(n, init_size or max(20000, 100 * k))

@@ -112,3 +112,18 @@ def test_report_without_tasks_and_with_skipped_rows(tmp_path):
     assert partial["n_labelled_rows"] == 3 and partial["nmi"] == pytest.approx(1.0)
     png = km.plot_cluster_sizes(report, tmp_path / "sizes.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_rows_are_named_not_clustered():
+    """A NaN row used to fail seeding inside torch, and assign put it in cluster 0 (issue 14)."""
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    x[17, 2] = np.nan
+    x[30, 0] = np.inf
+    with pytest.raises(ValueError, match=r"fit_kmeans: x: row 17 holds a non-finite value.*2 such row\(s\).*\[17, 30\]"):
+        km.fit_kmeans(x, 3, n_init=1)
+    for chunk_rows in (8, 10_000):  # the first bad row is found in any chunk
+        with pytest.raises(ValueError, match=r"assign: x: row 17 "):
+            km.assign(x, CENTROIDS[:, :2].repeat(2, 1), chunk_rows=chunk_rows)
+    with pytest.raises(ValueError, match=r"centroids: row 1 "):
+        km.assign(x[:5], np.array([[0, 0, 0, 0], [np.nan, 0, 0, 0]], np.float32))
+    km.assign(x[:10], x[:3])  # finite rows pass
