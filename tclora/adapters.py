@@ -45,7 +45,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not path.is_file():
         raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM from a Windows editor is fine
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterError(f"{adapter_dir}: {ADAPTER_CONFIG} is not valid JSON ({err})") from None
     if not isinstance(cfg, dict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -17,6 +18,9 @@ import torch
 # The char-level demo model reads this separator as "now answer"; real models see the same plain text.
 PROMPT_SUFFIX = "\n"
 MAX_FIELD_CHARS = 1_000_000  # a 10 MB "row" is an upload accident, not a training example
+# JSON may spell a lone UTF-16 surrogate ("\ud83d", half an emoji cut by a byte-limited writer); Python
+# decodes it into a str that no UTF-8 writer (Arrow, the tokenizer) can encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def format_prompt(source: str) -> str:
@@ -27,7 +31,11 @@ def validate_record(
     row: Mapping[str, Any], source_field: str = "source", target_field: str = "target",
     task_field: str | None = "task_name",
 ) -> str | None:
-    """Why ``row`` cannot be trained on, or None when it is fine."""
+    """Why ``row`` cannot be trained on, or None when it is fine.
+
+    Reasons name the field: missing, not a string, empty, a NUL byte, too long, or text that is not
+    valid Unicode (an unpaired surrogate, which would fail later in Arrow or the tokenizer).
+    """
     for name in (source_field, target_field):
         if name not in row or row[name] is None:
             return f"missing field '{name}'"
@@ -42,6 +50,10 @@ def validate_record(
             return f"field '{name}' is {len(value)} characters (limit {MAX_FIELD_CHARS})"
     if task_field and row.get(task_field) is not None and not isinstance(row[task_field], str):
         return f"field '{task_field}' must be a string, got {type(row[task_field]).__name__}"
+    for name in (source_field, target_field, task_field):
+        if name and isinstance(row.get(name), str) and (bad := _SURROGATE.search(row[name])):
+            return (f"field '{name}' is not valid Unicode: unpaired surrogate U+{ord(bad.group()):04X} at "
+                    f"character {bad.start()} (an escape like \\ud83d without its pair)")
     return None
 
 
@@ -79,8 +91,12 @@ def find_duplicates(keys: np.ndarray, order: np.ndarray, n_examples: int = 3) ->
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Small-file reader for local splits (the pipeline reads corpora with Ray Data instead)."""
-    with open(path, encoding="utf-8") as f:
+    """Small-file reader for local splits (the pipeline reads corpora with Ray Data instead).
+
+    No validation (see :func:`tclora.corpus.read_records` for files from elsewhere); a leading UTF-8
+    byte-order mark is skipped.
+    """
+    with open(path, encoding="utf-8-sig") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -288,3 +288,13 @@ def test_a_refused_delta_leaves_the_model_as_it_was():
         with adapters.deltas_applied(base, deltas):
             pass
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_adapter_config_with_a_byte_order_mark_loads(trained_adapter, tmp_path):
+    path, _ = trained_adapter
+    copy = tmp_path / "bom"
+    copy.mkdir()
+    (copy / adapters.ADAPTER_CONFIG).write_bytes(b"\xef\xbb\xbf" + (path / adapters.ADAPTER_CONFIG).read_bytes())
+    (copy / adapters.ADAPTER_WEIGHTS).write_bytes((path / adapters.ADAPTER_WEIGHTS).read_bytes())
+    loaded, expected = adapters.load_factors(copy), adapters.load_factors(path)
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[m].B, expected[m].B) for m in expected)
