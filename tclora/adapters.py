@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,8 @@ from transformers.pytorch_utils import Conv1D
 
 from tclora.adapter_checks import LORA_A, LORA_B, PEFT_PREFIX, adapter_problems
 from tclora.merge.base import Delta, LowRank, dense
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -138,11 +141,11 @@ def check_compatible(adapter_dirs: list[Path]) -> None:
 
 
 def vllm_rank(rank: int) -> int:
-    """The smallest rank vLLM serves that fits ``rank``."""
+    """The smallest rank vLLM serves that fits ``rank``; ``rank`` itself above vLLM's largest listed rank
+    (512): such an adapter is exported unpadded and served with ``--max-lora-rank <rank>`` where the vLLM
+    build accepts it (:func:`save_factors` warns)."""
     i = bisect.bisect_left(VLLM_RANKS, rank)
-    if i == len(VLLM_RANKS):
-        raise AdapterError(f"rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_RANKS[-1]}")
-    return VLLM_RANKS[i]
+    return VLLM_RANKS[i] if i < len(VLLM_RANKS) else rank
 
 
 def save_factors(
@@ -159,6 +162,9 @@ def save_factors(
     rank = max(f.rank for f in factors.values())
     if pad_for_vllm:
         rank = vllm_rank(rank)
+        if rank > VLLM_RANKS[-1]:  # a merge (cat of many adapters, say) above every rank vLLM lists
+            log.warning("%s: rank %d exceeds vLLM's largest listed max_lora_rank %d: exported unpadded; serve "
+                        "it with --max-lora-rank %d (or merge to a lower rank)", out_dir, rank, VLLM_RANKS[-1], rank)
     tensors = {}
     for module, f in factors.items():
         pad = rank - f.rank
@@ -199,6 +205,26 @@ def _weight(model: nn.Module, module: str) -> tuple[nn.Parameter, bool]:
         return layer.weight, True
     raise AdapterError(f"module {module!r} is a {type(layer).__name__}; tclora adds deltas to Linear (and "
                        "transformers Conv1D) layers only")
+
+
+def check_fits(model: nn.Module, deltas: Mapping[str, Delta], source: str | Path) -> None:
+    """Every module of ``deltas`` is a Linear (or Conv1D) layer of ``model`` with the delta's shape.
+
+    Run once per adapter before evaluating it, so an adapter trained on another base fails naming
+    itself, not half way through an evaluation.
+
+    Raises:
+        AdapterError: naming ``source`` (the adapter directory), the module and both shapes.
+    """
+    for module, delta in deltas.items():
+        try:
+            weight, transposed = _weight(model, module)
+        except AdapterError as err:
+            raise AdapterError(f"{source}: {err} (trained on another base model?)") from None
+        layer = tuple(weight.shape[::-1] if transposed else weight.shape)  # (d_out, d_in)
+        if tuple(delta.shape) != layer:
+            raise AdapterError(f"{source}: module {module!r} has an update of shape {tuple(delta.shape)} (d_out, d_in), "
+                               f"the base model's layer is {layer} (trained on another base model?)")
 
 
 @torch.no_grad()

@@ -75,8 +75,15 @@ def test_export_follows_vllm_rules_and_round_trips(trained_adapter, tmp_path):
 
 def test_vllm_rank_padding():
     assert [adapters.vllm_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
-    with pytest.raises(adapters.AdapterError, match="513"):
-        adapters.vllm_rank(513)
+    assert adapters.vllm_rank(513) == 513  # above vLLM's largest listed rank: exported unpadded (warned)
+
+
+def test_rank_above_512_exports_unpadded_with_a_warning(tmp_path, caplog):
+    factors = {"model.layers.0.self_attn.q_proj": LowRank(torch.ones(4, 600), torch.ones(600, 4))}
+    with caplog.at_level("WARNING", logger="tclora.adapters"):
+        adapters.save_factors(factors, tmp_path / "merges" / "cat", "tiny-test")
+    assert json.loads((tmp_path / "merges" / "cat" / adapters.ADAPTER_CONFIG).read_text())["r"] == 600
+    assert "merges/cat: rank 600 exceeds vLLM's largest listed max_lora_rank 512" in caplog.text
 
 
 def test_exported_config_lists_target_modules_sorted(tmp_path):
@@ -298,3 +305,17 @@ def test_adapter_config_with_a_byte_order_mark_loads(trained_adapter, tmp_path):
     (copy / adapters.ADAPTER_WEIGHTS).write_bytes((path / adapters.ADAPTER_WEIGHTS).read_bytes())
     loaded, expected = adapters.load_factors(copy), adapters.load_factors(path)
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[m].B, expected[m].B) for m in expected)
+
+
+def test_an_adapter_for_another_base_is_named_with_its_module(trained_adapter):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path, _ = trained_adapter
+    factors = adapters.load_factors(path)
+    adapters.check_fits(tiny_llama(), factors, path)  # its own base: fine
+    with pytest.raises(adapters.AdapterError, match=rf"{path.name}: module 'model.layers.0.mlp.down_proj' has an "
+                       r"update of shape \(32, 64\).*layer is \(48, 64\)"):  # the first module in the file
+        adapters.check_fits(tiny_llama(hidden_size=48), factors, path)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(adapters.AdapterError, match=rf"{path.name}: the base model has no module 'model.layers"):
+        adapters.check_fits(gpt2, factors, path)
