@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SUFFIXES = JSON_SUFFIXES + (".parquet",)
 ROWS_PER_BLOCK = 8192
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark
 LINE_SPAN = 2**40  # a row's corpus position is file rank * LINE_SPAN + line: files < 2^23, lines < 2^40
 # _error: set when the whole file is at fault (unreadable, wrong schema); the row is then quarantined with it.
 RAW_SCHEMA = pa.schema([("_file", pa.string()), ("_index", pa.int64()), ("_raw", pa.binary()),
@@ -122,9 +123,19 @@ def list_input_files(uri: str) -> InputFiles:
 # ---- readers: raw records with their file and position; plain generators, wrapped for Ray below ----
 
 def jsonl_blocks(f, name: str) -> Iterator[pa.Table]:
-    """Raw-record blocks of one JSON Lines stream: raw bytes, 1-based line numbers, blank lines skipped."""
+    """Raw-record blocks of one JSON Lines stream: raw bytes, 1-based line numbers, blank lines skipped.
+
+    A UTF-8 byte-order mark opening the stream (Windows tools write one) is skipped; one inside a line
+    stays, and that line is quarantined as malformed. CRLF endings need nothing: JSON ignores the ``\\r``.
+    """
     lines, numbers, tail, line_no = [], [], b"", 0
+    at_start = True
     while chunk := f.read(1 << 22):
+        if at_start:  # the BOM may straddle two reads of a slow stream: wait for 3 bytes
+            tail += chunk
+            if len(tail) < len(BOM) and BOM.startswith(tail):
+                continue
+            chunk, tail, at_start = tail.removeprefix(BOM), b"", False
         *complete, tail = (tail + chunk).split(b"\n")
         for raw in complete:
             line_no += 1
