@@ -4,7 +4,9 @@ What gets compared on each held-out split:
 
 - ``base``: the base model alone;
 - ``adapters``: the oracle upper bound, each example answered by its own cluster's adapter;
-- one entry per merge method: a single merged update applied to the base.
+- one entry per merge method: a single merged update applied to the base, at the setting chosen on
+  the validation split (:func:`compare_merges` with ``validation``; :mod:`tclora.tune_merge`), or at
+  the configured one (untuned, and labelled so).
 
 With ``eval.lm_eval_tasks`` set, the base and every merge are also scored on lm-eval benchmarks
 (:func:`lm_eval_all`).
@@ -15,95 +17,119 @@ duration of its evaluation and removed again (:func:`tclora.adapters.deltas_appl
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tclora import adapters, evaluate
+import yaml
+
+from tclora import adapters, evaluate, tune_merge
 from tclora.config import EvalSection, MergeSection
 from tclora.merge import Delta, LowRank, merge_adapters, registry
 from tclora.report import BASE, ORACLE
 
+log = logging.getLogger(__name__)
+
+MERGE_META = "merge.json"  # beside each saved merge: method, settings, whether they were tuned
+
 
 def method_params(method: str, cfg: MergeSection) -> dict[str, Any]:
-    """The parameters a method runs with: ``merge.cp_rank`` sets the output rank of cp and svd.
+    """The parameters a method runs with: ``merge.cp_rank`` sets ``rank`` of the ``rank_param`` methods
+    (cp, svd), ``merge.cp_iters`` the ALS iterations, then ``merge.params.<method>`` overrides.
 
     KnOTS keeps its own default (the full concatenated rank, as in the paper) unless
     ``merge.params.knots.rank`` says otherwise.
     """
-    declared = {p.name for p in registry.get(method).params}
+    spec = registry.get(method)
     params: dict[str, Any] = {}
-    if method in ("cp", "svd"):
+    if spec.rank_param:
         params["rank"] = cfg.cp_rank
-    if "n_iter" in declared:
+    if "n_iter" in {p.name for p in spec.params}:
         params["n_iter"] = cfg.cp_iters
     params.update(cfg.params.get(method, {}))
     return params
 
 
-def merge_one(factors: Sequence[Mapping[str, LowRank]], method: str, cfg: MergeSection) -> dict[str, Delta]:
-    """Merge the adapters with one configured method; returns module -> merged delta."""
-    return merge_adapters(factors, method, cfg.weights, method_params(method, cfg))
+def merge_one(factors: Sequence[Mapping[str, LowRank]], method: str, cfg: MergeSection,
+              params: Mapping[str, Any] | None = None) -> dict[str, Delta]:
+    """Merge the adapters with one method at ``params`` (default: the configured ones); module -> delta."""
+    return merge_adapters(factors, method, cfg.weights, method_params(method, cfg) if params is None else params)
 
 
-def save_merge(deltas: Mapping[str, Delta], out_dir: Path, base_name: str, model=None, tokenizer=None) -> str:
-    """Low-rank results become a PEFT adapter; dense ones (TIES, DARE) a merged HF checkpoint."""
+def save_merge(deltas: Mapping[str, Delta], out_dir: Path, base_name: str, model=None, tokenizer=None,
+               info: Mapping[str, Any] | None = None) -> str:
+    """Low-rank results become a PEFT adapter; dense ones (TIES, DARE) a merged HF checkpoint.
+
+    ``info`` (method, settings, tuned or not, validation score) is written beside it as ``merge.json``.
+    """
     if all(isinstance(d, LowRank) for d in deltas.values()):
         adapters.save_factors(deltas, out_dir, base_name)
-        return "peft_adapter"
-    if model is None:
+        fmt = "peft_adapter"
+    elif model is None:
         raise ValueError("a dense merge result needs the base model to be saved as a merged checkpoint")
-    adapters.save_merged_model(model, tokenizer, deltas, out_dir)
-    return "merged_model"
+    else:
+        adapters.save_merged_model(model, tokenizer, deltas, out_dir)
+        fmt = "merged_model"
+    if info is not None:
+        (Path(out_dir) / MERGE_META).write_text(json.dumps(dict(info), indent=2, sort_keys=True, default=str))
+    return fmt
 
 
-def _scores(hits: Sequence[bool], tasks: Sequence[str]) -> dict[str, Any]:
-    """Per-task exact match and their unweighted mean (every task counts the same)."""
-    by_task: dict[str, list[bool]] = defaultdict(list)
-    for hit, task in zip(hits, tasks):
-        by_task[task].append(hit)
-    per_task = {t: sum(h) / len(h) for t, h in sorted(by_task.items())}
-    return {"mean": sum(per_task.values()) / len(per_task) if per_task else 0.0, "per_task": per_task, "n": len(hits)}
+def score_predictions(records: Sequence[Mapping], predictions: Sequence[str], cfg: EvalSection) -> dict[str, Any]:
+    """One row of a score table: ``{"mean", "per_task": {task: score}, "n"}`` (exact match, every task
+    counting the same in ``mean``), plus ``"rouge_l"`` (task-averaged) with ``eval.rouge``.
+
+    The one scoring path: :func:`tclora.evaluate.summarize` underneath, as for ``evaluate.exact_match``.
+    """
+    metrics: dict[str, Sequence[float]] = {"exact_match": [p == r["target"].strip() for p, r in zip(predictions, records)]}
+    if cfg.rouge:
+        metrics["rouge_l"] = evaluate.rouge_l(predictions, [r["target"] for r in records])
+    s = evaluate.summarize([r.get("task_name") or evaluate.DEFAULT_TASK for r in records], metrics)
+    row = {"mean": s["macro"]["exact_match"], "per_task": {t: v["exact_match"] for t, v in s["per_task"].items()},
+           "n": s["n"]}
+    if cfg.rouge:
+        row["rouge_l"] = s["macro"]["rouge_l"]
+    return row
 
 
-def _hits(model, tokenizer, records: Sequence[Mapping], cfg: EvalSection) -> list[bool]:
+def predict(model, tokenizer, records: Sequence[Mapping], cfg: EvalSection) -> list[str]:
+    """Greedy answers to ``records`` with the model as it is now (``eval`` batch size, length, chat template)."""
     if not records:
         return []
-    result = evaluate.exact_match(model, tokenizer, records, batch_size=cfg.batch_size,
-                                  max_new_tokens=cfg.max_new_tokens, return_predictions=True)
-    return [p == r["target"].strip() for p, r in zip(result["predictions"], records)]
+    return evaluate.generate_answers(model, tokenizer, [r["source"] for r in records], batch_size=cfg.batch_size,
+                                     max_new_tokens=cfg.max_new_tokens, chat_template=cfg.chat_template)
+
+
+def score_records(model, tokenizer, records: Sequence[Mapping], cfg: EvalSection) -> dict[str, Any]:
+    """:func:`score_predictions` of the model's own answers to ``records``."""
+    return score_predictions(records, predict(model, tokenizer, records, cfg), cfg)
 
 
 def evaluate_all(
     model, tokenizer, records: Sequence[Mapping], cluster_adapters: Mapping[int, Mapping[str, LowRank]],
     merges: Mapping[str, Mapping[str, Delta]], cfg: EvalSection,
 ) -> dict[str, dict[str, Any]]:
-    """Exact match of base, oracle-routed adapters and every merge on ``records``.
+    """Scores (:func:`score_predictions`) of base, oracle-routed adapters and every merge on ``records``.
 
     Each record carries ``cluster`` (its nearest centroid); a record whose cluster has no adapter
     (a skipped tiny cluster) is answered by the base model in the oracle row.
     """
-    tasks = [r.get("task_name") or "all" for r in records]
-    results = {BASE: _scores(_hits(model, tokenizer, records, cfg), tasks)}
-
-    hits = [False] * len(records)
+    results = {BASE: score_records(model, tokenizer, records, cfg)}
     by_cluster: dict[int, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by_cluster[int(r.get("cluster", -1))].append(i)
+    answers = [""] * len(records)
     for cluster, idx in sorted(by_cluster.items()):
-        subset = [records[i] for i in idx]
-        if cluster in cluster_adapters:
-            with adapters.deltas_applied(model, cluster_adapters[cluster]):
-                sub_hits = _hits(model, tokenizer, subset, cfg)
-        else:
-            sub_hits = _hits(model, tokenizer, subset, cfg)
-        for i, h in zip(idx, sub_hits):
-            hits[i] = h
-    results[ORACLE] = _scores(hits, tasks)
-
+        with adapters.deltas_applied(model, cluster_adapters.get(cluster, {})):
+            for i, a in zip(idx, predict(model, tokenizer, [records[i] for i in idx], cfg)):
+                answers[i] = a
+    results[ORACLE] = score_predictions(records, answers, cfg)
     for method, deltas in merges.items():
         with adapters.deltas_applied(model, deltas):
-            results[method] = _scores(_hits(model, tokenizer, records, cfg), tasks)
+            results[method] = score_records(model, tokenizer, records, cfg)
     return results
 
 
@@ -125,13 +151,106 @@ def lm_eval_all(
 
 
 def cap_per_task(records: Sequence[Mapping], limit: int | None) -> list[Mapping]:
+    """The first ``limit`` records of each task, in order (all with ``limit=None``)."""
     if limit is None:
         return list(records)
     seen: dict[str, int] = defaultdict(int)
     out = []
     for r in records:
-        task = r.get("task_name") or "all"
+        task = r.get("task_name") or evaluate.DEFAULT_TASK
         if seen[task] < limit:
             seen[task] += 1
             out.append(r)
     return out
+
+
+# ---- the tuned comparison: settings chosen on validation, test splits scored at them -----------------------
+def tune_all(model, tokenizer, factors: Sequence[Mapping[str, LowRank]], validation: Sequence[Mapping],
+             merge_cfg: MergeSection, eval_cfg: EvalSection) -> dict[str, tune_merge.TuneResult]:
+    """:func:`tclora.tune_merge.tune_method` for every ``merge.methods``, scored on ``validation`` only.
+
+    The score is ``merge.tune_metric`` (task-averaged exact match, or Rouge-L) of the merged model's
+    answers to the (already capped) validation records.
+    """
+    metric = "mean" if merge_cfg.tune_metric == "exact_match" else merge_cfg.tune_metric
+    cfg = eval_cfg.model_copy(update={"rouge": merge_cfg.tune_metric == "rouge_l"})
+
+    def score(deltas: Mapping[str, Delta]) -> float:
+        with adapters.deltas_applied(model, deltas):
+            return score_records(model, tokenizer, validation, cfg)[metric]
+
+    return {m: tune_merge.tune_method(factors, m, method_params(m, merge_cfg), score, merge_cfg.weights,
+                                      merge_cfg.tune_grid.get(m)) for m in merge_cfg.methods}
+
+
+def compare_merges(
+    model, tokenizer, cluster_adapters: Mapping[int, Mapping[str, LowRank]], splits: Mapping[str, Sequence[Mapping]],
+    merge_cfg: MergeSection, eval_cfg: EvalSection, validation: Sequence[Mapping] | None = None,
+) -> dict[str, Any]:
+    """The whole comparison: tune each method on ``validation`` (when given and ``merge.tune`` allows),
+    merge at the chosen (or configured) setting, then score base, oracle and every merge on ``splits``.
+
+    Validation records are used for selection only and test records only after it: the setting of a
+    method is fixed before any split in ``splits`` is read. Validation is scored, capped to
+    ``merge.tune_max_per_task`` per task, even when tuning is off, so a sweep can select on it.
+
+    Args:
+        cluster_adapters: cluster id -> module -> factors (the oracle row routes by ``record["cluster"]``).
+        splits: split name -> records (routed, capped) to report; the first is the headline.
+        validation: selection records; capped here to ``merge.tune_max_per_task`` per task.
+
+    Returns:
+        ``{"eval": {split: {method: scores}}, "validation": {method: scores} (on the capped validation
+        subset; None without one), "merged": {method: module -> delta}, "settings": {method:
+        {"params", "knobs", "tuned", "validation_score", "trials", "seconds"}}, "recommended": {"method",
+        "params", "knobs", "validation_score"} or None (untuned)}``.
+    """
+    factors = list(cluster_adapters.values())
+    tune = merge_cfg.tune if merge_cfg.tune is not None else bool(validation)
+    if validation is not None and not validation:
+        raise ValueError("compare_merges: the validation split is empty")
+    if tune and not validation:
+        raise ValueError("merge.tune is on but there is no validation split (set data.validation_path)")
+    settings: dict[str, dict[str, Any]] = {}
+    tuned: dict[str, tune_merge.TuneResult] = {}
+    if tune:
+        val = cap_per_task(validation, merge_cfg.tune_max_per_task)
+        log.info("tuning %d merge methods on %d validation examples", len(merge_cfg.methods), len(val))
+        started = time.time()
+        tuned = tune_all(model, tokenizer, factors, val, merge_cfg, eval_cfg)
+        log.info("tuning took %.1f s", time.time() - started)
+    merged = {}
+    for method in merge_cfg.methods:
+        chosen = tuned[method].params if method in tuned else tune_merge.resolved(
+            method, method_params(method, merge_cfg), len(factors))
+        started = time.time()
+        merged[method] = merge_one(factors, method, merge_cfg, chosen)
+        knobs = list(tune_merge.grid_for(method, len(factors), merge_cfg.tune_grid.get(method))[1])
+        settings[method] = {"params": chosen, "knobs": knobs, "tuned": method in tuned,
+                            "seconds": round(time.time() - started, 3),
+                            "validation_score": tuned[method].score if method in tuned else None,
+                            "trials": tuned[method].trials if method in tuned else []}
+    # Validation scores at the final settings (base and oracle included): what a sweep selects on. Scored
+    # before any test split, on the same capped subset the tuning saw.
+    val_scores = None
+    if validation:
+        val = cap_per_task(validation, merge_cfg.tune_max_per_task)
+        val_scores = evaluate_all(model, tokenizer, val, cluster_adapters, merged, eval_cfg)
+    evals = {name: evaluate_all(model, tokenizer, records, cluster_adapters, merged, eval_cfg)
+             for name, records in splits.items()}
+    best = tune_merge.recommend(tuned) if tuned else None
+    recommended = None if best is None else {"method": best.method, "params": best.params,
+                                             "knobs": settings[best.method]["knobs"], "validation_score": best.score}
+    return {"eval": evals, "validation": val_scores, "merged": merged, "settings": settings, "recommended": recommended}
+
+
+def best_merge_yaml(recommended: Mapping[str, Any], test_scores: Mapping[str, float], merge_dir: str) -> str:
+    """``best_merge.yaml``: the method and settings that won on validation, their test scores, where it is."""
+    header = ("# tclora recommended merge: the best method and settings on the validation split.\n"
+              f"# Test scores at this setting are reported, not used for the choice. Merged weights: {merge_dir}\n")
+    body = {"method": recommended["method"], "params": dict(recommended["params"]),
+            "validation_score": round(float(recommended["validation_score"]), 4),
+            "test": {k: round(float(v), 4) for k, v in test_scores.items()}, "merge_dir": merge_dir,
+            "config": {"merge": {"methods": [recommended["method"]], "tune": False,
+                                 "params": {recommended["method"]: dict(recommended["params"])}}}}
+    return header + yaml.safe_dump(body, sort_keys=False)

@@ -59,6 +59,11 @@ class DataSection(_Section):
         description="Held-out splits in the same schema, each evaluated and reported by file stem. Empty with "
         "path='demo': the demo test and skill-composition splits.",
     )
+    validation_path: str | None = Field(
+        None,
+        description="Validation split in the same schema, used only to choose merge settings (merge.tune) and "
+        "the sweep's best point, never reported as a result. None with path='demo': the demo validation split.",
+    )
     source_field: str = Field("source", description="Column holding the model input.")
     target_field: str = Field("target", description="Column holding the expected output.")
     task_field: str | None = Field("task_name", description="Optional column naming the task (used for NMI/ARI).")
@@ -183,7 +188,23 @@ class MergeSection(_Section):
         None, description="Per-adapter weights; None uses each method's default."
     )
     params: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Extra per-method parameters, e.g. {ties: {density: 0.2}}."
+        default_factory=dict, description="Extra per-method parameters, e.g. {ties: {density: 0.2}}; `scale` is "
+        "λ, the multiplier on each method's update (see `tclora merge-methods`).",
+    )
+    tune: bool | None = Field(
+        None, description="Choose each method's λ and knobs on the validation split (tclora.tune_merge: coordinate "
+        "search over a small grid), then report the test splits at the chosen setting. None: on when "
+        "data.validation_path exists; false: the configured settings, reported as untuned.",
+    )
+    tune_max_per_task: int | None = Field(
+        10, ge=1, description="Validation examples per task scored for each candidate setting (None: all).",
+    )
+    tune_metric: Literal["exact_match", "rouge_l"] = Field(
+        "exact_match", description="What tuning maximises on validation: task-averaged exact match or Rouge-L.",
+    )
+    tune_grid: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict, description="Per-method grid overrides, e.g. {ties: {scale: [0.5, 1.0], density: "
+        "[0.2, 1.0]}}; a `scale` entry replaces the λ grid. Defaults: tclora.tune_merge.SCALES and KNOBS.",
     )
 
 
@@ -191,6 +212,14 @@ class EvalSection(_Section):
     batch_size: int = Field(32, ge=1, description="Examples per generation batch (lm-eval: requests per batch).")
     max_new_tokens: int = Field(24, ge=1, description="Greedy decoding length limit.")
     max_per_task: int | None = Field(None, ge=1, description="Cap on evaluated examples per task.")
+    chat_template: bool = Field(
+        False, description="Prompts through the tokenizer's chat template (as a user turn plus the generation "
+        "prompt) when it has one: for instruction-tuned real models. Off for the demo base, which has none.",
+    )
+    rouge: bool = Field(
+        True, description="Report Rouge-L (rouge-score, stemmed F-measure) beside exact match for generative "
+        "splits; exact match alone scores free-form answers of real models near zero.",
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs of the merge/eval actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the merge/eval actor.")
     resources: dict[str, float] = Field(
@@ -245,6 +274,14 @@ class Config(_Section):
             raise ValueError(
                 f"merge.methods: unknown method(s) {unknown}; known: {sorted(registry.names())}"
             )
+        for section in ("params", "tune_grid"):
+            for method, given in getattr(self.merge, section).items():
+                if method not in registry.names():
+                    raise ValueError(f"merge.{section}.{method}: unknown method; known: {sorted(registry.names())}")
+                known = {p.name for p in registry.get(method).params}
+                if set(given) - known:
+                    raise ValueError(f"merge.{section}.{method}: no parameter(s) {sorted(set(given) - known)}; "
+                                     f"known: {sorted(known)}")
         return self
 
     def section_hash(self, *sections: str) -> str:

@@ -33,10 +33,25 @@ def _evaluating(model) -> Iterator[torch.device]:
         model.train(was_training)
 
 
-def _prompt_ids(tokenizer, source: str, max_tokens: int | None) -> list[int]:
-    """BOS + prompt ids, as ``tokenize_example`` builds them; over-long prompts lose their left end."""
-    ids = tokenizer(format_prompt(source), add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+def uses_chat_template(tokenizer, chat_template: bool) -> bool:
+    """Whether prompts go through ``tokenizer.apply_chat_template``: asked for, and the tokenizer has one."""
+    return bool(chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def _prompt_ids(tokenizer, source: str, max_tokens: int | None, chat_template: bool = False) -> list[int]:
+    """BOS + prompt ids, as ``tokenize_example`` builds them; over-long prompts lose their left end.
+
+    With ``chat_template`` (and a tokenizer that has one) the source is the user turn of a one-message
+    chat and the template's generation prompt follows, as instruction-tuned models expect; the template
+    then supplies BOS itself.
+    """
+    if uses_chat_template(tokenizer, chat_template):
+        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": source}], add_generation_prompt=True,
+                                                 tokenize=True))
+        bos = []
+    else:
+        ids = tokenizer(format_prompt(source), add_special_tokens=False)["input_ids"]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     if max_tokens is not None and len(bos) + len(ids) > max_tokens:
         ids = ids[len(ids) - (max_tokens - len(bos)) :]
     return bos + ids
@@ -48,18 +63,20 @@ def _clean_answer(text: str) -> str:
 
 
 def generate_answers(
-    model, tokenizer, sources: Sequence[str], *, batch_size: int = 32, max_new_tokens: int = 24
+    model, tokenizer, sources: Sequence[str], *, batch_size: int = 32, max_new_tokens: int = 24,
+    chat_template: bool = False,
 ) -> list[str]:
     """Greedy answers for ``sources``, in order.
 
     Batches are left-padded by hand (prompts end where generation starts), so the caller's tokenizer,
     including its ``padding_side``, is left untouched. Sources are sorted by length first so a batch
     carries little padding. Generation stops at EOS; the text is stripped and cut at its first newline.
+    ``chat_template``: prompts through the tokenizer's chat template when it has one (:func:`_prompt_ids`).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_pos = getattr(model.config, "max_position_embeddings", None)
     max_prompt = max(max_pos - max_new_tokens, 2) if max_pos else None  # room for the answer
-    prompts = [_prompt_ids(tokenizer, s, max_prompt) for s in sources]
+    prompts = [_prompt_ids(tokenizer, s, max_prompt, chat_template) for s in sources]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     with _evaluating(model) as device:
@@ -85,33 +102,60 @@ def _task(record: Mapping[str, Any]) -> str:
     return record.get("task_name") or DEFAULT_TASK
 
 
-def _summary(hits: Sequence[bool], tasks: Sequence[str], metric: str) -> dict[str, Any]:
-    per_task: dict[str, list[bool]] = defaultdict(list)
-    for hit, task in zip(hits, tasks):
-        per_task[task].append(hit)
-    return {
-        metric: sum(hits) / len(hits) if hits else 0.0,
-        "n": len(hits),
-        "per_task": {t: {metric: sum(h) / len(h), "n": len(h)} for t, h in sorted(per_task.items())},
-    }
+def summarize(tasks: Sequence[str], metrics: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """The one scoring summary: per-record values -> overall, per-task and task-averaged scores.
+
+    Args:
+        tasks: each record's task name (:data:`DEFAULT_TASK` for records without one).
+        metrics: ``{metric: per-record values}`` (hits count as 1/0), each as long as ``tasks``.
+
+    Returns:
+        ``{metric: mean over records, "n", "per_task": {task: {metric: mean, "n"}},
+        "macro": {metric: unweighted mean over tasks}}`` (every task counts the same in ``macro``).
+    """
+    per_task: dict[str, list[int]] = defaultdict(list)
+    for i, task in enumerate(tasks):
+        per_task[task].append(i)
+    out: dict[str, Any] = {"n": len(tasks), "per_task": {}, "macro": {}}
+    for task, idx in sorted(per_task.items()):
+        out["per_task"][task] = {m: sum(float(v[i]) for i in idx) / len(idx) for m, v in metrics.items()}
+        out["per_task"][task]["n"] = len(idx)
+    for m, values in metrics.items():
+        out[m] = sum(float(v) for v in values) / len(values) if len(values) else 0.0
+        out["macro"][m] = (sum(t[m] for t in out["per_task"].values()) / len(per_task)) if per_task else 0.0
+    return out
+
+
+def rouge_l(predictions: Sequence[str], targets: Sequence[str]) -> list[float]:
+    """Rouge-L F-measure of each prediction against its target (Google's ``rouge-score``, stemming on).
+
+    The in-distribution metric mttl reports for FLAN tasks, where exact match would score near zero.
+    """
+    from rouge_score import rouge_scorer  # imported here: a small dependency only generative scoring needs
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(t.strip(), p)["rougeL"].fmeasure for p, t in zip(predictions, targets)]
 
 
 def exact_match(
     model, tokenizer, records: Sequence[Mapping[str, Any]], *, batch_size: int = 32, max_new_tokens: int = 24,
-    return_predictions: bool = False,
+    return_predictions: bool = False, chat_template: bool = False, rouge: bool = False,
 ) -> dict[str, Any]:
     """Fraction of records whose generated answer equals ``target``, overall and per ``task_name``.
 
     Normalisation is whitespace stripping only (after cutting the answer at its first newline): case
     and punctuation count, since the demo tasks are string manipulations where they are the answer.
+    ``rouge`` adds Rouge-L (:func:`rouge_l`) beside it; ``chat_template`` see :func:`generate_answers`.
 
-    Returns ``{"exact_match", "n", "per_task": {task: {"exact_match", "n"}}}`` plus ``"predictions"``
-    when asked.
+    Returns :func:`summarize` of ``exact_match`` (and ``rouge_l``): ``{"exact_match", "n", "per_task":
+    {task: {"exact_match", "n"}}, "macro"}``, plus ``"predictions"`` when asked.
     """
     answers = generate_answers(model, tokenizer, [r["source"] for r in records],
-                               batch_size=batch_size, max_new_tokens=max_new_tokens)
-    hits = [a == r["target"].strip() for a, r in zip(answers, records)]
-    result = _summary(hits, [_task(r) for r in records], "exact_match")
+                               batch_size=batch_size, max_new_tokens=max_new_tokens, chat_template=chat_template)
+    metrics: dict[str, Sequence[float]] = {"exact_match": [a == r["target"].strip() for a, r in zip(answers, records)]}
+    if rouge:
+        metrics["rouge_l"] = rouge_l(answers, [r["target"] for r in records])
+    result = summarize([_task(r) for r in records], metrics)
     if return_predictions:
         result["predictions"] = answers
     return result
@@ -164,7 +208,7 @@ def choice_accuracy(
         choice_scores = scores[offset : offset + n]
         offset += n
         hits.append(max(range(n), key=choice_scores.__getitem__) == _answer_index(r))
-    return _summary(hits, [_task(r) for r in records], "accuracy")
+    return summarize([_task(r) for r in records], {"accuracy": hits})
 
 
 def mean_loss(

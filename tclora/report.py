@@ -17,7 +17,8 @@ BASE, ORACLE = "base", "adapters"
 
 
 def combine_splits(per_split: Mapping[str, Mapping[str, Mapping[str, Any]]], headline: str) -> dict[str, dict]:
-    """{split: {method: scores}} -> {method: {mean (headline split), splits: {split: mean}, per_task}}."""
+    """{split: {method: scores}} -> {method: {mean (headline split), splits: {split: mean}, per_task}},
+    plus ``rouge_l: {split: task-averaged Rouge-L}`` where the splits were scored with it."""
     methods = next(iter(per_split.values())).keys()
     out = {}
     for method in methods:
@@ -29,6 +30,9 @@ def combine_splits(per_split: Mapping[str, Mapping[str, Mapping[str, Any]]], hea
             "splits": {split: scores[method]["mean"] for split, scores in per_split.items()},
             "per_task": per_task,
         }
+        rouge = {split: scores[method]["rouge_l"] for split, scores in per_split.items() if "rouge_l" in scores[method]}
+        if rouge:
+            out[method]["rouge_l"] = rouge
     return out
 
 
@@ -45,13 +49,39 @@ def summary_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]
     evals = metrics["eval"]
     methods, splits = _ordered(metrics)
     oracle = evals.get(ORACLE, {}).get("mean") or None
-    headers = ["method", *splits, "retention vs oracle"]
+    headers = ["method", *splits, "retention vs oracle", "setting"]
     rows = []
     for method in methods:
         scores = evals[method]
         retention = f"{scores['mean'] / oracle:.0%}" if oracle and method not in (BASE, ORACLE) else ""
-        rows.append([method, *(f"{scores['splits'][s]:.3f}" for s in splits), retention])
+        rows.append([method, *(f"{scores['splits'][s]:.3f}" for s in splits), retention,
+                     merge_setting(metrics.get("merge", {}).get(method))])
     return headers, rows
+
+
+def merge_setting(info: Mapping[str, Any] | None) -> str:
+    """``λ=0.5 density=0.2 (tuned)``: a merge's λ and the knobs it was tuned over, or '(untuned)' settings."""
+    if not info or "params" not in info:
+        return ""
+    params = info["params"]
+    shown = ["scale", *(k for k in info.get("knobs", []) if k in params)]
+    text = " ".join(f"{'λ' if k == 'scale' else k}={_short(params.get(k))}" for k in shown if k in params)
+    return f"{text} ({'tuned' if info.get('tuned') else 'untuned'})"
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def recommended_line(metrics: Mapping[str, Any]) -> str:
+    """One line for the run summary: the merge to ship (best on validation), or why there is none."""
+    best = metrics.get("recommended")
+    if not best:
+        return "recommended merge: none (merges untuned: no validation split or merge.tune=false)"
+    test = metrics["eval"][best["method"]]["splits"]
+    scores = ", ".join(f"{s} {v:.3f}" for s, v in test.items())
+    return (f"recommended merge: {best['method']} {merge_setting({**best, 'tuned': True})}, validation "
+            f"{best['validation_score']:.3f}; test: {scores}  (best_merge.yaml)")
 
 
 def summary_table(metrics: Mapping[str, Any], fmt: str = "github") -> str:
@@ -78,6 +108,11 @@ def write_report_md(metrics: Mapping[str, Any], path: Path) -> None:
         "## Exact match (mean over tasks)",
         "",
         summary_table(metrics),
+        "",
+        recommended_line(metrics),
+        "",
+        "Merge settings marked *tuned* were chosen on the validation split (λ and each method's knobs, "
+        "tclora.tune_merge); *untuned* ones are the configured settings.",
         "",
         "## Per task",
         "",
@@ -140,13 +175,17 @@ def plot_merge_comparison(metrics: Mapping[str, Any], path: Path) -> None:
 
 # ---- sweep outputs: table, JSON, plots, the best point as a full config --------------------------------
 def sweep_table(results: dict, fmt: str = "github") -> str:
-    """One row per sweep point: k, R, s, the objective and every other method's score (oracle, base last)."""
+    """One row per sweep point: k, R, s, the objective (on ``results["objective"]["split"]``, validation) and
+    every method's score on the reported split, the objective's method first (oracle, base last)."""
     metric = results["objective"]["metric"]
-    methods = [m for m in results["rows"][0]["scores"] if m != metric]
+    where = results["objective"].get("split", "")
+    methods = [metric] + [m for m in results["rows"][0]["scores"] if m != metric]
     methods = [m for m in methods if m not in (ORACLE, BASE)] + [m for m in (ORACLE, BASE) if m in methods]
     rows = [[r["k"], r["cp_rank"], r["sparsity"], r["objective"], *(r["scores"][m] for m in methods)]
             for r in results["rows"]]
-    return tabulate(rows, headers=["k", "R", "s", f"{metric} (objective)", *methods], tablefmt=fmt,
+    report_split = results["objective"].get("report_split")
+    headers = [f"{m} ({report_split})" if report_split and m == metric else m for m in methods]
+    return tabulate(rows, headers=["k", "R", "s", f"{metric} {where} (objective)", *headers], tablefmt=fmt,
                     floatfmt=["g", "g", "g"] + [".3f"] * (1 + len(methods)))
 
 
@@ -191,7 +230,9 @@ def write_sweep_outputs(results: dict, best_cfg: Config, sweep_dir: Path) -> Non
     plot_sweep_scores(results, "cp_rank", sweep_dir / "score_vs_rank.png")
     t = results["training"]
     print("\n" + sweep_table(results) + "\n")
-    print(f"best: k={best['k']} R={best['cp_rank']} s={best['sparsity']:g} -> {best['objective']:.3f}; "
+    test = f", {results['objective'].get('report_split')} {best['test']:.3f}" if "test" in best else ""
+    print(f"best: k={best['k']} R={best['cp_rank']} s={best['sparsity']:g} -> {best['objective']:.3f} "
+          f"({results['objective'].get('split', 'objective')}){test}; "
           f"adapters trained {t['adapters_trained']}, reused {t['adapters_reused']} "
           f"({t['adapter_sets']} (k, s) sets); embed {'reused' if results['embed']['reused'] else 'ran'}")
     print(f"results: {sweep_dir / 'sweep_results.json'}\nbest config: {path}")
