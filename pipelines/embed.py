@@ -6,7 +6,8 @@ Run:
 Output ``<run_dir>/embed/``:
     embeddings/*.parquet   row_id, source, target, task_name (nullable), embedding (fixed_size_list<float32>[384])
     quarantine/rows.jsonl  one line per rejected row: file, line (JSONL, 1-based) or row (Parquet, 0-based),
-                           reason, raw text; a file Arrow cannot read as Parquet is one line with row null
+                           reason, raw text; a file Arrow cannot read as Parquet is one line with row null;
+                           rows whose embedding came out NaN/inf follow the scan's entries
     manifest.json          key (config hash of data+embed, input digest), seconds, counts: rows (embedded),
                            quarantined (lines of rows.jsonl), duplicates (embedded rows repeating an earlier
                            source + target; kept) with a few duplicate_examples
@@ -19,6 +20,8 @@ with one model per actor.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -31,7 +34,7 @@ import ray
 from pipelines.io import clean_records, read_corpus, scan_corpus
 from tclora.artifacts import is_complete, stage_dir
 from tclora.config import Config, load_config
-from tclora.corpus import Fields, list_input_files
+from tclora.corpus import CorpusError, Fields, ScanResult, list_input_files
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class EmbedCallable:
     threads (exact on one node, conservative when the pool spans several).
     """
 
-    def __init__(self, model: str, device: str, num_actors: int = 1):
+    def __init__(self, model: str, device: str, num_actors: int = 1, quarantine=None):
         import torch
 
         from tclora.embed import Embedder
@@ -54,11 +57,38 @@ class EmbedCallable:
         if device == "cpu":
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // num_actors))
         self.embedder = Embedder(model, device=device)
+        self.quarantine = quarantine  # a QuarantineSink handle
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vectors = self.embedder.encode(batch.column("source").to_pylist(), ENCODE_BATCH)  # (b, dim)
+        from tclora.embed import nonfinite_rows
+
+        sources = batch.column("source").to_pylist()
+        vectors = self.embedder.encode(sources, ENCODE_BATCH)  # (b, dim)
+        finite, entries = nonfinite_rows(batch.column("row_id").to_pylist(), sources, vectors)
+        if entries:  # recorded before this block counts as done, so the driver sees them after the write
+            ray.get(self.quarantine.add.remote(entries))
+            batch, vectors = batch.filter(pa.array(finite)), vectors[finite]
         flat = pa.array(vectors.reshape(-1), pa.float32())
         return batch.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+
+
+@ray.remote(num_cpus=0)
+class QuarantineSink:
+    """Rows the embedding actors reject mid-stream (non-finite embeddings), collected for the driver.
+
+    Ray Data's ``map_batches`` has one output, the embeddings; rejected rows are rare, so they travel
+    here instead and the driver appends them to the quarantine file the validation scan wrote.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[dict] = []
+
+    def add(self, entries: list[dict]) -> None:
+        self.entries += entries
+
+    def take(self) -> list[dict]:
+        entries, self.entries = self.entries, []
+        return entries
 
 
 def actor_cpus(num_actors: int, cluster_cpus: float) -> float:
@@ -101,10 +131,11 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
 
         # ---- Ray touchpoint: the actor pool; each actor loads the model once -------------------------
         gpus = cfg.embed.num_gpus_per_actor
+        sink = QuarantineSink.remote()
         embedded = clean_records(raw, fields).map_batches(
             EmbedCallable,
             fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
-                                   "num_actors": cfg.embed.num_actors},
+                                   "num_actors": cfg.embed.num_actors, "quarantine": sink},
             # One block at a time per actor, so a block waits for whichever actor is free rather than
             # queueing (Ray's default: 4 in flight) behind the actor that finished loading first.
             compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors, max_tasks_in_flight_per_actor=1),
@@ -115,6 +146,7 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
         )
         embedded.write_parquet(str(tmp / "embeddings"))
         written = sum(pq.read_metadata(p).num_rows for p in (tmp / "embeddings").glob("*.parquet"))
+        scan = _quarantine_nonfinite(scan, ray.get(sink.take.remote()), tmp / "quarantine" / "rows.jsonl", uri)
         if written != scan.rows:  # the two passes disagree: never hand on a silently short output
             raise RuntimeError(f"embed: wrote {written} rows but validation passed {scan.rows}")
         extra.update(rows=scan.rows, quarantined=scan.quarantined, duplicates=scan.duplicates,
@@ -123,6 +155,27 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
     log.info("embed: %d rows embedded (%d duplicates), %d quarantined -> %s", scan.rows, scan.duplicates,
              scan.quarantined, final)
     return final
+
+
+def _quarantine_nonfinite(scan: ScanResult, entries: list[dict], quarantine_file: Path, uri: str) -> ScanResult:
+    """Append rows whose embedding is not finite to the quarantine file; the counts without them.
+
+    Raises:
+        CorpusError: no row is left (naming the path and an example).
+    """
+    if not entries:
+        return scan
+    entries.sort(key=lambda e: (e["file"], e.get("line", e.get("row"))))
+    with open(quarantine_file, "a", encoding="utf-8") as out:
+        for entry in entries:
+            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    first = entries[0]
+    log.warning("%s: %d rows with non-finite embeddings quarantined, e.g. %s:%s", uri, len(entries),
+                first["file"], first.get("line", first.get("row")))
+    if len(entries) == scan.rows:
+        raise CorpusError(f"data.path {uri!r}: no valid rows (every embedding is non-finite, e.g. "
+                          f"{first['file']}:{first.get('line', first.get('row'))}: {first['reason']})")
+    return dataclasses.replace(scan, rows=scan.rows - len(entries), quarantined=scan.quarantined + len(entries))
 
 
 def main(argv: list[str] | None = None) -> None:

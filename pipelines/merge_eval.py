@@ -70,6 +70,8 @@ class MergeEvalActor:
         dirs = adapter_dirs(Path(train_dir))
         adapters.check_compatible(list(dirs.values()))
         factors = {cid: adapters.load_factors(d) for cid, d in dirs.items()}
+        for cid, d in dirs.items():  # an adapter trained on another base fails here, naming itself and the module
+            adapters.check_fits(self.model, factors[cid], d)
 
         merged, merge_info = {}, {}
         for method in cfg.merge.methods:

@@ -376,12 +376,22 @@ def route_records(records: list[dict], cluster_dir: Path, embed_model: str) -> l
     ``cluster_dir`` is a finished cluster stage (``centroids.npy``: (k, dim) float32; ``kmeans.json``:
     k-means label -> final cluster id after the small-cluster rule); ``embed_model`` the embed stage's
     model, so held-out sources land in the space the centroids were fitted in.
+
+    Raises:
+        ValueError: a record's embedding is not finite, naming its ``row_id`` (file:line).
     """
-    from tclora.embed import Embedder
+    from tclora.embed import Embedder, nonfinite_rows
 
     cluster_dir = Path(cluster_dir)
     centroids = np.load(cluster_dir / "centroids.npy", allow_pickle=False)
     mapping = {int(i): j for i, j in json.loads((cluster_dir / "kmeans.json").read_text())["mapping"].items()}
-    vectors = Embedder(embed_model).encode([r["source"] for r in records], 64)
+    sources = [r["source"] for r in records]
+    vectors = Embedder(embed_model).encode(sources, 64)
+    # Held-out rows are not dropped (that would change the test set): name the first one, as the embed
+    # stage would have quarantined it.
+    _, bad = nonfinite_rows([r.get("row_id", f"record:{i}") for i, r in enumerate(records)], sources, vectors)
+    if bad:
+        where = f"{bad[0]['file']}:{bad[0].get('line', bad[0].get('row'))}"
+        raise ValueError(f"held-out record {where}: {bad[0]['reason']} ({len(bad)} such record(s))")
     labels, _ = assign(vectors, centroids)
     return [{**r, "cluster": mapping[int(label)]} for r, label in zip(records, labels)]

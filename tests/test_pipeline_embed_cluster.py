@@ -10,9 +10,11 @@ schema cannot hold valid rows.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -274,3 +276,49 @@ def test_embedding_actors_leave_a_cpu_for_reads_and_writes():
     assert actor_cpus(2, 2) == 0.5  # 2 actors on 2 CPUs hung at "Read: 0/1": now they share one
     assert actor_cpus(4, 4) * 4 == 3  # all but one CPU, whatever the pool size
     assert actor_cpus(1, 1) == 0.5  # a 1-CPU Ray still schedules a read beside the actor
+
+
+def test_rows_with_non_finite_embeddings_are_quarantined(ray_session, tmp_path):
+    """A model that returns NaN for some rows (here: one token's embedding row set to NaN) must not hand
+    them to k-means: they are quarantined with file, line and reason, and the other rows proceed."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.embed import run_embed
+    from tclora.embed import _resolve
+
+    packaged = Path(_resolve("all-MiniLM-L6-v2"))
+    model = tmp_path / "poisoned-minilm"
+    model.mkdir()
+    for item in packaged.iterdir():
+        if item.name != "model.safetensors":
+            (model / item.name).symlink_to(item)
+    weights = load_file(str(packaged / "model.safetensors"))
+    token = (packaged / "vocab.txt").read_text().splitlines().index("poison")
+    weights["embeddings.word_embeddings.weight"][token] = torch.nan
+    save_file(weights, str(model / "model.safetensors"))
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [{"source": f"clean sentence number {i}", "target": "x"} for i in range(4)]
+    rows.insert(2, {"source": "a drop of poison in the well", "target": "y"})  # line 3
+    (corpus / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = validate({"embed": {"batch_size": 32, "num_actors": 1, "model": str(model)}})
+
+    embed_dir = run_embed(cfg, tmp_path / "run", str(corpus))
+    assert _quarantined(embed_dir) == [{"file": "a.jsonl", "line": 3, "raw": "a drop of poison in the well",
+                                        "reason": "embedding is not finite (NaN): k-means cannot place it"}]
+    manifest = json.loads((embed_dir / "manifest.json").read_text())
+    assert manifest["rows"] == 4 and manifest["quarantined"] == 1
+    table = pq.read_table(embed_dir / "embeddings")
+    assert sorted(table.column("row_id").to_pylist()) == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:4", "a.jsonl:5"]
+    assert all(all(map(math.isfinite, v)) for v in table.column("embedding").to_pylist())
+    # Held-out records are routed in-process: a non-finite one is named, never put in cluster 0.
+    from tclora.cluster import route_records
+
+    (tmp_path / "clusters").mkdir()
+    np.save(tmp_path / "clusters" / "centroids.npy", np.eye(2, 384, dtype=np.float32))
+    (tmp_path / "clusters" / "kmeans.json").write_text(json.dumps({"mapping": {"0": 0, "1": 1}}))
+    held_out = [{"row_id": "eval.jsonl:1", "source": "clean"}, {"row_id": "eval.jsonl:2", "source": "poison ivy"}]
+    with pytest.raises(ValueError, match=r"held-out record eval.jsonl:2: embedding is not finite"):
+        route_records(held_out, tmp_path / "clusters", str(model))
