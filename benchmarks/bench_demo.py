@@ -34,7 +34,7 @@ SMOKE_SETS = ["cluster.k=2", "train.steps=5", "data.demo_train_per_task=40", "da
 def build_base_once(config: Path, sets: list[str]) -> float:
     """Build (or find) the cached demo base the run will load, outside the timing; returns the seconds."""
     from tclora.config import load_config
-    from tclora.models import build_demo_base, demo_spec
+    from tclora.demo_base import build_demo_base, demo_spec
 
     model = load_config(config, sets).model
     started = time.perf_counter()

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
 
-    from tclora.models import DemoBaseSpec, build_demo_base
+    from tclora.demo_base import DemoBaseSpec, build_demo_base
 
     base = build_demo_base(None, DemoBaseSpec(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=60,
                                               batch=16, seq_len=64))

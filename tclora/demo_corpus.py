@@ -1,37 +1,35 @@
-"""A deterministic multi-task instruction corpus: tclora's embedded offline demo data.
+"""The embedded offline demo world: skills in the base, instructions in the adapters.
 
-Rows are FLAN-flat ``{source, target, task_name}``. The downstream model is a tiny character-level Llama
-(printable ASCII + "\\n"), so every rule is short, local and deterministic, sources stay under 60
-characters, targets under 20 and never contain a newline (generation stops at one).
+Real LLM adapters nudge a base that already has the skill. The demo copies that shape (DESIGN.md,
+"Merging in the regime it is for"):
 
-Trained families (one example each):
+- The demo base (``tclora.demo_base``) is pre-trained on :func:`pretrain_text`: every skill in a plain
+  notation of its own (``reverse_words(box cup pen) = pen cup box``), instruction-style text for the
+  *meta* skills only (so following an instruction is itself a skill the base has), and generic text.
+- The instruction corpus, what the adapters train on, asks for the *trained* families' skills in
+  natural-language templates the base has never seen. An adapter only maps its wording onto a skill.
+- Out-of-domain zero-shot (``ood_test``): families the base knows in notation that no adapter trains
+  on, asked with templates no training row and no pre-training text contains (the analogue of
+  TC-LoRA's ARC/BoolQ suite).
 
-    reverse_words  "Reverse the words: box cup pen"       -> "pen cup box"
-    sort_words     "Sort the words: box cup arm"          -> "arm box cup"
-    first_word     "First word of: box cup pen"           -> "box"
-    count_words    "How many words? box cup pen"          -> "3"
-    upper_words    "Uppercase: box cup pen"               -> "BOX CUP PEN"
-    copy_words     "Repeat: box cup pen"                  -> "box cup pen"
-    max_num        "Largest number: 3 7 2"                -> "7"
-    min_num        "Smallest number: 3 7 2"               -> "2"
-    count_nums     "How many numbers? 3 7 2"              -> "3"
-    reverse_chars  "Spell backwards: plonk"               -> "knolp"
-    lookup         "Sounds of: cow duck"                  -> "moo quack"
+Trained families (one example each), all on the same input format, so only the instruction says what
+to output (interference, pinned by tests):
 
-Interference is built in on purpose: the six *_words families read the same input format (3-5 distinct
-three-letter words) and the three *_num(s) families read the same digit lists, so within a group only
-the instruction says what to output. Adapters trained on different clusters then disagree on the same
-inputs, and a naively averaged adapter measurably confuses them. reverse_chars and lookup have formats
-of their own (one letter string; 1-3 animal names from a fixed table that train fully covers).
+    reverse_words  "Reverse the words: box cup pen"  -> "pen cup box"
+    sort_words     "Sort the words: box cup arm"     -> "arm box cup"
+    first_word     "First word of: box cup pen"      -> "box"
+    count_words    "How many words? box cup pen"     -> "3"
 
-Held-out skill composition (only in ``compose_test.jsonl``; ``components`` in application order):
+Out-of-domain families: last_word, upper_words, second_word. Meta skills (pre-training instructions
+only): copy_words, drop_first, double_first, swap_ends.
 
-    compose_upper_first      first_word then upper_words      "Uppercase the first word: box cup" -> "BOX"
-    compose_sort_reverse     sort_words then reverse_words    "Reverse alphabetical order: ..."   -> Z..A
-    compose_first_backwards  first_word then reverse_chars    "Spell the first word backwards: ..."
-
-Splits are disjoint by *payload* (the text a template wraps): a payload's split is a fixed hash of it,
-so no source, and not even a word list seen under another instruction, leaks from train into eval.
+Splits (``SPLITS``): ``train``; ``validation`` (for selection only: merge λ tuning); ``test``
+(in-domain); ``ood_test``; ``compose_test`` (two trained skills chained, ``components`` in application
+order); ``mc_test`` (multiple choice: ``choices`` and ``answer``, the index of the right choice; the
+wrong choices are what the *other* skills answer on the same words, scored by length-normalised NLL
+with ``evaluate.choice_accuracy``). Splits are disjoint by *payload* (the word list a template wraps):
+a payload's split is a fixed, seed-independent hash of it, so pre-training (train payloads only) and
+instruction training never see an evaluation payload.
 """
 
 from __future__ import annotations
@@ -47,112 +45,110 @@ from typing import Callable
 from tclora.artifacts import is_complete, stage_dir
 from tclora.data import read_jsonl, write_jsonl
 
-MAX_SOURCE_CHARS = 60
-MAX_TARGET_CHARS = 20
-SPLITS = ("train", "validation", "test", "compose_test")
+SPLITS = ("train", "validation", "test", "ood_test", "compose_test", "mc_test")
 FILES = {split: f"{split}.jsonl" for split in SPLITS}
-FORMAT_VERSION = 1  # bump when generation changes, so cached corpora are rebuilt
+FORMAT_VERSION = 2  # bump when generation changes, so cached corpora are rebuilt
+MC_CHOICES = 4
 
-# Three-letter non-animal words: five of them plus spaces is 19 chars, so whole-list targets fit in 20.
-WORDS = ("arm bag box cup dot fan fig gem hat ink jam jar key kit leg lid log map mop mug net nut oak "
-         "pad pan pen pin pot rod rug sky sun tin toe tub van wax web yam zip").split()
-# The lookup table: small enough that a few hundred training rows cover every key many times.
-SOUNDS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "pig": "oink", "owl": "hoot",
-          "sheep": "baa", "bee": "buzz", "horse": "neigh", "lion": "roar", "frog": "croak",
-          "crow": "caw", "mouse": "squeak", "snake": "hiss", "wolf": "howl", "goat": "bleat"}
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# Three-letter words: five of them plus spaces is 19 characters. Upper-cased they are separate tokens
+# of the demo base's word-level vocabulary (``vocabulary``).
+WORDS = "arm bag box cup dot fan gem hat jam key kit map mop mug pen pot rug sun tin van".split()
+PAYLOAD_RE = r"[a-z]{3}(?: [a-z]{3}){2,4}"
 
 
-# Payload formats: a generator and the regex that recognises exactly its outputs (tests parse sources
-# back with it, which is how "these families differ only in the instruction" is checked formally).
-PAYLOADS: dict[str, tuple[Callable[[random.Random], str], str]] = {
-    "words": (lambda r: " ".join(r.sample(WORDS, r.randint(3, 5))), r"[a-z]{3}(?: [a-z]{3}){2,4}"),
-    "digits": (lambda r: " ".join(str(r.randint(0, 9)) for _ in range(r.randint(3, 5))),
-               r"[0-9](?: [0-9]){2,4}"),
-    "letters": (lambda r: "".join(r.choices(LETTERS, k=r.randint(3, 7))), r"[a-z]{3,7}"),
-    "animals": (lambda r: " ".join(r.sample(sorted(SOUNDS), r.randint(1, 3))), r"[a-z]+(?: [a-z]+){0,2}"),
+def _w(x: str) -> list[str]:
+    return x.split()
+
+
+# Every skill the base learns in notation: name -> answer function on a payload.
+SKILLS: dict[str, Callable[[str], str]] = {
+    "reverse_words": lambda x: " ".join(reversed(_w(x))),
+    "sort_words": lambda x: " ".join(sorted(_w(x))),
+    "first_word": lambda x: _w(x)[0],
+    "count_words": lambda x: str(len(_w(x))),
+    "last_word": lambda x: _w(x)[-1],
+    "upper_words": str.upper,
+    "second_word": lambda x: _w(x)[1],
+    "copy_words": lambda x: x,
+    "drop_first": lambda x: " ".join(_w(x)[1:]),
+    "double_first": lambda x: f"{_w(x)[0]} {x}",
+    "swap_ends": lambda x: " ".join([_w(x)[-1], *_w(x)[1:-1], _w(x)[0]]),
 }
 
 
 @dataclass(frozen=True)
 class Family:
-    """A task: its payload format, instruction templates (each wraps ``{x}``) and answer function."""
+    """A task: instruction templates (each wraps ``{x}``) and its answer function."""
 
     name: str
-    fmt: str
     templates: tuple[str, ...]
     answer: Callable[[str], str]
     components: tuple[str, ...] = ()  # composition tasks only: trained families, in application order
 
 
-def _family(name: str, fmt: str, answer: Callable[[str], str], *templates: str) -> Family:
-    return Family(name, fmt, templates, answer)
+def _families(templates: dict[str, tuple[str, ...]]) -> dict[str, Family]:
+    return {name: Family(name, ts, SKILLS[name]) for name, ts in templates.items()}
 
 
-def _words(x: str) -> list[str]:
-    return x.split()
-
-
-FAMILIES: dict[str, Family] = {f.name: f for f in [
-    _family("reverse_words", "words", lambda x: " ".join(reversed(_words(x))),
-            "Reverse the words: {x}", "Say the words in reverse order: {x}", "{x} - words reversed?"),
-    _family("sort_words", "words", lambda x: " ".join(sorted(_words(x))),
-            "Sort the words: {x}", "Put in alphabetical order: {x}", "{x} sorted A to Z?"),
-    _family("first_word", "words", lambda x: _words(x)[0],
-            "First word of: {x}", "Which word comes first? {x}", "{x} begins with which word?"),
-    _family("count_words", "words", lambda x: str(len(_words(x))),
-            "How many words? {x}", "Count the words: {x}", "{x} has how many words?"),
-    _family("upper_words", "words", str.upper,
-            "Uppercase: {x}", "Write in capitals: {x}", "{x} in upper case is?"),
-    _family("copy_words", "words", lambda x: x,
-            "Repeat: {x}", "Copy this exactly: {x}", "{x} - say it again."),
-    _family("max_num", "digits", lambda x: max(_words(x), key=int),
-            "Largest number: {x}", "Which is biggest? {x}", "{x} max is?"),
-    _family("min_num", "digits", lambda x: min(_words(x), key=int),
-            "Smallest number: {x}", "Which is least? {x}", "{x} min is?"),
-    _family("count_nums", "digits", lambda x: str(len(_words(x))),
-            "How many numbers? {x}", "Count the numbers: {x}", "{x} has how many numbers?"),
-    _family("reverse_chars", "letters", lambda x: x[::-1],
-            "Spell backwards: {x}", "Write {x} letter by letter in reverse.", "{x} spelled backwards is?"),
-    _family("lookup", "animals", lambda x: " ".join(SOUNDS[a] for a in _words(x)),
-            "Sounds of: {x}", "What do these animals say? {x}", "{x} make which sounds?"),
-]}
-TASK_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+FAMILIES = _families({  # the adapters' families: instruction corpus train / validation / test
+    "reverse_words": ("Reverse the words: {x}", "Say the words in reverse order: {x}", "{x} - words reversed?"),
+    "sort_words": ("Sort the words: {x}", "Put in alphabetical order: {x}", "{x} sorted A to Z?"),
+    "first_word": ("First word of: {x}", "Which word comes first? {x}", "{x} begins with which word?"),
+    "count_words": ("How many words? {x}", "Count the words: {x}", "{x} has how many words?"),
+})
+OOD_FAMILIES = _families({  # zero-shot: known in notation, no adapter, templates seen nowhere
+    "last_word": ("Last word of: {x}", "Which word comes last? {x}", "{x} ends with which word?"),
+    "upper_words": ("Uppercase the words: {x}", "Write in capitals: {x}", "{x} in upper case?"),
+    "second_word": ("Second word of: {x}", "Which word comes second? {x}", "{x} has which second word?"),
+})
+META_FAMILIES = _families({  # instruction-style text in pre-training only
+    "copy_words": ("Copy the words: {x}", "Repeat these words: {x}", "{x} - say it again."),
+    "drop_first": ("Drop the first word: {x}", "All words but the first: {x}", "{x} without its first word?"),
+    "double_first": ("Double the first word: {x}", "Say the first word twice: {x}", "{x} with the first word doubled?"),
+    "swap_ends": ("Swap the end words: {x}", "Exchange first and last word: {x}", "{x} with its ends swapped?"),
+})
 
 
 def _compose(name: str, components: tuple[str, str], *templates: str) -> Family:
     """A held-out task that applies trained families in order: its target needs both skills."""
-    first, second = (FAMILIES[c] for c in components)
-    return Family(name, first.fmt, templates, lambda x: second.answer(first.answer(x)), components)
+    first, second = (SKILLS[c] for c in components)
+    return Family(name, templates, lambda x: second(first(x)), components)
 
 
 COMPOSITIONS: dict[str, Family] = {f.name: f for f in [
-    _compose("compose_upper_first", ("first_word", "upper_words"),
-             "Uppercase the first word: {x}", "First word in capitals: {x}", "{x} first word, uppercased?"),
     _compose("compose_sort_reverse", ("sort_words", "reverse_words"),
              "Reverse alphabetical order: {x}", "Sort the words, then reverse: {x}", "{x} sorted Z to A?"),
-    _compose("compose_first_backwards", ("first_word", "reverse_chars"),
-             "Spell the first word backwards: {x}", "First word, letters reversed: {x}",
-             "{x} first word backwards?"),
+    _compose("compose_sort_first", ("sort_words", "first_word"),
+             "First word alphabetically: {x}", "Sort, then say the first word: {x}", "{x} sorted, first word?"),
 ]}
+TASK_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+OOD_TASKS: tuple[str, ...] = tuple(OOD_FAMILIES)
 COMPOSITION_TASKS: tuple[str, ...] = tuple(COMPOSITIONS)
+MC_TASKS: tuple[str, ...] = TASK_FAMILIES + OOD_TASKS
+_ALL = {**FAMILIES, **OOD_FAMILIES, **META_FAMILIES, **COMPOSITIONS}
+# Which tasks each split asks, and whose payloads it uses (compositions, OOD and MC reuse unseen ones).
+SPLIT_TASKS = {"train": FAMILIES, "validation": FAMILIES, "test": FAMILIES, "ood_test": OOD_FAMILIES,
+               "compose_test": COMPOSITIONS, "mc_test": {**FAMILIES, **OOD_FAMILIES}}
+PAYLOAD_SPLIT = {"train": "train", "validation": "validation"}  # every other split: "test" payloads
+# Generic text beside the skills, so the base is a language model and not a lookup table.
+GENERIC = ("the {n} is on the {m} .", "I see a {a} {n} .", "we put the {n} near the {m} .",
+           "you found my {n} and my {m} .", "this {n} was under that {m} .", "it has a {a} {n} in it .")
+ADJECTIVES = ("big", "small", "old", "new", "red", "blue")
 
 
 def family_of(task_name: str) -> Family:
-    """The spec (format, templates, answer function, components) behind a ``task_name``."""
-    task = FAMILIES.get(task_name) or COMPOSITIONS.get(task_name)
+    """The spec (templates, answer function, components) behind a ``task_name``."""
+    task = _ALL.get(task_name)
     if task is None:
-        raise KeyError(f"unknown task_name {task_name!r}; known: {TASK_FAMILIES + COMPOSITION_TASKS}")
+        raise KeyError(f"unknown task_name {task_name!r}; known: {sorted(_ALL)}")
     return task
 
 
 def payload_of(source: str, task_name: str) -> str:
     """Invert templating: the payload a source wraps (ValueError if no template of the task fits)."""
-    task = family_of(task_name)
-    pattern = PAYLOADS[task.fmt][1]
-    for template in task.templates:
+    for template in family_of(task_name).templates:
         head, tail = (re.escape(part) for part in template.split("{x}"))
-        if m := re.fullmatch(f"{head}({pattern}){tail}", source):
+        if m := re.fullmatch(f"{head}({PAYLOAD_RE}){tail}", source):
             return m.group(1)
     raise ValueError(f"source {source!r} matches no template of {task_name!r}")
 
@@ -163,23 +159,81 @@ def split_of(payload: str) -> str:
     return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
 
 
+def random_payload(rng: random.Random, split: str) -> str:
+    """3-5 distinct words whose payload split is ``split`` (rejection sampling: 10-80% accepted)."""
+    while True:
+        payload = " ".join(rng.sample(WORDS, rng.randint(3, 5)))
+        if split_of(payload) == split:
+            return payload
+
+
+def notation(skill: str, payload: str) -> str:
+    """The base's own notation for a skill: ``reverse_words(box cup pen) = pen cup box``."""
+    return f"{skill}({payload}) = {SKILLS[skill](payload)}"
+
+
+def pretrain_text(rng: random.Random) -> str:
+    """One pre-training document for the demo base, on *train* payloads only.
+
+    60% notation of any skill, 25% an instruction (prompt, newline, answer, as ``tclora.data`` lays
+    instruction rows out) of a *meta* skill, 15% a generic sentence. Never an adapter's or an OOD
+    template, never an evaluation payload (tests pin both).
+    """
+    kind = rng.random()
+    payload = random_payload(rng, "train")
+    if kind < 0.6:
+        return notation(rng.choice(list(SKILLS)), payload)
+    if kind < 0.85:
+        meta = META_FAMILIES[rng.choice(list(META_FAMILIES))]
+        return f"{rng.choice(meta.templates).format(x=payload)}\n{meta.answer(payload)}"
+    n, m = rng.sample(WORDS, 2)
+    return rng.choice(GENERIC).format(n=n, m=m, a=rng.choice(ADJECTIVES))
+
+
+def vocabulary() -> list[str]:
+    """Every word and symbol any demo text can contain, sorted: the demo base tokenizer's vocabulary."""
+    texts = [t for f in _ALL.values() for t in f.templates] + list(SKILLS) + list(GENERIC) + list(ADJECTIVES)
+    texts += WORDS + [w.upper() for w in WORDS] + list("0123456789")
+    pieces = {p for t in texts for p in re.findall(TOKEN_PATTERN, t)}
+    pieces |= {"\n", " "} | {chr(c) for c in range(33, 127) if not chr(c).isalnum()}
+    return sorted(pieces)
+
+
+# Word-level pre-tokenization: a run of letters, one digit, one whitespace or one other character.
+TOKEN_PATTERN = r"[A-Za-z]+|[0-9]|\s|[^\sA-Za-z0-9]"
+
+
+def _choices(task: Family, payload: str, rng: random.Random) -> tuple[list[str], int]:
+    """The right answer and up to ``MC_CHOICES - 1`` distinct answers of the other skills, shuffled."""
+    pool = list(MC_TASKS)
+    rng.shuffle(pool)
+    choices = [task.answer(payload)]
+    for other in pool:
+        if len(choices) == MC_CHOICES:
+            break
+        if (answer := SKILLS[other](payload)) not in choices:
+            choices.append(answer)
+    rng.shuffle(choices)
+    return choices, choices.index(task.answer(payload))
+
+
 def _rows_for(task: Family, split: str, n: int, rng: random.Random) -> list[dict]:
-    """``n`` rows of one task whose payloads belong to ``split``, templates used in turn, unique sources."""
-    make_payload = PAYLOADS[task.fmt][0]
-    payload_split = "test" if split == "compose_test" else split  # compositions reuse unseen payloads
+    """``n`` rows of one task with payloads of ``split``'s payload split, templates in turn, unique sources."""
     rows: list[dict] = []
     seen: set[str] = set()
     for _ in range(200 * n + 1000):  # bounded: a too-small payload space fails loudly, never hangs
         if len(rows) == n:
             return rows
-        payload = make_payload(rng)
+        payload = random_payload(rng, PAYLOAD_SPLIT.get(split, "test"))
         source = task.templates[len(rows) % len(task.templates)].format(x=payload)
-        if split_of(payload) != payload_split or source in seen:
+        if source in seen:
             continue
         seen.add(source)
         row = {"source": source, "target": task.answer(payload), "task_name": task.name}
         if task.components:
             row["components"] = list(task.components)
+        if split == "mc_test":
+            row["choices"], row["answer"] = _choices(task, payload, rng)
         rows.append(row)
     if len(rows) == n:
         return rows
@@ -187,15 +241,14 @@ def _rows_for(task: Family, split: str, n: int, rng: random.Random) -> list[dict
 
 
 def generate_split(split: str, n_per_task: int, seed: int) -> list[dict]:
-    """``n_per_task`` rows of every task in ``split`` (compose_test: the composition tasks).
+    """``n_per_task`` rows of every task of ``split`` (``SPLIT_TASKS``).
 
     Deterministic in (split, n_per_task, seed); train rows are shuffled so families interleave.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    tasks = COMPOSITIONS if split == "compose_test" else FAMILIES
     # A string seed per (seed, split, task) keeps each task's rows independent of the others' counts.
-    rows = [row for name, task in tasks.items()
+    rows = [row for name, task in SPLIT_TASKS[split].items()
             for row in _rows_for(task, split, n_per_task, random.Random(f"{seed}/{split}/{name}"))]
     if split == "train":
         random.Random(f"{seed}/shuffle").shuffle(rows)
@@ -204,7 +257,7 @@ def generate_split(split: str, n_per_task: int, seed: int) -> list[dict]:
 
 def build_demo_corpus(out_dir: str | Path, *, train_per_task: int = 300, eval_per_task: int = 40,
                       seed: int = 0) -> dict[str, Path]:
-    """Write train/validation/test/compose_test JSONL plus ``corpus.json`` into ``out_dir``.
+    """Write every split in ``SPLITS`` as JSONL plus ``corpus.json`` into ``out_dir``.
 
     Skipped when ``out_dir`` already holds a complete corpus built with the same parameters. The
     directory is built in a temporary sibling and renamed into place (``artifacts.stage_dir``), so
@@ -226,7 +279,8 @@ def build_demo_corpus(out_dir: str | Path, *, train_per_task: int = 300, eval_pe
             write_jsonl(tmp / FILES[split], rows)
             counts[split] = len(rows)
         meta = {"params": params, "counts": counts, "task_families": list(TASK_FAMILIES),
-                "composition_tasks": list(COMPOSITION_TASKS)}
+                "ood_tasks": list(OOD_TASKS), "composition_tasks": list(COMPOSITION_TASKS),
+                "mc_tasks": list(MC_TASKS)}
         (tmp / "corpus.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return paths
 

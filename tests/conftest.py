@@ -35,7 +35,7 @@ TINY_DEMO_SPEC = dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_st
 
 @pytest.fixture(scope="session")
 def tiny_base_spec():
-    from tclora.models import DemoBaseSpec
+    from tclora.demo_base import DemoBaseSpec
 
     return DemoBaseSpec(**TINY_DEMO_SPEC)
 
@@ -43,7 +43,7 @@ def tiny_base_spec():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, tiny_base_spec):
     """Path of a tiny pre-trained demo base checkpoint (built once per session into a temp cache)."""
-    from tclora.models import build_demo_base
+    from tclora.demo_base import build_demo_base
 
     return build_demo_base(tmp_path_factory.mktemp("tclora-cache"), tiny_base_spec)
 
