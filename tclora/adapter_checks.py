@@ -72,7 +72,8 @@ TENSOR_ADVICE = (
      "embedding from target_modules and retrain"),
     (".lora_embedding_B", "LoRA on an embedding layer", "tclora merges LoRA on Linear layers only: remove the "
      "embedding from target_modules and retrain"),
-    ("trainable_tokens_delta", "trainable token rows (trainable_token_indices)", OPTION_ADVICE["trainable_token_indices"]),
+    ("trainable_tokens_delta", "trainable token rows (trainable_token_indices)",
+     OPTION_ADVICE["trainable_token_indices"]),
     (".bias", "a trained bias (bias='all' or 'lora_only')", OPTION_ADVICE["bias"]),
 )
 

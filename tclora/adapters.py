@@ -223,8 +223,8 @@ def check_fits(model: nn.Module, deltas: Mapping[str, Delta], source: str | Path
             raise AdapterError(f"{source}: {err} (trained on another base model?)") from None
         layer = tuple(weight.shape[::-1] if transposed else weight.shape)  # (d_out, d_in)
         if tuple(delta.shape) != layer:
-            raise AdapterError(f"{source}: module {module!r} has an update of shape {tuple(delta.shape)} (d_out, d_in), "
-                               f"the base model's layer is {layer} (trained on another base model?)")
+            raise AdapterError(f"{source}: module {module!r} has an update of shape {tuple(delta.shape)} "
+                               f"(d_out, d_in), the base model's layer is {layer} (trained on another base model?)")
 
 
 @torch.no_grad()
@@ -239,7 +239,8 @@ def add_deltas_(model: nn.Module, deltas: Mapping[str, Delta], sign: float = 1.0
     """
     for module, delta in deltas.items():
         weight, transposed = _weight(model, module)
-        d = dense(delta.to(device=weight.device, dtype=torch.float32) if isinstance(delta, LowRank) else delta.float().to(weight.device))
+        d = dense(delta.to(device=weight.device, dtype=torch.float32)) if isinstance(delta, LowRank) \
+            else delta.float().to(weight.device)  # (d_out, d_in)
         d_out, d_in = weight.shape[::-1] if transposed else weight.shape
         if d.shape != (d_out, d_in):
             raise AdapterError(f"delta for {module!r} has shape {tuple(d.shape)} (d_out, d_in), the layer is "

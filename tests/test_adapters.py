@@ -107,8 +107,8 @@ def test_incompatible_adapters_are_named(trained_adapter, tmp_path):
 
 
 def test_merged_model_saves_as_plain_hf_checkpoint(trained_adapter, tmp_path):
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     path, expected = trained_adapter
     base = tiny_llama()
@@ -182,15 +182,19 @@ def assert_close_t(actual, expected, atol=1e-6):
 
 
 # (LoraConfig options, LlamaConfig overrides, what the error must name: the option and/or the tensor)
+BIAS = {"attention_bias": True}
 REFUSED = {
-    "modules_to_save": ({"modules_to_save": ["lm_head"]}, {}, ["option modules_to_save", r"lm_head\.weight: a full weight"]),
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, {},
+                        ["option modules_to_save", r"lm_head\.weight: a full weight"]),
     "dora": ({"use_dora": True}, {}, ["option use_dora", "lora_magnitude_vector: a DoRA"]),
     "embedding_lora": ({"target_modules": ATTN + ["embed_tokens"]}, {}, ["lora_embedding_A: LoRA on an embedding"]),
-    "bias_all": ({"bias": "all"}, {"attention_bias": True}, ["option bias='all'", r"k_proj\.base_layer\.bias: a trained bias"]),
-    "bias_lora_only": ({"bias": "lora_only"}, {"attention_bias": True}, ["option bias='lora_only'", r"q_proj\.base_layer\.bias"]),
+    "bias_all": ({"bias": "all"}, BIAS, ["option bias='all'", r"k_proj\.base_layer\.bias: a trained bias"]),
+    "bias_lora_only": ({"bias": "lora_only"}, BIAS, ["option bias='lora_only'", r"q_proj\.base_layer\.bias"]),
     "lora_bias": ({"lora_bias": True}, {}, ["option lora_bias=True", r"lora_B\.bias: a LoRA bias"]),
-    "trainable_tokens": ({"trainable_token_indices": [1, 2]}, {}, ["option trainable_token_indices", "trainable_tokens_delta"]),
-    "pissa": ({"init_lora_weights": "pissa"}, {}, ["option init_lora_weights='pissa'", "path_initial_model_for_weight_conversion"]),
+    "trainable_tokens": ({"trainable_token_indices": [1, 2]}, {},
+                         ["option trainable_token_indices", "trainable_tokens_delta"]),
+    "pissa": ({"init_lora_weights": "pissa"}, {},
+              ["option init_lora_weights='pissa'", "path_initial_model_for_weight_conversion"]),
     "olora": ({"init_lora_weights": "olora"}, {}, ["option init_lora_weights='olora'"]),
 }
 
@@ -239,7 +243,8 @@ def test_lora_on_a_convolution_names_the_adapter_and_module(tmp_path):
             self.head = torch.nn.Linear(8, 4)
 
     get_peft_model(Net(), LoraConfig(r=2, target_modules=["conv", "head"])).save_pretrained(str(tmp_path / "convnet"))
-    with pytest.raises(adapters.AdapterError, match=r"convnet: module 'conv' has lora_A \(2, 3, 3, 3\).*Linear layers only"):
+    with pytest.raises(adapters.AdapterError,
+                       match=r"convnet: module 'conv' has lora_A \(2, 3, 3, 3\).*Linear layers only"):
         adapters.load_factors(tmp_path / "convnet")
 
 
