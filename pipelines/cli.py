@@ -16,6 +16,10 @@ from tclora.config import ConfigError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from pipelines.plan import main_dry_run
+
+        return main_dry_run(session.config_from_args(args))
     from pipelines.run import run  # the Ray layer is imported only by the commands that need it
 
     run(session.config_from_args(args))
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="embed -> cluster -> train -> merge + eval, reusing finished stages")
     session.add_config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (store, Ray, rows, k, adapters to train and reuse, merged ranks per "
+                   "method, stages a rerun skips) and exit: no Ray, no training")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("sweep", help="Ray Tune over cluster count k, CP rank R and LoRI sparsity s, reusing stages")

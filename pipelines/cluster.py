@@ -29,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
 from tclora import cluster as km
+from tclora import storage
 from tclora.artifacts import atomic_write_json, is_complete, read_manifest, stage_dir, tree_digest
 from tclora.config import Config, load_config
 
@@ -126,7 +128,9 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> Path:
     extra: dict = {}
     with stage_dir(final, key, extra) as tmp:
         started = time.perf_counter()
-        ds = ray.data.read_parquet(str(Path(embed_dir) / "embeddings"))  # Ray: lazy, streamed
+        # Ray: lazy, streamed, read by tasks on any node: from the run's store, not this driver's disk.
+        store = storage.store_for(cfg, run_dir)
+        ds = ray.data.read_parquet(store.path(Path(embed_dir) / "embeddings"), filesystem=store.filesystem)
         n_rows = (read_manifest(Path(embed_dir)) or {}).get("rows") or ds.count()  # count() costs a Ray pass
         model, fraction = _fit_on_sample(ds, cfg, n_rows)
         fitted = time.perf_counter()
@@ -153,9 +157,10 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> Path:
         counted = time.perf_counter()
 
         final_ids = np.array([mapping[i] for i in range(model.k)], dtype=np.int32)
-        ds.map_batches(label_batch, fn_kwargs={"centroids": model.centroids, "final_ids": final_ids},
-                       batch_format="pyarrow", batch_size=None
-                       ).write_parquet(str(tmp / "clusters"), partition_cols=["cluster"])  # Ray: write by cluster
+        labelled = ds.map_batches(label_batch, fn_kwargs={"centroids": model.centroids, "final_ids": final_ids},
+                                  batch_format="pyarrow", batch_size=None)
+        with store.remote_output(tmp / "clusters") as out:  # Ray: write by cluster, to the store
+            labelled.write_parquet(out, filesystem=store.filesystem, partition_cols=["cluster"])
         written = {int(d.name.split("=", 1)[1]): sum(pq.read_metadata(f).num_rows for f in d.glob("*.parquet"))
                    for d in (tmp / "clusters").glob("cluster=*")}
         if sum(written.values()) != n_rows:
@@ -188,13 +193,21 @@ def list_clusters(cluster_dir: Path) -> dict[int, int]:
     return {int(i): int(n) for i, n in manifest["report"]["sizes"].items()}
 
 
-def read_cluster(cluster_dir: Path, cluster_id: int):
-    """One cluster's rows as a lazy Ray Dataset (row_id, source, target, task_name, ...)."""
-    part = Path(cluster_dir) / "clusters" / f"cluster={cluster_id}"
-    if not part.is_dir():
-        known = sorted(list_clusters(cluster_dir))
-        raise ValueError(f"{cluster_dir}: cluster {cluster_id} has no rows (clusters with rows: {known})")
-    return ray.data.read_parquet(str(part), partitioning=None)  # no string "cluster" column from the dir name
+def read_cluster(cluster_dir: Path | str, cluster_id: int, filesystem: pafs.FileSystem | None = None):
+    """One cluster's rows as a lazy Ray Dataset (row_id, source, target, task_name, ...).
+
+    ``cluster_dir`` is a finished cluster stage: a local directory, or a path on ``filesystem`` (the run's
+    store, :meth:`tclora.storage.RunStore.path`) for a caller on another node such as a Tune trial.
+
+    Raises:
+        ValueError: the cluster has no rows there.
+    """
+    fs = filesystem or pafs.LocalFileSystem()
+    root = str(Path(cluster_dir).resolve()) if isinstance(fs, pafs.LocalFileSystem) else str(cluster_dir)
+    part = f"{root}/clusters/cluster={cluster_id}"
+    if fs.get_file_info(part).type != pafs.FileType.Directory:
+        raise ValueError(f"{cluster_dir}: cluster {cluster_id} has no rows (no {part})")
+    return ray.data.read_parquet(part, filesystem=fs, partitioning=None)  # no string "cluster" column from the dir
 
 
 def main(argv: list[str] | None = None) -> None:

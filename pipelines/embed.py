@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.io import clean_records, read_corpus, scan_corpus
+from tclora import storage
 from tclora.artifacts import is_complete, stage_dir
 from tclora.config import Config, load_config
 from tclora.corpus import CorpusError, Fields, ScanResult, list_input_files
@@ -114,7 +115,7 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
         CorpusError: the path is missing, holds no corpus files, or no row is valid.
     """
     uri = path or cfg.data.path
-    inputs = list_input_files(uri)
+    inputs = list_input_files(uri, cfg.run.storage_options)
     fields = Fields.from_config(cfg.data)
     final = Path(run_dir) / "embed"
     key = {"stage": "embed", "config": cfg.section_hash("data", "embed"), "inputs": inputs.digest()}
@@ -144,7 +145,11 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
             num_cpus=actor_cpus(cfg.embed.num_actors, ray.cluster_resources().get("CPU", 1.0)),
             num_gpus=gpus or None,
         )
-        embedded.write_parquet(str(tmp / "embeddings"))
+        # Ray: the write tasks run on any node, so they write to the run's store (a staging prefix when
+        # run.dir is an object store), never to this driver's disk; the files then land in `tmp`.
+        store = storage.store_for(cfg, run_dir)
+        with store.remote_output(tmp / "embeddings") as out:
+            embedded.write_parquet(out, filesystem=store.filesystem)
         written = sum(pq.read_metadata(p).num_rows for p in (tmp / "embeddings").glob("*.parquet"))
         scan = _quarantine_nonfinite(scan, ray.get(sink.take.remote()), tmp / "quarantine" / "rows.jsonl", uri)
         if written != scan.rows:  # the two passes disagree: never hand on a silently short output

@@ -16,13 +16,15 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import torch
 
-from tclora import adapters, artifacts, compare, report
+from tclora import adapters, artifacts, compare, report, storage
 from tclora.cluster import route_records
 from tclora.config import Config, validate
 from tclora.corpus import read_records
@@ -59,8 +61,20 @@ class MergeEvalActor:
         if self.cfg.eval.num_gpus > 0 and torch.cuda.is_available():  # Ray set CUDA_VISIBLE_DEVICES for us
             self.model.to("cuda")
 
-    def run(self, out_dir: str, cluster_dir: str, train_dir: str) -> dict:
-        cfg, out = self.cfg, Path(out_dir)
+    def run(self, out_dir: str, cluster_dir: str, train_dir: str, store: storage.RunStore | None = None) -> dict:
+        """Merge, save and score into ``out_dir``; the three paths are on ``store.filesystem`` (the run's
+        store: this actor usually runs on another node than the driver), or local without a store."""
+        if store is not None and store.remote:
+            with tempfile.TemporaryDirectory(prefix="tclora-merge-") as scratch, \
+                    storage.localized(store.filesystem, cluster_dir) as cluster_local, \
+                    storage.localized(store.filesystem, train_dir) as train_local:
+                result = self._run(Path(scratch), cluster_local, train_local)
+                storage.upload_dir(Path(scratch), store.filesystem, out_dir)  # pulled by the driver
+                return result
+        return self._run(Path(out_dir), Path(cluster_dir), Path(train_dir))
+
+    def _run(self, out: Path, cluster_dir: Path, train_dir: Path) -> dict:
+        cfg = self.cfg
         # After a restart this call is a retry: a killed attempt may have left half-written merges or a
         # torn temp file in `out`, which the manifest would otherwise hash as outputs. Start over.
         restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
@@ -84,7 +98,7 @@ class MergeEvalActor:
 
         per_split = {}
         for path in cfg.data.eval_paths:
-            records = compare.cap_per_task(read_records(path, cfg.data), cfg.eval.max_per_task)
+            records = compare.cap_per_task(read_records(path, cfg.data, cfg.run.storage_options), cfg.eval.max_per_task)
             records = route_records(records, Path(cluster_dir), cfg.embed.model)
             log.info("evaluating %d examples of %s", len(records), path)
             per_split[Path(path).stem] = compare.evaluate_all(self.model, self.tokenizer, records, factors, merged, cfg.eval)
@@ -94,7 +108,16 @@ class MergeEvalActor:
             log.info("lm-eval: %s on the base and %d merges", cfg.eval.lm_eval_tasks, len(merged))
             summary["lm_eval"] = compare.lm_eval_all(self.model, self.tokenizer, merged, cfg.eval)
         artifacts.atomic_write_json(out / "eval.json", summary)
-        return {**summary, "adapters": {str(c): str(d) for c, d in dirs.items()}, "actor_restarted": restarted}
+        return {**summary, "adapters": {str(c): d.name for c, d in dirs.items()}, "actor_restarted": restarted,
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def _digest(path: str, storage_options: dict) -> str:
+    """Content hash of an eval split file (local or on a store), else its path (a directory or glob)."""
+    fs, inner = storage.filesystem(path, storage_options)
+    if fs.get_file_info(inner).type == pafs.FileType.File:
+        return storage.digest(fs, inner)
+    return path
 
 
 def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Path) -> Path:
@@ -106,16 +129,18 @@ def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Pat
         "config": cfg.section_hash("merge", "eval", "model", "embed"),
         "train": artifacts.tree_digest(train_dir),
         "cluster": artifacts.tree_digest(cluster_dir),
-        "eval_data": [artifacts.sha256_file(Path(p)) if Path(p).is_file() else p for p in cfg.data.eval_paths],
+        "eval_data": [_digest(p, cfg.run.storage_options) for p in cfg.data.eval_paths],
     }
     if artifacts.is_complete(final, key):
         return final
     extra: dict = {}
-    with artifacts.stage_dir(final, key, extra) as tmp:
-        actor = MergeEvalActor.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus).remote(
-            cfg.model_dump(mode="json"))
-        try:
-            extra.update(ray.get(actor.run.remote(str(tmp), str(cluster_dir), str(train_dir))))
+    store = storage.store_for(cfg, run_dir)
+    with artifacts.stage_dir(final, key, extra) as tmp, store.remote_output(tmp) as out:
+        actor = MergeEvalActor.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus,
+                                       resources=cfg.eval.resources or None).remote(cfg.model_dump(mode="json"))
+        try:  # the actor gets the run's store and paths on it, never this driver's directories
+            extra.update(ray.get(actor.run.remote(out, store.path(cluster_dir), store.path(train_dir), store)))
         finally:
             ray.kill(actor)
+    write_best_merge(run_dir, final)
     return final

@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines import session, storage
+from pipelines import session
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
 from pipelines.train import run_train
-from tclora import artifacts, report
+from tclora import artifacts, report, storage
 from tclora.cluster import check_k
 from tclora.config import Config, ConfigError
 
@@ -38,7 +38,7 @@ def _stage(name: str, fn, started: float, stages: dict, cfg: Config, run_dir: Pa
     log.info("stage %s ...", name)
     t0 = time.time()
     out = fn()
-    storage.mirror_stage(cfg, run_dir, out)
+    storage.store_for(cfg, run_dir).publish(out)
     manifest = artifacts.read_manifest(out) or {}
     reused = (out / artifacts.MANIFEST).stat().st_mtime < started
     stages[name] = {"seconds": manifest.get("seconds", time.time() - t0), "skipped": reused,
@@ -66,11 +66,14 @@ def run(cfg: Config) -> dict:
     artifacts.atomic_write_json(run_dir / "metrics.json", metrics)
     report.write_report_md(metrics, run_dir / "report.md")
     report.plot_merge_comparison(metrics, run_dir / "merge_comparison.png")
+    store = storage.store_for(cfg, run_dir)
+    for name in ("metrics.json", "report.md", "merge_comparison.png"):
+        store.publish(run_dir / name)
     print("\n" + report.summary_table(metrics) + "\n")
     if "lm_eval" in metrics:
         print(report.lm_eval_table(metrics) + "\n")
     print(report.stage_table(metrics) + "\n")
-    print(f"metrics: {run_dir / 'metrics.json'}\nreport:  {run_dir / 'report.md'}")
+    print(f"metrics: {store.uri_of(run_dir / 'metrics.json')}\nreport:  {store.uri_of(run_dir / 'report.md')}")
     return metrics
 
 

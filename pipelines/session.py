@@ -6,18 +6,19 @@ cluster and runs on the same materialised demo corpus and base model:
 
     preflight        model-dependent checks (``lori.target_modules``), then the lm-eval task names
     init_ray         ``run.ray_address`` / ``RAY_ADDRESS``, or a local instance
-    restore_run      finished stages pulled back from ``run.storage_path`` (a driver on a fresh node)
+    store.fetch      finished stages pulled back from an object-store run.dir (a driver on a fresh node)
     prepare_inputs   ``data.path: demo`` / ``model.name_or_path: demo`` built and pointed at
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
 
-from pipelines import storage
+from tclora import storage
 from tclora.config import Config, ConfigError, load_config
 
 log = logging.getLogger("tclora")
@@ -99,39 +100,92 @@ def preflight(cfg: Config) -> None:
         check_tasks(cfg.eval)  # a misspelt benchmark fails now, not after training
 
 
+# Set for every Ray process unless the job's runtime env (or this environment) already says otherwise.
+WORKER_ENV_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false"}  # tokenizer thread pools deadlock after fork()
+WORKER_ENV_FORWARDED = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN_PATH")
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job manager for a submitted job's driver
+
+
+def job_env_vars(environ: dict | None = None) -> dict | None:
+    """The ``env_vars`` of the runtime env of the Ray job this driver runs in (``ray job submit``), or None
+    when it is not a submitted job. Ray passes the job's config to its driver in ``RAY_JOB_CONFIG_JSON_ENV_VAR``."""
+    environ = os.environ if environ is None else environ
+    if JOB_CONFIG_ENV not in environ:
+        return None
+    runtime_env = (json.loads(environ[JOB_CONFIG_ENV]) or {}).get("runtime_env") or {}
+    return dict(runtime_env.get("env_vars") or {})
+
+
+def driver_runtime_env(environ: dict | None = None) -> dict | None:
+    """The runtime env this driver adds: only the variables the job's runtime env does not set.
+
+    Ray refuses a driver runtime env that sets a variable the submitted job's runtime env also sets
+    ("Failed to merge the Job's runtime env"), so inside a job the job's values win and ours are only
+    defaults for what it left out. Values come from :data:`WORKER_ENV_DEFAULTS`, overridden by this
+    process's environment for the :data:`WORKER_ENV_FORWARDED` names.
+    """
+    environ = os.environ if environ is None else environ
+    env = dict(WORKER_ENV_DEFAULTS)
+    env.update({name: environ[name] for name in WORKER_ENV_FORWARDED if name in environ})
+    job = job_env_vars(environ)
+    if job is not None:
+        env = {k: v for k, v in env.items() if k not in job}
+    return {"env_vars": env} if env else None
+
+
+def ray_address(cfg: Config, environ: dict | None = None) -> str:
+    """``run.ray_address``, else ``RAY_ADDRESS``, else ``"local"``: a fresh local instance, never a head some
+    earlier ``ray start`` left behind (Ray's default ``ray.init()`` would attach to that one)."""
+    environ = os.environ if environ is None else environ
+    return cfg.run.ray_address or environ.get("RAY_ADDRESS") or "local"
+
+
 def init_ray(cfg: Config) -> None:
-    """Connect to ``run.ray_address`` (or ``RAY_ADDRESS``), else start a local instance; a no-op when connected."""
+    """Connect to ``run.ray_address`` (or ``RAY_ADDRESS``), else start a local instance; a no-op when connected.
+
+    Logs which it did. Inside a submitted job the job's runtime env is kept and only completed
+    (:func:`driver_runtime_env`).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"):
-        if name in os.environ:
-            env[name] = os.environ[name]
-    runtime_env = {"env_vars": env}
-    if address:
+    address, runtime_env = ray_address(cfg), driver_runtime_env()
+    if address != "local":
+        log.info("Ray: connecting to the cluster at %s (%s)", address,
+                 "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         # A local instance: the dashboard (when installed) listens on localhost only. Logical CPUs are
         # oversubscribed 2x so a Tune trial, its Train workers and the Ray Data tasks feeding them can
         # all be scheduled on a small machine instead of waiting on each other forever.
-        ray.init(num_cpus=2 * (os.cpu_count() or 1), dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 log_to_driver=False)
+        log.info("Ray: starting a local instance (set run.ray_address or RAY_ADDRESS to use a cluster)")
+        ray.init(address="local", num_cpus=2 * (os.cpu_count() or 1), dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, log_to_driver=False)
 
 
 def prepare_inputs(cfg: Config, run_dir: Path) -> Config:
-    """Materialise the embedded demo (corpus and base model) and point the config at it."""
+    """Materialise the embedded demo (corpus and base model) and point the config at it.
+
+    With an object-store ``run.dir`` the demo corpus is published there and the config points at its URIs,
+    so the readers on other nodes never get a driver-local path.
+    """
     updates: dict = {}
     if cfg.data.path == "demo":
         from tclora.demo_corpus import build_demo_corpus
 
+        store = storage.store_for(cfg, run_dir)
         splits = build_demo_corpus(run_dir / "corpus", train_per_task=cfg.data.demo_train_per_task,
                                    eval_per_task=cfg.data.demo_eval_per_task, seed=cfg.run.seed)
-        data = cfg.data.model_copy(update={"path": str(splits["train"])})
+        if store.remote:
+            for path in splits.values():
+                store.publish(path)
+        where = {name: store.uri_of(path) if store.remote else str(path) for name, path in splits.items()}
+        data = cfg.data.model_copy(update={"path": where["train"]})
         if not cfg.data.eval_paths:
-            data = data.model_copy(update={"eval_paths": [str(splits["test"]), str(splits["compose_test"])]})
+            data = data.model_copy(update={"eval_paths": [where["test"], where["compose_test"]]})
+        if not cfg.data.validation_path and "validation" in where:  # selection only (merge.tune, sweep)
+            data = data.model_copy(update={"validation_path": where["validation"]})
         updates["data"] = data
     if cfg.model.name_or_path == "demo":
         from tclora.demo_base import build_demo_base, demo_spec
@@ -149,8 +203,10 @@ def start(cfg: Config) -> tuple[Config, Path]:
         ConfigError: from :func:`preflight`, before Ray starts.
     """
     preflight(cfg)
-    run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    store = storage.open_run(cfg.run)
+    store.check(cfg.run.storage_options)  # an unreachable bucket fails here, before Ray starts
+    run_dir = store.local
+    log.info("run.dir %s%s", store.uri, f" (working copy {run_dir})" if store.remote else "")
     init_ray(cfg)
-    storage.restore_run(cfg, run_dir)  # a driver restarted on a fresh node: pull back finished stages
+    store.fetch()  # a driver restarted on a fresh node: pull back finished stages
     return prepare_inputs(cfg, run_dir), run_dir

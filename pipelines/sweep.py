@@ -40,13 +40,13 @@ import ray
 import ray.tune
 from filelock import FileLock
 
-from pipelines import session, storage
+from pipelines import session
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
 from pipelines.train import TRIAL_CPUS, run_train
 from pipelines.train import stage_key as train_key
-from tclora import artifacts, compare, report
+from tclora import artifacts, compare, report, storage
 from tclora.report import BASE, ORACLE
 from tclora.config import Config, ConfigError, validate
 from tclora.merge import registry
@@ -218,6 +218,10 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
         rungs = [LOW_FIDELITY_PER_TASK if cap is None else max(1, cap // 4), cap]
     param_space, tune_kwargs = _search(search, space, num_samples, len(rungs), cfg.run.seed)
 
+    if storage.is_uri(cfg.run.dir) and not cfg.run.dir.startswith("file://"):
+        # Sweep trials merge and evaluate into directories below run.dir themselves: not yet through the store.
+        raise ConfigError(f"tclora sweep: run.dir {cfg.run.dir!r} is an object store, which the sweep does not "
+                          "support yet; use a local or shared-mount run.dir (tclora run supports both)")
     run_dir = Path(cfg.run.dir).resolve()
     sweep_dir = run_dir / "sweep"
     session.init_ray(cfg)
@@ -235,7 +239,8 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         _trial, cfg_json=cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir), sets=sets,
         metric=metric, split=split, rungs=rungs), trial_resources(cfg))
-    tune_root = storage.ray_storage(cfg, sweep_dir / "tune", "sweep", "tune")
+    store = storage.store_for(cfg, run_dir)  # run.storage_path: Tune's experiment state goes there
+    tune_root = store.uri_of(sweep_dir / "tune") if store.remote else str(sweep_dir / "tune")
     grid, restored = _tune(trainable, param_space, tune_kwargs, name, tune_root, concurrent)
 
     key = f"eval.{metric}." + (f"splits.{split}" if split else "mean")

@@ -40,10 +40,9 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines import storage
 from pipelines.cluster import list_clusters, read_cluster
-from tclora import artifacts, data, lori
-from tclora.config import Config, ConfigError, load_config
+from tclora import artifacts, data, lori, storage
+from tclora.config import Config, load_config
 from tclora.train import lori_phases, train_loop
 
 log = logging.getLogger(__name__)
@@ -306,14 +305,14 @@ def _run_name(cluster_ids: list[int]) -> str:
     return f"cluster-{cluster_ids[0]}" if len(cluster_ids) == 1 else "clusters-" + "-".join(map(str, cluster_ids))
 
 
-def _run_dataset(cluster_dir: Path, cluster_ids: list[int]):
+def _run_dataset(cluster_dir: Path, cluster_ids: list[int], store: storage.RunStore):
     """The run's rows, read before ``fit()``: once the Train workers' placement group holds its CPUs,
     read tasks that still need a whole free CPU can starve (a hang seen with 2 concurrent trials filling
     a 2-CPU Ray). A materialised dataset is split per epoch without any task. Packed runs get a
-    ``cluster_id`` column."""
+    ``cluster_id`` column. Read from the run's store: this runs inside a Tune trial, on any node."""
     parts = []
     for cluster_id in cluster_ids:
-        part = read_cluster(Path(cluster_dir), cluster_id).select_columns(["source", "target"])
+        part = read_cluster(store.path(cluster_dir), cluster_id, store.filesystem).select_columns(["source", "target"])
         if len(cluster_ids) > 1:
             part = part.add_column("cluster_id", lambda batch, c=cluster_id: pa.array([c] * batch.num_rows, pa.int64()),
                                    batch_format="pyarrow")
@@ -322,20 +321,26 @@ def _run_dataset(cluster_dir: Path, cluster_ids: list[int]):
 
 
 def train_group(cluster_ids: list[int], cfg: Config, cluster_dir: Path, out_dir: Path, storage_path: str | Path,
-                *, report_to_tune: bool = False) -> dict[int, dict]:
+                *, report_to_tune: bool = False, store: storage.RunStore | None = None,
+                sizes: dict[int, int] | None = None) -> dict[int, dict]:
     """Train (or resume, or reuse) these clusters' adapters in one Ray Train run; returns their summaries.
 
     Each adapter lands in ``out_dir/cluster-<id>`` (written atomically, its manifest holding the
     summary). Ray Train checkpoints live in ``storage_path/<run name>``: after a worker failure Train
     restarts the workers from the last one (``train.max_failures`` times); calling this again after a
     driver crash resumes from it.
+
+    ``store`` (default: ``out_dir``'s own local directory) is the run's store when this runs in a Tune
+    trial on another node: the paths are then the driver's, mapped onto the store (:meth:`RunStore.path`),
+    the adapters are published there, and ``sizes`` (rows per cluster) come from the driver.
     """
+    store = store or storage.store_for(cfg, out_dir)
     key = stage_key(cfg, cluster_dir)
     finals = {c: Path(out_dir) / f"cluster-{c}" for c in cluster_ids}
-    if all(artifacts.is_complete(finals[c], {**key, "cluster_id": c}) for c in cluster_ids):
+    if not store.remote and all(artifacts.is_complete(finals[c], {**key, "cluster_id": c}) for c in cluster_ids):
         return {c: artifacts.read_manifest(finals[c])["summary"] for c in cluster_ids}
     started, t = time.time(), cfg.train
-    sizes = list_clusters(Path(cluster_dir))  # from the stage manifest: Dataset.count() costs a read
+    sizes = sizes or list_clusters(Path(cluster_dir))  # from the stage manifest: Dataset.count() costs a read
     for c in cluster_ids:
         if sizes[c] < t.num_workers:
             raise ValueError(f"cluster {c} has {sizes[c]} rows, fewer than train.num_workers={t.num_workers}")
@@ -344,21 +349,23 @@ def train_group(cluster_ids: list[int], cfg: Config, cluster_dir: Path, out_dir:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {})}
-    storage_path = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {}),
+                 **t.resources}
+    storage_path, storage_fs = store.ray_storage(storage_path)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=_run_name(cluster_ids), storage_path=storage_path, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            name=_run_name(cluster_ids), storage_path=storage_path, storage_filesystem=storage_fs, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures,
+                                         preemption_grace_s=t.preemption_grace_s),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # DeepSpeed picks its accelerator when imported: the workers' environment must say which.
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.gpus_per_worker > 0 else "cpu"}},
         ),
-        datasets={"train": _run_dataset(Path(cluster_dir), cluster_ids)},  # split evenly across the workers
+        datasets={"train": _run_dataset(Path(cluster_dir), cluster_ids, store)},  # split evenly across the workers
     )
     summaries = {}
     with trainer.fit().checkpoint.as_directory() as ckpt:
@@ -367,7 +374,7 @@ def train_group(cluster_ids: list[int], cfg: Config, cluster_dir: Path, out_dir:
             src = Path(ckpt) / ADAPTERS_SUBDIR / f"cluster-{c}"
             meta = json.loads((src / lori.LORI_FILE).read_text())
             summaries[c] = {"rows": sizes[c], "wall_seconds": wall, "run_clusters": len(cluster_ids), **meta}
-            with artifacts.stage_dir(finals[c], {**key, "cluster_id": c}, {"summary": summaries[c]}) as tmp:
+            with storage.stage_dir_anywhere(store, finals[c], {**key, "cluster_id": c}, {"summary": summaries[c]}) as tmp:
                 shutil.copytree(src, tmp, dirs_exist_ok=True)
             log.info("cluster %d: adapter in %s (%d rows, %.0fs in the worker, %d resumes)", c, finals[c],
                      sizes[c], meta["seconds"], len(meta["resumes"]))
@@ -390,23 +397,27 @@ def max_concurrent_trials(cfg: Config, n_clusters: int, resources: dict | None =
     return max(1, min(fits, n_clusters))
 
 
-def _group_trial(config: dict, cfg_json: dict, cluster_dir: str, work_dir: str, ray_root: str | None = None) -> None:
-    """Tune function trainable: one group's ``train_group`` (the trial itself needs almost no CPU)."""
+def _group_trial(config: dict, cfg_json: dict, cluster_dir: str, work_dir: str, store: storage.RunStore,
+                 sizes: dict[int, int]) -> None:
+    """Tune function trainable: one group's ``train_group`` (the trial itself needs almost no CPU).
+
+    It may run on any node: it reads and writes through ``store``, never the driver's disk."""
     ids = [int(c) for c in config["cluster_ids"]]
     summaries = train_group(ids, Config.model_validate(cfg_json), Path(cluster_dir), Path(work_dir) / "adapters",
-                            f"{ray_root or Path(work_dir).resolve()}/ray", report_to_tune=True)
+                            Path(work_dir) / "ray", report_to_tune=True, store=store, sizes=sizes)
     last = summaries[ids[-1]]
     ray.tune.report({"cluster_id": ids[-1], "finished": True,
                      "loss": last.get("sparse_loss_last", last.get("dense_loss_last"))})
 
 
 def train_clusters(groups: list[list[int]], cfg: Config, cluster_dir: Path, work_dir: Path,
-                   ray_root: str | None = None) -> int:
+                   store: storage.RunStore | None = None) -> int:
     """Train the groups of clusters (:func:`pack_clusters`; ``[[0], [1], ...]`` unpacked) through Ray Tune,
     one Train run per group, into ``work_dir/adapters``; returns the concurrency used.
 
-    Ray Train checkpoints and Tune's experiment state go below ``ray_root`` (default ``work_dir``; a
-    shared-storage URI on a multi-node cluster, see :mod:`pipelines.storage`).
+    Ray Train checkpoints and Tune's experiment state go below ``work_dir`` on the run's ``store``
+    (default: ``work_dir``'s local directory); with an object store the adapters are published there and
+    this pulls them into ``work_dir/adapters`` afterwards.
 
     Raises:
         RuntimeError: naming every cluster whose trial failed.
@@ -414,22 +425,25 @@ def train_clusters(groups: list[list[int]], cfg: Config, cluster_dir: Path, work
     concurrent = max_concurrent_trials(cfg, len(groups))
     log.info("training %d cluster adapter(s) in %d Train run(s), %d at a time", sum(map(len, groups)),
              len(groups), concurrent)
-    ray_root = ray_root or str(Path(work_dir).resolve())
-    trainable = ray.tune.with_parameters(_group_trial, cfg_json=cfg.model_dump(mode="json"),
-                                         cluster_dir=str(cluster_dir), work_dir=str(work_dir), ray_root=ray_root)
+    store = store or storage.store_for(cfg, work_dir)
+    sizes = list_clusters(Path(cluster_dir))
+    trainable = ray.tune.with_parameters(_group_trial, cfg_json=cfg.model_dump(mode="json"), store=store,
+                                         cluster_dir=str(cluster_dir), work_dir=str(work_dir), sizes=sizes)
+    tune_path, tune_fs = store.ray_storage(Path(work_dir) / "tune")
     name = lambda trial: _run_name(trial.config["cluster_ids"])  # noqa: E731
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         param_space={"cluster_ids": ray.tune.grid_search([list(g) for g in groups])},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=name,
                                         trial_dirname_creator=name),
-        run_config=ray.tune.RunConfig(name="train", storage_path=f"{ray_root}/tune", verbose=1,
-                                      failure_config=ray.tune.FailureConfig(max_failures=1)),
+        run_config=ray.tune.RunConfig(name="train", storage_path=tune_path, storage_filesystem=tune_fs, verbose=1,
+                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.train.trial_max_failures)),
     )
     failed = {tuple(r.config.get("cluster_ids", ())): r.error for r in tuner.fit() if r.error}
     if failed:
         ids = sorted(c for group in failed for c in group)
         raise RuntimeError(f"training failed for cluster(s) {ids}: {next(iter(failed.values()))}")
+    store.fetch(Path(work_dir) / "adapters")  # adapters the trials published (a no-op for a local store)
     return concurrent
 
 
@@ -440,7 +454,6 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path) -> Path:
     resume from their Ray Train checkpoints. Clusters the cluster stage skipped (id -1) get no adapter.
 
     Raises:
-        ConfigError: ``train.zero_stage`` is 3.
         ValueError: the cluster stage produced no cluster to train.
     """
     run_dir, cluster_dir = Path(run_dir).resolve(), Path(cluster_dir).resolve()
@@ -448,21 +461,18 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path) -> Path:
     if artifacts.is_complete(final, key):
         log.info("train: reusing %s", final)
         return final
-    if cfg.train.zero_stage == 3:
-        # ZeRO-3 shards B too: masks, projection and saving would need gathers around every step, to
-        # save memory on adapters that are tiny anyway (the frozen base is not in the optimizer).
-        raise ConfigError("train.zero_stage: 3 is not supported for LoRI adapters; use 0, 1 or 2")
     started = time.time()
     sizes = {cid: n for cid, n in list_clusters(cluster_dir).items() if cid >= 0 and n > 0}
     if not sizes:
         raise ValueError(f"{cluster_dir}: no cluster with rows to train on")
     work = run_dir / ".train_work" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    store = storage.store_for(cfg, run_dir)
+    store.fetch(work / "adapters")  # adapters a killed earlier driver's trials finished
     todo = [c for c in sorted(sizes)
             if not artifacts.is_complete(work / "adapters" / f"cluster-{c}", {**key, "cluster_id": c})]
     log.info("train: %d clusters, %d to train, %d reused (%s)", len(sizes), len(todo), len(sizes) - len(todo), work)
-    ray_root = storage.ray_storage(cfg, work, ".train_work", work.name)
     groups = pack_clusters({c: sizes[c] for c in todo}, cfg.train.clusters_per_run)
-    concurrent = train_clusters(groups, cfg, cluster_dir, work, ray_root) if todo else 0
+    concurrent = train_clusters(groups, cfg, cluster_dir, work, store) if todo else 0
     extra: dict[str, Any] = {}
     with artifacts.stage_dir(final, key, extra) as tmp:
         clusters = {}
@@ -474,8 +484,7 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path) -> Path:
         artifacts.atomic_write_json(tmp / "train_report.json", {
             "clusters": clusters, "trained": todo, "max_concurrent": concurrent, "seconds": seconds})
         extra.update(seconds=seconds, adapters={str(c): f"cluster-{c}" for c in sorted(sizes)})
-    shutil.rmtree(work, ignore_errors=True)  # Ray checkpoints + staged adapters: all now inside `final`
-    storage.remove(ray_root)
+    store.remove(work)  # Ray checkpoints + staged adapters, here and on the store: all now inside `final`
     return final
 
 

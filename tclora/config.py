@@ -154,6 +154,18 @@ class TrainSection(_Section):
     )
     checkpoint_every: int = Field(50, ge=1, description="Report a checkpoint every this many steps.")
     max_failures: int = Field(3, ge=0, description="Worker failures a trial survives (resumes from checkpoint).")
+    max_preemption_failures: int = Field(
+        -1, ge=-1, description="Node preemptions (spot reclaims, drains) a Train run survives, counted apart from "
+        "max_failures; -1: unlimited (Ray Train FailureConfig.max_preemption_failures).",
+    )
+    preemption_grace_s: float = Field(
+        0.0, ge=0, description="Seconds Ray Train lets workers on a node being preempted finish before tearing "
+        "them down (FailureConfig.preemption_grace_s); with checkpoint_every small, 0 loses little.",
+    )
+    trial_max_failures: int = Field(
+        1, ge=-1, description="Times Ray Tune retries a cluster's whole Train run after it failed for good "
+        "(tune.FailureConfig.max_failures); -1: unlimited.",
+    )
     clusters_per_run: int = Field(
         1, ge=1, description="Small clusters trained one after another in one Ray Train run (same worker, "
         "base loaded from its cache): amortises worker start-up over hundreds of clusters. Needs num_workers=1.",

@@ -324,3 +324,34 @@ def digest(fs: pafs.FileSystem, path: str) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def store_for(cfg, local_path: Path | str) -> RunStore:
+    """The run's store when ``local_path`` lies in its working copy (what every stage is handed), else a
+    plain local store rooted at ``local_path`` (a stage called on a directory of its own, as tests and the
+    sweep's per-point homes outside run.dir do)."""
+    store = open_run(cfg.run)
+    try:
+        store.relative(local_path)
+        return store
+    except ValueError:
+        local = Path(local_path).resolve()
+        return RunStore(uri=str(local), filesystem=pafs.LocalFileSystem(), root=str(local), local=local, remote=False)
+
+
+@contextlib.contextmanager
+def stage_dir_anywhere(store: RunStore, final: Path, key: dict, extra: dict | None = None) -> Iterator[Path]:
+    """:func:`tclora.artifacts.stage_dir` for code that may run on another node (a Tune trial): in place
+    for a local store; with an object store built in a local temp dir and published (manifest last) to
+    ``store.path(final)``, for the driver to :meth:`RunStore.fetch`."""
+    from tclora.artifacts import stage_dir
+
+    if not store.remote:
+        with stage_dir(final, key, extra) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="tclora-stage-") as scratch:
+        local = Path(scratch) / Path(final).name
+        with stage_dir(local, key, extra) as tmp:
+            yield tmp
+        upload_dir(local, store.filesystem, store.path(final))

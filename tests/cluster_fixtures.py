@@ -179,7 +179,8 @@ def ray_cluster(tmp_path_factory, seaweedfs):
     token.write_text(secrets.token_hex(32))
     gcs, dash = free_port(), free_port()
     env = {**os.environ, **seaweedfs["env"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}  # `tclora` for a job's entrypoint
     env.pop("RAY_ADDRESS", None)
     log = base / "ray_start.log"
     try:

@@ -1,0 +1,133 @@
+"""Runs on real infrastructure, each the whole tiny demo pipeline in a subprocess (`tclora run`, as users do):
+
+- ``run.dir=s3://...`` on a real S3 server (SeaweedFS): every output read back from the bucket, nothing
+  written to a local directory named ``s3:``;
+- a two-node Ray cluster whose second node cannot see the driver's working copy, the merge/eval actor
+  forced onto that node: same adapters and scores as the single-node run (1e-6);
+- ``ray job submit --runtime-env cluster_configs/runtime_env.yaml -- tclora run ...`` against that head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import yaml
+from safetensors.numpy import load as load_safetensors
+
+from tests.cluster_fixtures import BIN, EVAL_NODE_RESOURCE
+from tests.helpers import demo_run_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT = 900
+
+
+def _config(tmp: Path, base: Path, seaweedfs: dict, name: str, local_dir: Path, **sections) -> Path:
+    raw = demo_run_config(Path("unused"), base, **sections)
+    raw["run"].update(dir=f"s3://{seaweedfs['bucket']}/runs/{name}", local_dir=str(local_dir),
+                      storage_options={"endpoint": seaweedfs["endpoint"]})
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _tclora_run(config: Path, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    out = subprocess.run([str(BIN / "tclora"), "run", "--config", str(config)], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert out.returncode == 0, f"tclora run failed:\n{out.stdout[-4000:]}\n{out.stderr[-8000:]}"
+    return out
+
+
+def _read(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _outputs(fs: pafs.FileSystem, root: str) -> dict:
+    """What a run left in the bucket: metrics, every adapter's tensors, the stage manifests."""
+    files = {f.path[len(root) + 1:] for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if f.type == pafs.FileType.File}
+    adapters = {p: load_safetensors(_read(fs, f"{root}/{p}")) for p in files
+                if p.startswith("train/cluster-") and p.endswith(".safetensors")}
+    return {"files": files, "metrics": json.loads(_read(fs, f"{root}/metrics.json")), "adapters": adapters,
+            "merge_eval": json.loads(_read(fs, f"{root}/merge_eval/manifest.json"))}
+
+
+def _scores(tree, prefix="") -> dict[str, float]:
+    """Every number in ``metrics["eval"]``, by dotted key."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _scores(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix.rstrip("."): float(tree)}
+    return {}
+
+
+@pytest.fixture(scope="module")
+def single_node_s3_run(tmp_path_factory, tiny_base, seaweedfs):
+    """The tiny demo with run.dir on the bucket, Ray started locally by tclora itself (address "local")."""
+    tmp = tmp_path_factory.mktemp("s3run")
+    env = {**os.environ, **seaweedfs["env"], "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    config = _config(tmp, tiny_base, seaweedfs, "single", tmp / "working-copy")
+    out = _tclora_run(config, env, cwd=tmp)
+    return {"tmp": tmp, "log": out.stderr, "outputs": _outputs(seaweedfs["filesystem"], "tclora/runs/single")}
+
+
+def test_s3_run_dir_outputs_are_read_back_from_the_bucket(single_node_s3_run):
+    run = single_node_s3_run
+    out, files = run["outputs"], run["outputs"]["files"]
+    for name in ("metrics.json", "report.md", "merge_comparison.png", "embed/manifest.json",
+                 "embed/quarantine/rows.jsonl", "train/manifest.json", "train/train_report.json",
+                 "merge_eval/manifest.json", "merge_eval/eval.json", "corpus/train.jsonl"):
+        assert name in files, f"{name} missing from the bucket"
+    assert any(f.startswith("embed/embeddings/") and f.endswith(".parquet") for f in files)
+    assert any(f.startswith("cluster/") and f.endswith("centroids.npy") for f in files)
+    assert any(f.startswith("merge_eval/merges/cp/") for f in files)
+    assert len(out["adapters"]) == 2  # k=2: one adapter per cluster
+    assert not any(f.startswith(".staging/") or "/.train_work/" in f or f.startswith(".train_work/") for f in files)
+    assert out["metrics"]["data"]["rows"] > 0 and "cp" in out["metrics"]["eval"]
+    assert not (run["tmp"] / "s3:").exists(), "run.dir=s3://... must never become a local directory 's3:'"
+    assert "starting a local instance" in run["log"]
+
+
+def test_two_node_run_equals_the_single_node_run(tmp_path, tiny_base, seaweedfs, ray_cluster, single_node_s3_run):
+    # The driver's working copy lies in the directory the second node sees as an empty tmpfs.
+    config = _config(tmp_path, tiny_base, seaweedfs, "two-node", ray_cluster["hidden"] / "two-node",
+                     eval={"resources": {EVAL_NODE_RESOURCE: 1}})
+    out = _tclora_run(config, ray_cluster["env"], cwd=tmp_path)
+    assert "connecting to the cluster" in out.stderr
+    two, one = _outputs(seaweedfs["filesystem"], "tclora/runs/two-node"), single_node_s3_run["outputs"]
+
+    nodes = json.loads(subprocess.run([str(BIN / "ray"), "list", "nodes", "--format", "json", "--address",
+                                       ray_cluster["dashboard"]], env=ray_cluster["env"], capture_output=True,
+                                      text=True, timeout=120, check=True).stdout)
+    eval_node = [n["node_id"] for n in nodes if EVAL_NODE_RESOURCE in (n.get("resources_total") or {})]
+    assert two["merge_eval"]["node_id"] == eval_node[0], "the merge/eval actor ran off the second node"
+
+    assert sorted(two["adapters"]) == sorted(one["adapters"])
+    for name, tensors in one["adapters"].items():
+        for key, value in tensors.items():
+            np.testing.assert_allclose(two["adapters"][name][key], value, atol=1e-6, rtol=0, err_msg=f"{name}:{key}")
+    a, b = _scores(one["metrics"]["eval"]), _scores(two["metrics"]["eval"])
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert abs(a[key] - b[key]) <= 1e-6, f"eval.{key}: single node {a[key]}, two nodes {b[key]}"
+
+
+def test_ray_job_submit_with_the_shipped_runtime_env(tmp_path, tiny_base, seaweedfs, ray_cluster):
+    config = _config(tmp_path, tiny_base, seaweedfs, "job", ray_cluster["hidden"] / "job")
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
+           "--runtime-env", "cluster_configs/runtime_env.yaml", "--", "tclora", "run", "--config", str(config)]
+    out = subprocess.run(cmd, env=ray_cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, \
+        f"job failed:\n{out.stdout[-6000:]}\n{out.stderr[-4000:]}"
+    assert "Failed to merge the Job's runtime env" not in out.stdout
+    metrics = json.loads(_read(seaweedfs["filesystem"], "tclora/runs/job/metrics.json"))
+    assert "cp" in metrics["eval"] and metrics["data"]["rows"] > 0
