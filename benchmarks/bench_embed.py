@@ -102,7 +102,7 @@ def main() -> None:
         sources = synthetic_corpus(work / "corpus.jsonl", args.rows)
         result["runs"]["plain"] = time_plain(sources, args.model)
         print("plain", result["runs"]["plain"], flush=True)
-        ray.init(include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
         for n in args.actors:
             run = time_ray(work / "corpus.jsonl", args.rows, n, args.batch_size, work)

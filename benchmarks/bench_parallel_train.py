@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.smoke else DemoBaseSpec()
     base = build_demo_base(None, spec)
     num_cpus = args.num_cpus or os.cpu_count() or 2
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     cpus_per_worker = round(min(1.0, num_cpus / k - 0.1), 2)
     result = {"benchmark": "parallel_train", "smoke": args.smoke, "machine": machine_info(),

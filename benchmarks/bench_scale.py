@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = build_demo_base(None, DemoBaseSpec(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=60,
                                               batch=16, seq_len=64))
-    ray.init(num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     result = {"benchmark": "scale", "smoke": args.smoke, "machine": machine_info(),
               "config": {"ks": ks, "tasks": tasks, "rows_per_task": rows_per_task, "rows": tasks * rows_per_task,

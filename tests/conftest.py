@@ -23,7 +23,7 @@ def ray_session():
 
     if not ray.is_initialized():
         # More logical CPUs than cores: Tune trials and their Train workers must not deadlock on 2 cores.
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
