@@ -170,6 +170,11 @@ class TrainSection(_Section):
         1, ge=1, description="Small clusters trained one after another in one Ray Train run (same worker, "
         "base loaded from its cache): amortises worker start-up over hundreds of clusters. Needs num_workers=1.",
     )
+    fused: bool = Field(
+        True, description="A run's packed clusters (clusters_per_run > 1) train together in one forward/backward "
+        "pass, each row through its own cluster's LoRI factors (tclora.multi_lori; each adapter equals the one "
+        "trained alone); false trains them one after another.",
+    )
 
     @field_validator("zero_stage")
     @classmethod

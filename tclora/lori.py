@@ -62,20 +62,29 @@ def _module_seed(seed: int, module_name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63)
 
 
-def init_lori_(model: PeftModel, seed: int) -> None:
-    """Draw every A from its (seed, module name) stream, freeze it, zero B."""
+def init_lori_(model: PeftModel, seed: int, train_a: bool = False) -> None:
+    """Draw every A from its (seed, module name) stream, freeze it (unless ``train_a``: plain LoRA), zero B."""
     for name, module in model.named_modules():
         if not hasattr(module, "lora_A") or not isinstance(module.lora_A, nn.ModuleDict):
             continue
         for adapter, lin_a in module.lora_A.items():
             weight = lin_a.weight  # (r, d_in)
-            gen = torch.Generator().manual_seed(_module_seed(seed, _base_name(name)))
-            bound = 1.0 / math.sqrt(weight.shape[1])  # same scale as LoRA's kaiming-uniform A
-            a = (torch.rand(weight.shape, generator=gen) * 2 - 1) * bound
+            a = random_a(seed, _base_name(name), tuple(weight.shape))
             with torch.no_grad():
                 weight.copy_(a.to(weight.dtype))
                 module.lora_B[adapter].weight.zero_()
-            weight.requires_grad_(False)
+            weight.requires_grad_(train_a)
+
+
+def random_a(seed: int, module_name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """LoRI's frozen A of one module, float32 of ``shape`` (r, d_in), drawn from (seed, module name).
+
+    Uniform in ±1/sqrt(d_in), LoRA's kaiming-uniform scale. The one definition of A: PEFT-attached
+    adapters (:func:`init_lori_`) and fused groups (:mod:`tclora.multi_lori`) draw the same matrix.
+    """
+    gen = torch.Generator().manual_seed(_module_seed(seed, module_name))
+    bound = 1.0 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
 
 def _base_name(peft_module_name: str) -> str:
@@ -86,12 +95,14 @@ def _base_name(peft_module_name: str) -> str:
 def attach_lori(model: nn.Module, cfg: LoRISection, seed: int, base_model_name_or_path: str | None = None) -> PeftModel:
     """Wrap ``model`` with a LoRI adapter: seeded frozen A, zero trainable B.
 
+    ``cfg.mode == "lora"``: plain LoRA (TC-LoRA's adapters), the same seeded A but trainable.
+
     Raises:
         ValueError: a target module name does not exist in the model.
     """
     check_target_modules(model, cfg.target_modules)
     peft_model = get_peft_model(model, lora_config(cfg, base_model_name_or_path))
-    init_lori_(peft_model, seed)
+    init_lori_(peft_model, seed, train_a=cfg.mode == "lora")
     return peft_model
 
 
@@ -139,8 +150,11 @@ def _top_fraction(values: torch.Tensor, fraction: float) -> torch.Tensor:
 class MaskedB:
     """Keeps masked B entries exactly zero: zero their gradients and project after each step."""
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
-        self.params = lora_b_params(model)
+    def __init__(self, model: nn.Module | None, masks: dict[str, torch.Tensor],
+                 params: dict[str, nn.Parameter] | None = None):
+        """``params``: the B's to mask, keyed like ``masks`` (default: ``lora_b_params(model)``; a fused
+        group passes its stacked (T, d_out, r) B's with stacked masks)."""
+        self.params = params if params is not None else lora_b_params(model)
         missing = sorted(set(masks) ^ set(self.params))
         if missing:
             raise ValueError(f"mask and model disagree on adapted modules: {missing[:5]}")

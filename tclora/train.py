@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -64,6 +64,12 @@ def lori_phases(train: TrainSection, lori_cfg: LoRISection) -> list[Phase]:
     return phases
 
 
+def causal_lm_loss(engine: Engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """The model's own loss (mean over label tokens); the loss and the value to record."""
+    loss = engine(**batch).loss
+    return loss, loss.item()
+
+
 def train_loop(
     engine: Engine,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -71,12 +77,15 @@ def train_loop(
     *,
     masked: lori.MaskedB | None = None,
     start_step: int = 0,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, Any], None] | None = None,
     desc: str = "train",
-) -> list[float]:
-    """Run optimizer steps ``start_step .. steps-1``; returns the losses.
+    loss_fn: Callable[[Engine, dict[str, torch.Tensor]], tuple[torch.Tensor, Any]] = causal_lm_loss,
+) -> list:
+    """Run optimizer steps ``start_step .. steps-1``; returns the recorded losses.
 
-    ``on_step(step, loss)`` runs after each step (the Ray worker reports and checkpoints there).
+    ``loss_fn(engine, batch)`` gives the loss to backpropagate and the value recorded per step (a float;
+    a fused group of adapters records one loss per adapter: :func:`tclora.multi_lori.routed_loss`).
+    ``on_step(step, recorded)`` runs after each step (the Ray worker reports and checkpoints there).
     """
     engine.module.train()
     device = next(engine.module.parameters()).device
@@ -85,13 +94,13 @@ def train_loop(
     bar = tqdm(range(start_step, steps), desc=desc, leave=False, disable=None)
     for step in bar:
         batch = {k: v.to(device) for k, v in next(it).items()}
-        loss = engine(**batch).loss
+        loss, recorded = loss_fn(engine, batch)
         engine.backward(loss)
         engine.step()
         if masked is not None:
             masked.project_()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses.append(recorded)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
         if on_step is not None:
             on_step(step, losses[-1])
     return losses

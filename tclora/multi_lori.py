@@ -1,0 +1,334 @@
+"""Many LoRI adapters on one base copy, trained in one forward/backward pass (fused training).
+
+The approach of mLoRA (arXiv 2312.02515) and LoRAFusion (arXiv 2510.00206): a step concatenates the
+micro-batch each adapter would see alone into one batch of T segments; every adapted linear layer adds
+``s · B_t A_t x`` to the rows of segment t only, as two batched matmuls over the T adapters:
+
+    x (T·b, L, d_in) → (T, b·L, d_in) ─bmm Aᵀ (T, d_in, r)→ (T, b·L, r) ─bmm Bᵀ (T, r, d_out)→ (T, b·L, d_out)
+
+PEFT's own mixed-batch forward (``adapter_names=``) refuses training mode (peft 0.21,
+``tuners/lora/model.py``), hence this small layer. Exactness against solo training:
+
+- loss: adapter t's loss is the mean token cross-entropy over its own rows (what the model's loss is
+  for its solo batch); the group's loss is the *sum* over adapters, so ∂loss/∂B_t is adapter t's solo
+  gradient (B_t touches only its rows; no other term depends on it);
+- optimizer: AdamW is element-wise, so one optimizer over the stacked B's is T independent ones with
+  equal hyperparameters (the group shares the phase schedule and learning rates);
+- masks: LoRI's global top-(1-s) |B| ranks adapter t's B's only (:meth:`LoRIGroup.extract_masks`);
+- padding: segments are right-padded to a common width; causal attention with the attention mask
+  leaves real positions unchanged (float rounding aside) and padded labels are -100.
+
+Adapters are saved one by one through the single-adapter path (:func:`tclora.lori.save_lori_adapter`
+on a PEFT adapter holding adapter t's A and B), so files are identical in layout to solo saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tclora import lori
+from tclora.config import LoRISection
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "lori_group.safetensors"
+
+
+def adapter_masks(masks: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+    """Adapter t's masks, keyed by module, out of a group's (:meth:`LoRIGroup.extract_masks`)."""
+    prefix = f"{t}/"
+    return {key[len(prefix):]: m for key, m in masks.items() if key.startswith(prefix)}
+
+
+class RoutedLoRILinear(nn.Module):
+    """A frozen linear layer plus T LoRI adapters; rows of segment t of the batch see adapter t only.
+
+    Args:
+        base_layer: the model's ``nn.Linear`` (d_in → d_out), kept frozen.
+        a: (T, r, d_in) frozen random A's.
+        scaling: LoRA's α / r.
+    """
+
+    def __init__(self, base_layer: nn.Linear, a: torch.Tensor, scaling: float):
+        super().__init__()
+        self.base_layer = base_layer
+        n, rank, _ = a.shape
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=False)
+        self.lora_B = nn.Parameter(torch.zeros(n, w.shape[0], rank, device=w.device, dtype=w.dtype))
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        n = self.lora_A.shape[0]
+        if x.shape[0] % n:
+            raise ValueError(f"a fused batch has {x.shape[0]} rows, not a multiple of its {n} adapters")
+        xs = x.reshape(n, -1, x.shape[-1]).to(self.lora_A.dtype)  # (T, b·L, d_in): segment t → adapter t
+        delta = torch.bmm(torch.bmm(xs, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2))
+        return out + (delta * self.scaling).reshape(out.shape).to(out.dtype)
+
+
+class LoRIGroup:
+    """T LoRI adapters attached to one base model in place (``group.model`` is that model).
+
+    Adapter t has its own frozen A drawn from ``seeds[t]`` (the same matrices :func:`lori.attach_lori`
+    draws) and a trainable B starting at zero. Only the B's train; the base is frozen while attached
+    and :meth:`detach` gives it back untouched.
+
+    Raises:
+        ValueError: no seeds, or a target module name the model lacks (naming ``lori.target_modules``).
+    """
+
+    def __init__(self, model: nn.Module, cfg: LoRISection, seeds: Sequence[int]):
+        if cfg.mode == "lora":  # fused groups share one frozen A per seed; plain LoRA trains its own A
+            raise ValueError("lori.mode=lora (trainable A) cannot be trained fused: set train.fused=false")
+        if not seeds:
+            raise ValueError("a LoRI group needs at least one adapter seed")
+        if cfg.mode not in ("lori_d", "lori_s"):  # plain LoRA trains A, which a group holds frozen
+            raise ValueError(f"lori.mode={cfg.mode!r}: a fused group trains LoRI adapters (lori_d, lori_s) only")
+        lori.check_target_modules(model, cfg.target_modules)
+        self.model, self.cfg, self.seeds = model, cfg, list(seeds)
+        self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets = set(cfg.target_modules)
+        self.layers: dict[str, RoutedLoRILinear] = {}
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                shape = (cfg.rank, module.in_features)
+                a = torch.stack([lori.random_a(seed, name, shape) for seed in self.seeds])
+                self.layers[name] = RoutedLoRILinear(module, a, cfg.alpha / cfg.rank)
+        self._swap(routed=True)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def _swap(self, routed: bool) -> None:
+        for name, layer in self.layers.items():
+            parent_name, _, leaf = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, leaf, layer if routed else layer.base_layer)
+
+    def lora_b_params(self) -> dict[str, nn.Parameter]:
+        """Stacked B's, (T, d_out, r), keyed by base-model module name."""
+        return {name: layer.lora_B for name, layer in self.layers.items()}
+
+    def adapter_b(self, t: int) -> dict[str, torch.Tensor]:
+        """Adapter t's B's, (d_out, r) views of the stacked parameters."""
+        return {name: layer.lora_B[t] for name, layer in self.layers.items()}
+
+    def adapter_a(self, t: int) -> dict[str, torch.Tensor]:
+        return {name: layer.lora_A[t] for name, layer in self.layers.items()}
+
+    def a_shapes(self) -> dict[str, tuple[int, int]]:
+        """Each adapted module's A shape (r, d_in), as :func:`lori.lora_a_shapes` gives for one adapter."""
+        return {name: tuple(layer.lora_A.shape[1:]) for name, layer in self.layers.items()}
+
+    def extract_masks(self, sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+        """The group's LoRI masks, each adapter's ranked over its own B's only (LoRI's global top-(1-s)
+        |B| per task). Keyed ``"<t>/<module>"`` (:func:`adapter_masks` picks adapter t's), a flat dict
+        so :func:`lori.save_masks` stores a group's masks like one adapter's."""
+        return {f"{t}/{name}": m for t in range(len(self))
+                for name, m in lori.extract_masks(self.adapter_b(t), sparsity, scope).items()}
+
+    def masked(self, masks: dict[str, torch.Tensor]) -> lori.MaskedB:
+        """:class:`lori.MaskedB` over the stacked B's with the adapters' masks stacked (T, d_out, r).
+
+        Raises:
+            ValueError: ``masks`` lacks an adapter's module (masks of another group).
+        """
+        missing = sorted({f"{t}/{n}" for t in range(len(self)) for n in self.layers} - set(masks))
+        if missing:
+            raise ValueError(f"group masks lack {missing[:3]} ({len(missing)} in all): masks of another group?")
+        stacked = {name: torch.stack([masks[f"{t}/{name}"] for t in range(len(self))]) for name in self.layers}
+        return lori.MaskedB(None, stacked, params=self.lora_b_params())
+
+    def save_adapter(self, t: int, out_dir: str | Path, masks: dict[str, torch.Tensor] | None, meta: dict,
+                     base_model_name_or_path: str | None = None) -> Path:
+        """Adapter t as a plain PEFT LoRI adapter, through the single-adapter save path.
+
+        A PEFT LoRI adapter is attached with adapter t's seed (so its A is the same draw), given adapter
+        t's B, saved by :func:`lori.save_lori_adapter` and unloaded; the group is then re-attached.
+        """
+        self._swap(routed=False)
+        try:
+            peft_model = lori.attach_lori(self.model, self.cfg, self.seeds[t], base_model_name_or_path)
+            b, a = self.adapter_b(t), self.adapter_a(t)
+            with torch.no_grad():
+                for name, module in peft_model.named_modules():
+                    if hasattr(module, "lora_B") and isinstance(module.lora_B, nn.ModuleDict):
+                        key = lori._base_name(name)
+                        peft_a = module.lora_A["default"].weight
+                        if not torch.equal(peft_a.to(a[key].dtype), a[key]):  # same seed, same draw
+                            raise RuntimeError(f"adapter {t}: A of {key} differs from its seeded draw")
+                        module.lora_B["default"].weight.copy_(b[key])
+            out = lori.save_lori_adapter(peft_model, out_dir, masks, meta)
+            peft_model.unload()
+        finally:
+            self._swap(routed=True)
+            for p in self.model.parameters():  # PEFT froze/unfroze the base while attached: frozen again
+                p.requires_grad_(False)
+            for layer in self.layers.values():
+                layer.lora_B.requires_grad_(True)
+        return out
+
+    def detach(self) -> nn.Module:
+        """The base model without the group's layers and with its parameters' grad flags restored."""
+        self._swap(routed=False)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._grad_flags.get(n, p.requires_grad))
+        return self.model
+
+
+def concat_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One fused batch: T collated micro-batches (each (b, L_t), equal b) right-padded to max L_t.
+
+    Returns ``input_ids``, ``labels`` (padding -100) and ``attention_mask`` (padding 0), shape (T·b, L).
+
+    Raises:
+        ValueError: the micro-batches differ in their number of rows.
+    """
+    rows = {b["input_ids"].shape[0] for b in batches}
+    if len(rows) != 1:
+        raise ValueError(f"fused micro-batches must have equal rows per adapter, got {sorted(rows)}")
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0}
+    return {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches])
+            for key, value in fill.items()}
+
+
+def adapter_losses(logits: torch.Tensor, labels: torch.Tensor, n_adapters: int) -> torch.Tensor:
+    """(T,) next-token cross-entropy, each the mean over its own segment's label tokens (float32, as
+    Hugging Face's causal-LM loss computes it for a solo batch).
+
+    Args:
+        logits: (T·b, L, V). labels: (T·b, L), -100 where no loss is taken.
+    """
+    target = labels[:, 1:]
+    tokens = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                             ignore_index=-100, reduction="none").view(target.shape)
+    sums = tokens.sum(1).view(n_adapters, -1).sum(1)
+    counts = (target != -100).sum(1).view(n_adapters, -1).sum(1)
+    return sums / counts.clamp(min=1)
+
+
+def routed_loss(n_adapters: int):
+    """``loss_fn`` for :func:`tclora.train.train_loop`: backpropagates the sum of the adapters' losses
+    and records the list of per-adapter losses."""
+
+    def loss_fn(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = adapter_losses(logits, batch["labels"], n_adapters)
+        return losses.sum(), losses.tolist()
+
+    return loss_fn
+
+
+def save_checkpoint(path: str | Path, group: LoRIGroup, optimizer: torch.optim.Optimizer | None,
+                    masks: dict[str, torch.Tensor] | None, state: dict) -> Path:
+    """The group's training state in one safetensors file: stacked B's, optimizer moments, masks, and
+    ``state`` (JSON: phase, step, losses ...) in its metadata. A is not stored: it is redrawn from seeds."""
+    tensors = {f"B/{n}": b.detach().cpu().contiguous() for n, b in group.lora_b_params().items()}
+    meta = {"state": json.dumps(state), "seeds": json.dumps(group.seeds)}
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        for index, values in opt["state"].items():
+            tensors.update({f"optim/{index}/{k}": torch.as_tensor(v).cpu() for k, v in values.items()})
+        meta["param_groups"] = json.dumps(opt["param_groups"])
+    tensors.update({f"mask/{key}": m.cpu() for key, m in (masks or {}).items()})
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / CHECKPOINT_FILE), metadata=meta)
+    return path
+
+
+def load_checkpoint(path: str | Path, group: LoRIGroup, optimizer: torch.optim.Optimizer | None
+                    ) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """Restore B's (and the optimizer's moments) saved by :func:`save_checkpoint`; returns (masks, state).
+
+    Raises:
+        ValueError: the checkpoint was saved for other seeds (another group of adapters).
+    """
+    file = str(Path(path) / CHECKPOINT_FILE)
+    with safe_open(file, framework="pt") as f:
+        meta = f.metadata()
+    if json.loads(meta["seeds"]) != group.seeds:
+        raise ValueError(f"{file}: saved for adapter seeds {meta['seeds']}, this group has {group.seeds}")
+    tensors = load_file(file)
+    with torch.no_grad():
+        for name, b in group.lora_b_params().items():
+            b.copy_(tensors[f"B/{name}"])
+    if optimizer is not None and "param_groups" in meta:
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optim/"):
+                _, index, field = key.split("/", 2)
+                state.setdefault(int(index), {})[field] = value
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    masks = {key.removeprefix("mask/"): v for key, v in tensors.items() if key.startswith("mask/")}
+    return masks or None, json.loads(meta["state"])
+
+
+def train_lori_group(
+    model: nn.Module,
+    tokenizer,
+    record_sets: Sequence[Sequence[dict]],
+    lori_cfg: LoRISection,
+    train_cfg,
+    *,
+    seeds: Sequence[int],
+    out_dirs: Sequence[str | Path],
+    max_length: int,
+    base_model_name_or_path: str | None = None,
+    make_engine=None,
+) -> list[dict]:
+    """Fused :func:`tclora.train.train_lori_adapter`: T adapters, one forward/backward per step.
+
+    Adapter t sees exactly the batches it would see alone (``data.batches(record_sets[t], ...,
+    seed=seeds[t])`` per phase) and is saved to ``out_dirs[t]`` in the same PEFT layout. ``model`` is
+    left as it came in. Returns each adapter's ``lori.json`` metadata.
+    """
+    import time
+
+    from tclora import data
+    from tclora.train import TorchEngine, lori_phases, train_loop
+
+    if not len(record_sets) == len(seeds) == len(out_dirs):
+        raise ValueError(f"{len(record_sets)} record sets, {len(seeds)} seeds, {len(out_dirs)} output dirs")
+    make_engine = make_engine or (lambda m, lr: TorchEngine(m, lr, train_cfg.weight_decay))
+    group, started = LoRIGroup(model, lori_cfg, seeds), time.time()
+    metas = [{"seed": s, "rank": lori_cfg.rank, "alpha": lori_cfg.alpha, "mode": lori_cfg.mode, "fused": len(seeds),
+              "sparsity": lori_cfg.sparsity, "mask_scope": lori_cfg.mask_scope, "rows": len(r)}
+             for s, r in zip(seeds, record_sets)]
+    masks, masked = None, None
+    for phase in lori_phases(train_cfg, lori_cfg):
+        if phase.name == "sparse":
+            masks = group.extract_masks(lori_cfg.sparsity, lori_cfg.mask_scope)
+            masked = group.masked(masks)
+            masked.reset_()
+        streams = [data.batches(r, tokenizer, train_cfg.batch_size, max_length, phase.steps, seed=s)
+                   for r, s in zip(record_sets, seeds)]
+        fused = (concat_batches(step, tokenizer.pad_token_id) for step in zip(*streams))
+        losses = train_loop(make_engine(group.model, phase.lr), fused, phase.steps, masked=masked,
+                            loss_fn=routed_loss(len(group)), desc=f"LoRI {phase.name} x{len(group)}")
+        for t, meta in enumerate(metas):
+            mine = [step[t] for step in losses]
+            meta[f"{phase.name}_loss_first"], meta[f"{phase.name}_loss_last"] = mine[0], sum(mine[-10:]) / len(mine[-10:])
+    if masked is not None:
+        masked.remove()
+    seconds = round(time.time() - started, 2)
+    for t, meta in enumerate(metas):
+        if masks is not None:
+            meta["parameters"] = lori.parameter_counts(adapter_masks(masks, t), group.a_shapes())
+        meta["seconds"] = seconds
+        group.save_adapter(t, out_dirs[t], adapter_masks(masks, t) if masks else None, meta, base_model_name_or_path)
+    group.detach()
+    return metas

@@ -1,0 +1,239 @@
+"""Fused LoRI groups: each adapter equals the one trained alone (PEFT's own LoRA forward, the solo
+recipe ``train_lori_adapter``), LoRI invariants per adapter, rows routed, resume equals uninterrupted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from tclora import data, demo_corpus, lori, multi_lori
+from tclora.config import LoRISection, TrainSection
+from tclora.train import TorchEngine, train_lori_adapter, train_loop
+
+LORI = LoRISection(rank=4, alpha=8, sparsity=0.8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+TRAIN = TrainSection(steps=12, sparse_steps=10, batch_size=4, lr=3e-3, sparse_lr_multiplier=3.0, weight_decay=0.01)
+SEEDS = [5, 6, 7]
+MAX_LENGTH = 32
+# float32 on CPU: fused and solo differ only by summation order in the matmuls (measured max |ΔB| 1e-7
+# with |B| up to 0.14 after 22 AdamW steps).
+ATOL, RTOL = 1e-6, 1e-5
+
+
+def _records() -> list[list[dict]]:
+    """Three demo families' training rows (20 each). Payloads of 3-5 words under varied templates: the
+    adapters' micro-batches have different widths, so fusing pads them."""
+    rows = demo_corpus.generate_split("train", 20, seed=0)
+    tasks = sorted({r["task_name"] for r in rows})[:3]
+    return [[r for r in rows if r["task_name"] == task] for task in tasks]
+
+
+RECORDS = _records()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, tmp_path_factory):
+    """The three adapters trained alone (the solo recipe, PEFT layers) and fused in one group."""
+    from tclora.models import load_base
+
+    root = tmp_path_factory.mktemp("multi-lori")
+    for t, seed in enumerate(SEEDS):
+        model, tok = load_base(str(tiny_base))
+        train_lori_adapter(model, tok, RECORDS[t], LORI, TRAIN, seed=seed, out_dir=root / f"solo-{t}",
+                           max_length=MAX_LENGTH, base_model_name_or_path=str(tiny_base))
+    model, tok = load_base(str(tiny_base))
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    metas = multi_lori.train_lori_group(model, tok, RECORDS, LORI, TRAIN, seeds=SEEDS,
+                                        out_dirs=[root / f"fused-{t}" for t in range(3)], max_length=MAX_LENGTH,
+                                        base_model_name_or_path=str(tiny_base))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)  # base untouched
+    return root, metas
+
+
+@pytest.mark.parametrize("t", range(3))
+def test_fused_adapter_equals_solo_adapter(trained, t):
+    root, _ = trained
+    solo, fused = root / f"solo-{t}", root / f"fused-{t}"
+    # Same files, same config bytes: the fused group saves through the single-adapter path.
+    assert sorted(p.name for p in fused.iterdir()) == sorted(p.name for p in solo.iterdir())
+    assert (fused / "adapter_config.json").read_bytes() == (solo / "adapter_config.json").read_bytes()
+    want, got = load_file(str(solo / "adapter_model.safetensors")), load_file(str(fused / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype == torch.float32
+        torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=RTOL, msg=key)
+        if "lora_A" in key:
+            assert torch.equal(got[key], want[key])  # A is the seeded draw, never trained
+    want_masks, got_masks = lori.load_masks(solo), lori.load_masks(fused)
+    assert want_masks.keys() == got_masks.keys() and all(torch.equal(want_masks[k], got_masks[k]) for k in want_masks)
+    solo_meta, fused_meta = (json.loads((d / lori.LORI_FILE).read_text()) for d in (solo, fused))
+    for key in ("dense_loss_first", "dense_loss_last", "sparse_loss_first", "sparse_loss_last"):
+        assert fused_meta[key] == pytest.approx(solo_meta[key], rel=1e-5)
+    assert fused_meta["parameters"] == solo_meta["parameters"]
+
+
+@pytest.mark.parametrize("t", range(3))
+def test_fused_adapters_keep_lori_invariants_and_load_in_peft(trained, tiny_base, t):
+    from tclora.models import load_base
+
+    root, _ = trained
+    adapter = root / f"fused-{t}"
+    model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(adapter))
+    masks = lori.load_masks(adapter)
+    b = lori.lora_b_params(model)
+    assert b.keys() == masks.keys()
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round((1 - LORI.sparsity) * total)  # this adapter's own top-k
+    for name, weight in b.items():
+        assert torch.count_nonzero(weight[~masks[name]]) == 0, name  # masked B exactly zero
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and isinstance(module.lora_A, torch.nn.ModuleDict):
+            key = name.removeprefix("base_model.model.")
+            expected = lori.random_a(SEEDS[t], key, tuple(module.lora_A["default"].weight.shape))
+            assert torch.equal(module.lora_A["default"].weight, expected), key
+    # The group's masks are per adapter: each adapter ranks its own B's, so they differ between adapters.
+    others = [lori.load_masks(root / f"fused-{u}") for u in range(3) if u != t]
+    assert all(any(not torch.equal(masks[k], o[k]) for k in masks) for o in others)
+
+
+def _fused_batch(tok, step_seed: int = 0) -> dict[str, torch.Tensor]:
+    batches = [next(data.batches(RECORDS[t], tok, 4, MAX_LENGTH, 1, seed=step_seed + t)) for t in range(3)]
+    return multi_lori.concat_batches(batches, tok.pad_token_id)
+
+
+def test_rows_of_one_adapter_never_touch_another_adapters_gradient(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+    with torch.no_grad():  # non-zero B's, so every adapter's output depends on its rows
+        for b in group.lora_b_params().values():
+            b.normal_(std=0.1)
+    batch = _fused_batch(tok)
+
+    def grads(batch, only: int | None = None) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        losses = multi_lori.adapter_losses(out.logits, batch["labels"], len(group))
+        (losses.sum() if only is None else losses[only]).backward()
+        return {n: b.grad.clone() for n, b in group.lora_b_params().items()}
+
+    full = grads(batch)
+    # Adapter 0's loss alone: every other adapter's B gets an exactly zero gradient.
+    alone = grads(batch, only=0)
+    for name, g in alone.items():
+        assert torch.count_nonzero(g[1:]) == 0, name
+        assert torch.count_nonzero(g[0]) > 0, name
+    # Changing adapter 1's rows changes adapter 1's gradient and leaves 0's and 2's bit-identical.
+    other = dict(batch)
+    other["input_ids"] = batch["input_ids"].clone()
+    segment = batch["input_ids"].shape[0] // 3
+    real = batch["attention_mask"][segment : 2 * segment].bool()
+    other["input_ids"][segment : 2 * segment][real] = torch.roll(batch["input_ids"][segment : 2 * segment][real], 1)
+    changed = grads(other)
+    for name in full:
+        assert torch.equal(changed[name][0], full[name][0]) and torch.equal(changed[name][2], full[name][2]), name
+        assert not torch.equal(changed[name][1], full[name][1]), name
+    assert group.detach() is model and not any(isinstance(m, multi_lori.RoutedLoRILinear) for m in model.modules())
+
+
+def test_padding_to_the_group_width_leaves_the_loss_unchanged(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    batch = next(data.batches(RECORDS[0], tok, 4, MAX_LENGTH, 1, seed=0))
+    fill = {"input_ids": tok.pad_token_id, "labels": -100, "attention_mask": 0}
+    padded = {k: torch.nn.functional.pad(v, (0, 9), value=fill[k]) for k, v in batch.items()}
+    wide = multi_lori.concat_batches([batch, padded], tok.pad_token_id)  # the same rows, 9 wider, twice
+    with torch.no_grad():
+        solo = model(**batch).loss
+        fused = multi_lori.adapter_losses(model(input_ids=wide["input_ids"], attention_mask=wide["attention_mask"]).logits,
+                                          wide["labels"], 2)
+    torch.testing.assert_close(fused, solo.expand(2), atol=1e-6, rtol=1e-6)
+
+
+def test_bad_group_input_is_named(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    with pytest.raises(ValueError, match="lori.target_modules"):
+        multi_lori.LoRIGroup(model, LoRISection(target_modules=["qkv_proj"]), SEEDS)
+    a = next(data.batches(RECORDS[0], tok, 4, MAX_LENGTH, 1))
+    b = next(data.batches(RECORDS[1], tok, 3, MAX_LENGTH, 1))
+    with pytest.raises(ValueError, match="equal rows per adapter"):
+        multi_lori.concat_batches([a, b], tok.pad_token_id)
+    group = multi_lori.LoRIGroup(model, LORI, SEEDS[:2])
+    with pytest.raises(ValueError, match="not a multiple of its 2 adapters"):
+        model(input_ids=a["input_ids"][:3])
+
+
+def _run(tiny_base, tmp_path, stop: int | None):
+    """Dense then sparse phase on a 3-adapter group, optionally checkpointed after dense step ``stop`` and
+    resumed in a fresh model, group and optimizer. Returns the final stacked B's."""
+    from tclora.models import load_base
+
+    model, tok = load_base(str(tiny_base))
+    group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+    steps = 6
+    fused = [_fused_batch(tok, step_seed=10 * s) for s in range(2 * steps)]
+    loss_fn = multi_lori.routed_loss(3)
+    engine = TorchEngine(model, lr=3e-3, weight_decay=0.01)
+    if stop is None:
+        train_loop(engine, fused[:steps], steps, loss_fn=loss_fn)
+    else:
+        train_loop(engine, fused[:stop], stop, loss_fn=loss_fn)
+        multi_lori.save_checkpoint(tmp_path, group, engine.optimizer, None, {"phase": "dense", "step": stop})
+        model, tok = load_base(str(tiny_base))
+        group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+        engine = TorchEngine(model, lr=3e-3, weight_decay=0.01)
+        masks, state = multi_lori.load_checkpoint(tmp_path, group, engine.optimizer)
+        assert masks is None and state == {"phase": "dense", "step": stop}
+        train_loop(engine, fused[stop:steps], steps, start_step=stop, loss_fn=loss_fn)
+    masks = group.extract_masks(LORI.sparsity)
+    masked = group.masked(masks)
+    masked.reset_()
+    engine = TorchEngine(model, lr=9e-3, weight_decay=0.01)
+    train_loop(engine, fused[steps : steps + 2], 2, masked=masked, loss_fn=loss_fn)
+    if stop is not None:  # a second resume, inside the sparse phase: masks travel in the checkpoint
+        multi_lori.save_checkpoint(tmp_path / "sparse", group, engine.optimizer, masks, {"phase": "sparse", "step": 2})
+        masked.remove()
+        model, tok = load_base(str(tiny_base))
+        group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+        engine = TorchEngine(model, lr=9e-3, weight_decay=0.01)
+        restored, _ = multi_lori.load_checkpoint(tmp_path / "sparse", group, engine.optimizer)
+        assert restored.keys() == masks.keys() and all(torch.equal(restored[k], masks[k]) for k in masks)
+        masked = group.masked(restored)
+    train_loop(engine, fused[steps + 2 :], steps, start_step=2, masked=masked, loss_fn=loss_fn)
+    return {n: b.detach().clone() for n, b in group.lora_b_params().items()}
+
+
+def test_resume_from_a_checkpoint_equals_uninterrupted(tiny_base, tmp_path):
+    straight = _run(tiny_base, tmp_path / "a", stop=None)
+    resumed = _run(tiny_base, tmp_path / "b", stop=3)
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name  # same ops in the same order: bit-exact
+
+
+def test_checkpoint_of_another_group_is_refused(tiny_model_and_tokenizer, tmp_path):
+    model, _ = tiny_model_and_tokenizer
+    group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+    multi_lori.save_checkpoint(tmp_path, group, None, None, {})
+    group.detach()
+    with pytest.raises(ValueError, match="adapter seeds"):
+        multi_lori.load_checkpoint(tmp_path, multi_lori.LoRIGroup(model, LORI, [1, 2, 3]), None)
+
+
+def test_group_masks_are_per_adapter_and_save_like_one_adapters(tiny_model_and_tokenizer, tmp_path):
+    model, _ = tiny_model_and_tokenizer
+    group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+    with torch.no_grad():
+        for b in group.lora_b_params().values():
+            b.normal_()
+    masks = group.extract_masks(LORI.sparsity)
+    for t in range(3):  # the LoRI rule applied to adapter t's B's alone
+        want = lori.extract_masks({n: b.detach().clone() for n, b in group.adapter_b(t).items()}, LORI.sparsity)
+        got = multi_lori.adapter_masks(masks, t)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    lori.save_masks(masks, tmp_path)  # the train worker's checkpoint stores a group's masks this way
+    loaded = lori.load_masks(tmp_path)
+    assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
+    with pytest.raises(ValueError, match="masks of another group"):
+        group.masked(multi_lori.adapter_masks(masks, 0))
