@@ -154,3 +154,14 @@ def test_cp_shared_of_identical_adapters_is_sqrt_t_times_one():
     one = make_adapters(T=1, d_out=10, d_in=8, r=1, dtype=torch.float64)[0]
     got = merge_adapters([one] * 4, "cp", params={"combine": "shared", "rank": 1})["q"]
     assert_close(got.dense(), 2.0 * one["q"].dense(), rtol=1e-9, atol=1e-12)  # √T·D, T = 4
+
+
+def test_knots_drops_numerically_zero_components_before_trimming():
+    # Two identical adapters: [ΔW | ΔW] has rank r, not 2r; the zero components must not eat the top-K budget.
+    one = make_adapters(T=1, d_out=16, d_in=14, r=2, dtype=torch.float64)[0]
+    adapters = [one, {m: LowRank(x.B.clone(), x.A.clone()) for m, x in one.items()}]
+    got = merge_adapters(adapters, "knots", params={"density": 0.3, "scale": 0.7, "scope": "module"})
+    expected = knots_reference(adapters, ["q", "v"], 0.3, 0.7, "module")
+    for m in ("q", "v"):
+        assert got[m].rank == 2
+        assert_close(got[m].dense(), expected[m], rtol=1e-8, atol=1e-9)

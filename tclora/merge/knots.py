@@ -16,6 +16,8 @@ from tclora.merge.registry import register
 from tclora.merge.sparsify import linear_combine, ties_combine
 from tclora.merge.svd import COMPUTE_DTYPE, block_svd, pad_rank
 
+RELATIVE_TOL = 1e-10  # singular values below this fraction of the largest are numerical zeros
+
 HELP = {
     "combine": "how the aligned per-task coordinates diag(S) V_tᵀ are merged: 'ties' (paper) or 'linear'",
     "density": "TIES trim: fraction of each task's coordinates kept by magnitude (ignored by 'linear'; "
@@ -30,12 +32,16 @@ def aligned(deltas: Sequence[LowRank], rank: int | None) -> tuple[Tensor, Tensor
     """One module's shared basis ``U (d_out, k)`` and per-task coordinates ``diag(S) V_tᵀ``, ``(T, k, d_in)``.
 
     ``[ΔW_1 | … | ΔW_T] = U S [V_1ᵀ | … | V_Tᵀ]`` (from QR of the stacked ``B_t`` and of each ``A_tᵀ``,
-    ``block_svd``: nothing ``d_out x T·d_in`` is formed), so ``ΔW_t = U · (diag(S) V_tᵀ)``.
+    ``block_svd``: nothing ``d_out x T·d_in`` is formed), so ``ΔW_t = U · (diag(S) V_tᵀ)``; components with
+    ``s <= 1e-10 s_max`` are dropped, then at most ``rank`` kept.
     """
     check_same_shape(deltas)
     B = torch.cat([d.B.to(COMPUTE_DTYPE) for d in deltas], dim=1)  # (d_out, Σr)
     U, S, vh_blocks = block_svd(B, [d.A.to(COMPUTE_DTYPE) for d in deltas])  # (d_out, k), (k,), T x (k, d_in)
-    k = S.shape[0] if rank is None else min(rank, S.shape[0])
+    # Numerically zero components carry no task content but would count in the trim's top-K budget: dropped,
+    # as the authors keep only s > 1e-5 (relative here, so the cut does not depend on the deltas' scale).
+    k = max(1, int((S > RELATIVE_TOL * S[0]).sum())) if S.numel() and S[0] > 0 else S.shape[0]
+    k = k if rank is None else min(rank, k)
     coords = torch.stack([S[:k, None] * vh[:k] for vh in vh_blocks])  # (T, k, d_in): singular values applied
     return U[:, :k], coords
 
