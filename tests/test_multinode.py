@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from tests.helpers import demo_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT = 900
+RUN_TIMEOUT = int(os.environ.get("TCLORA_TEST_RUN_TIMEOUT", "2400"))  # seconds; minutes on a quiet machine
 
 
 def _config(tmp: Path, base: Path, seaweedfs: dict, name: str, local_dir: Path, **sections) -> Path:
