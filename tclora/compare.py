@@ -22,7 +22,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -186,6 +186,7 @@ def tune_all(model, tokenizer, factors: Sequence[Mapping[str, LowRank]], validat
 def compare_merges(
     model, tokenizer, cluster_adapters: Mapping[int, Mapping[str, LowRank]], splits: Mapping[str, Sequence[Mapping]],
     merge_cfg: MergeSection, eval_cfg: EvalSection, validation: Sequence[Mapping] | None = None,
+    on_merged: Callable[[str, Mapping[str, Delta], Mapping[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """The whole comparison: tune each method on ``validation`` (when given and ``merge.tune`` allows),
     merge at the chosen (or configured) setting, then score base, oracle and every merge on ``splits``.
@@ -198,6 +199,8 @@ def compare_merges(
         cluster_adapters: cluster id -> module -> factors (the oracle row routes by ``record["cluster"]``).
         splits: split name -> records (routed, capped) to report; the first is the headline.
         validation: selection records; capped here to ``merge.tune_max_per_task`` per task.
+        on_merged: called as ``on_merged(method, deltas, setting)`` as soon as a method's final merge
+            exists, before any evaluation (the pipeline saves it there, so a crash mid-eval leaves it saved).
 
     Returns:
         ``{"eval": {split: {method: scores}}, "validation": {method: scores} (on the capped validation
@@ -230,6 +233,8 @@ def compare_merges(
                             "seconds": round(time.time() - started, 3),
                             "validation_score": tuned[method].score if method in tuned else None,
                             "trials": tuned[method].trials if method in tuned else []}
+        if on_merged is not None:
+            on_merged(method, merged[method], settings[method])
     # Validation scores at the final settings (base and oracle included): what a sweep selects on. Scored
     # before any test split, on the same capped subset the tuning saw.
     val_scores = None

@@ -46,8 +46,11 @@ def _prompt_ids(tokenizer, source: str, max_tokens: int | None, chat_template: b
     then supplies BOS itself.
     """
     if uses_chat_template(tokenizer, chat_template):
-        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": source}], add_generation_prompt=True,
-                                                 tokenize=True))
+        # Rendered as text, then tokenised without special tokens: the template writes BOS itself if it wants
+        # one, and the text path returns plain ids in every transformers version (tokenize=True may return a dict).
+        text = tokenizer.apply_chat_template([{"role": "user", "content": source}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = []
     else:
         ids = tokenizer(format_prompt(source), add_special_tokens=False)["input_ids"]

@@ -36,7 +36,8 @@ def test_left_padded_batches_match_unbatched_generation(tiny_model_and_tokenizer
 
 def test_exact_match_after_learning_a_constant_answer(tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
-    train = [{"source": s, "target": "abc"} for s in ["red", "one two", "x y z", "hello there", "42"]]
+    # Words of the demo base's word-level vocabulary (tclora.demo_corpus.vocabulary): "box" and "BOX" differ in case.
+    train = [{"source": s, "target": "box"} for s in ["red", "one two", "x y z", "hello there", "42"]]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for batch in batches(train, tok, batch_size=5, max_length=64, steps=40, seed=0):
@@ -45,12 +46,12 @@ def test_exact_match_after_learning_a_constant_answer(tiny_model_and_tokenizer):
         loss.backward()
         opt.step()
 
-    records = [{"source": "fish", "target": " abc\n", "task_name": "right"},  # whitespace is stripped
-               {"source": "blue moon", "target": "abc", "task_name": "right"},
-               {"source": "fish", "target": "abd", "task_name": "wrong"},
-               {"source": "tree", "target": "ABC"}]  # case counts; no task_name -> "default"
+    records = [{"source": "fish", "target": " box\n", "task_name": "right"},  # whitespace is stripped
+               {"source": "blue moon", "target": "box", "task_name": "right"},
+               {"source": "fish", "target": "cup", "task_name": "wrong"},
+               {"source": "tree", "target": "BOX"}]  # case counts; no task_name -> "default"
     result = evaluate.exact_match(model, tok, records, batch_size=3, max_new_tokens=8, return_predictions=True)
-    assert result["predictions"] == ["abc"] * 4
+    assert result["predictions"] == ["box"] * 4
     assert result["exact_match"] == 0.5 and result["n"] == 4
     assert result["per_task"] == {"default": {"exact_match": 0.0, "n": 1}, "right": {"exact_match": 1.0, "n": 2},
                                   "wrong": {"exact_match": 0.0, "n": 1}}
@@ -93,8 +94,9 @@ def _manual_choice_scores(model, tok, source: str, choices: list[str], normalise
 @pytest.mark.parametrize("normalise", [False, True])
 def test_choice_accuracy_picks_the_likeliest_choice(tiny_model_and_tokenizer, normalise):
     model, tok = tiny_model_and_tokenizer
-    questions = [("echo: cat", ["cat", "dog", "a much longer distractor"]),
-                 ("mirror: ab", ["ba", "ab"]), ("caps: sun", ["SUN", "sun", "Sun", "s"])]
+    # Choices from the demo base's word-level vocabulary, so no two of them are the same unknown token.
+    questions = [("echo: box", ["box", "cup", "a red cup and a blue box"]),
+                 ("mirror: red", ["red", "blue"]), ("caps: cup", ["CUP", "cup", "BOX", "a"])]
     best, worst = [], []
     for source, choices in questions:
         scores = _manual_choice_scores(model, tok, source, choices, normalise)
@@ -120,3 +122,44 @@ def test_choice_accuracy_rejects_a_bad_answer(tiny_model_and_tokenizer):
 @pytest.mark.parametrize("raw, clean", [("abc", "abc"), ("  abc  \nmore", "abc"), ("\n\nabc\n", "abc"), ("", "")])
 def test_answers_are_stripped_and_cut_at_the_first_newline(raw, clean):
     assert evaluate._clean_answer(raw) == clean
+
+
+# ---------------------------------------------------------------- one scoring path, Rouge-L, chat template
+def test_summarize_gives_record_and_task_averages():
+    s = evaluate.summarize(["a", "a", "b"], {"exact_match": [True, False, True], "rouge_l": [1.0, 0.5, 0.25]})
+    assert s["n"] == 3 and s["exact_match"] == pytest.approx(2 / 3) and s["rouge_l"] == pytest.approx(1.75 / 3)
+    assert s["macro"] == {"exact_match": pytest.approx(0.75), "rouge_l": pytest.approx((0.75 + 0.25) / 2)}
+    assert s["per_task"] == {"a": {"exact_match": 0.5, "rouge_l": 0.75, "n": 2}, "b": {"exact_match": 1.0, "rouge_l": 0.25, "n": 1}}
+    assert evaluate.summarize([], {"accuracy": []}) == {"n": 0, "per_task": {}, "macro": {"accuracy": 0.0}, "accuracy": 0.0}
+
+
+def test_rouge_l_is_the_lcs_f_measure():
+    # LCS("the cat sat", "the cat sat down") = 3 words: P = 3/3, R = 3/4, F = 2PR / (P + R) = 6/7.
+    got = evaluate.rouge_l(["the cat sat", "dog", ""], ["the cat sat down", "the cat", "x"])
+    assert got == [pytest.approx(6 / 7), 0.0, 0.0]
+
+
+def _word_tokenizer(chat_template=None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "<unk>", "hello", "world", "USER:", "=>"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = chat_template
+    return fast
+
+
+def test_chat_template_switch_builds_prompts_through_the_template():
+    template = "{% for m in messages %}USER: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} =>{% endif %}"
+    tok = _word_tokenizer(template)
+    ids = evaluate._prompt_ids(tok, "hello world", None, chat_template=True)
+    assert tok.convert_ids_to_tokens(ids) == ["USER:", "hello", "world", "=>"]  # the template's rendering
+    plain = evaluate._prompt_ids(tok, "hello world", None, chat_template=False)
+    assert plain[0] == tok.bos_token_id and plain[1:] == tok(evaluate.format_prompt("hello world"),
+                                                             add_special_tokens=False)["input_ids"]
+    # Asked for, but the tokenizer has no template (the demo base): the plain prompt.
+    no_template = _word_tokenizer()
+    assert evaluate._prompt_ids(no_template, "hello", None, chat_template=True) == \
+        evaluate._prompt_ids(no_template, "hello", None, chat_template=False)
