@@ -126,8 +126,9 @@ class LoRISection(_Section):
     mask_scope: Literal["global", "per_layer"] = Field(
         "global", description="Top-(1-s) |B| over all adapted layers at once, or within each layer."
     )
-    mode: Literal["lori_d", "lori_s"] = Field(
-        "lori_s", description="'lori_d' keeps the dense B; 'lori_s' retrains B from scratch under the mask."
+    mode: Literal["lori_d", "lori_s", "lora"] = Field(
+        "lori_s", description="'lori_d' keeps the dense B; 'lori_s' retrains B from scratch under the mask; "
+        "'lora' is plain LoRA with a trainable A (TC-LoRA's adapters: r = 4, alpha = 16), one dense phase.",
     )
     shared_a: bool = Field(
         False, description="One random A per module shared by all clusters (exact linear merges) instead of one per cluster."

@@ -31,6 +31,20 @@ def test_a_is_seeded_frozen_and_b_starts_at_zero():
     assert trainable == sum(b.numel() for b in lori.lora_b_params(m1).values())
 
 
+def test_lora_mode_trains_a_and_b_from_the_same_seeded_start():
+    # Plain LoRA (TC-LoRA's adapters): same seeded A as LoRI, but trainable, so an AdamW step moves it.
+    lora_cfg = LoRISection(rank=4, alpha=16, mode="lora")
+    lora, frozen = lori.attach_lori(tiny_llama(), lora_cfg, seed=7), lori.attach_lori(tiny_llama(), CFG, seed=7)
+    start = dict(lori_a(lora))
+    assert all(torch.equal(start[n], a) for n, a in lori_a(frozen))
+    assert all(p.requires_grad for n, p in lora.named_parameters() if "lora_A" in n or "lora_B" in n)
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert trainable == sum(b.numel() for b in lori.lora_b_params(lora).values()) + sum(a.numel() for a in start.values())
+    train_loop(TorchEngine(lora, lr=1e-2), random_batches(3), steps=3)
+    moved = dict(lori_a(lora))
+    assert all(not torch.equal(moved[n], start[n]) for n in start)
+
+
 def lori_a(model):
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and isinstance(module.lora_A, torch.nn.ModuleDict):
