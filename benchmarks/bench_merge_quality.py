@@ -158,6 +158,9 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
         train_meta[family]["norm_ratio"] = norm_ratio(model, factors[cid])
     t_train = time.perf_counter()
     scores = {BASE: scores_with(model, tok, None, data, args), ORACLE: oracle_scores(model, tok, factors, data, args)}
+    log.info("seed %d %s: base %s, oracle %s, adapter norm ratios %s", seed, kind,
+             *({k: round(v, 3) for k, v in scores[m].items()} for m in (BASE, ORACLE)),
+             {f: round(m["norm_ratio"]["mean"], 4) for f, m in train_meta.items()})
     chosen, curves, ratios, errors = {}, {}, {}, {}
     for method in args.methods:
         try:
@@ -168,6 +171,8 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
             continue
         ratios[method] = norm_ratio(model, deltas)
         scores[method] = scores_with(model, tok, deltas, data, args)
+        log.info("seed %d %s: %s λ=%s %s (norm ratio %.4f)", seed, kind, method, chosen[method],
+                 {k: round(v, 3) for k, v in scores[method].items()}, ratios[method]["mean"])
     t_eval = time.perf_counter()
     log.info("seed %d %s: train %.0fs, tune+eval %.0fs; test EM base %.3f oracle %.3f best merge %.3f", seed, kind,
              t_train - t0, t_eval - t_train, scores[BASE]["test"], scores[ORACLE]["test"],
@@ -280,6 +285,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (the demo's matrices are tiny)")
     p.add_argument("--cache-dir", type=Path, default=None, help="demo base cache (default ~/.cache/tclora)")
     p.add_argument("--work", type=Path, default=None, help="keep corpora and adapters here (default: a temp dir)")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="re-summarise the per-seed results of earlier runs' JSON files (e.g. one process per seed)")
     args = p.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
@@ -290,9 +297,31 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def combine(args) -> dict:
+    """One result from several runs' JSON (same config, different seeds): per-seed results, summarised again."""
+    import json
+
+    parts = [json.loads(p.read_text()) for p in args.combine]
+    result = {**parts[0], "summary": {}, "per_seed": {}, "headline": [], "combined_from": [str(p) for p in args.combine]}
+    for kind in parts[0]["per_seed"]:
+        per_seed = {int(s): r for part in parts for s, r in part["per_seed"][kind].items()}
+        result["per_seed"][kind] = {str(s): r for s, r in sorted(per_seed.items())}
+        result["summary"][kind] = summarise(per_seed)
+        result["headline"] += headlines(result["summary"][kind], kind)
+    result["config"]["seeds"] = sorted(int(s) for s in result["per_seed"][kind])
+    result["seconds"] = {"per_run": [p["seconds"] for p in parts]}
+    result["cpu_seconds"] = sum(p["cpu_seconds"] for p in parts)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
+    if args.combine:
+        result = combine(args)
+        write_result(args.out, result_stem("merge_quality", args.smoke), result, plot)
+        _print(result, len(result["config"]["seeds"]))
+        return result
     torch.set_num_threads(args.threads)
     spec = DemoBaseSpec(**TINY_DEMO_SPEC) if args.smoke else DemoBaseSpec()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -314,14 +343,18 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = {"total": round(time.perf_counter() - started, 1), "base_build_and_load": base_seconds}
     result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
     write_result(args.out, result_stem("merge_quality", args.smoke), result, plot)
+    _print(result, len(args.seeds))
+    return result
+
+
+def _print(result: dict, n_seeds: int) -> None:
     for kind, summary in result["summary"].items():
-        print(f"\n{kind} (mean ± std over {len(args.seeds)} seeds; λ per method tuned on validation)")
+        print(f"\n{kind} (mean ± std over {n_seeds} seeds; λ per method tuned on validation)")
         print(f"  {'model':10s} " + " ".join(f"{s:>15s}" for s in SPLITS) + "   gain kept")
         for m in summary["splits"]["test"]:
             print(f"  {m:10s} " + " ".join(f"{_fmt(summary['splits'][s].get(m)):>15s}" for s in SPLITS)
                   + (f"   {_fmt(summary['gain_kept'][m])}" if m in summary["gain_kept"] else ""))
         print("  targets:", {k: v["met"] for k, v in summary["targets"].items()})
-    return result
 
 
 if __name__ == "__main__":
