@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_merge_quality                  # 3 seeds, the demo config's sizes
     python -m benchmarks.bench_merge_quality --smoke          # tiny base, 2 families, 5 steps: ~1 min
-    python -m benchmarks.bench_merge_quality --kinds lori_s lori_d shared_a   # adapter kind x merge matrix
+    python -m benchmarks.bench_merge_quality --kinds lori_s lori_d lora shared_a   # adapter kind x merge matrix
 
 Per seed, single process, no Ray:
 
@@ -53,7 +53,7 @@ BASE, ORACLE = compare.BASE, compare.ORACLE
 # --smoke: the tests' tiny base (tests/conftest.py TINY_DEMO_SPEC) and sizes that run in about a minute.
 TINY_DEMO_SPEC = dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=60, batch=16, seq_len=64)
 SMOKE = dict(families=["first_word", "count_words"], steps=5, rank=4, batch_size=8, train_per_task=40, eval_per_task=4,
-             tune_per_task=2, methods=["linear", "ties", "cp"], lambdas=[0.5, 1.0], cp_iters=10, kinds=["lori_s"])
+             tune_per_task=2, methods=["linear", "ties", "cp"], lambdas=[0.5, 1.0], cp_iters=10)
 TARGETS = {"base_max": 0.2, "oracle_min": 0.85, "gain_kept_min": 0.6, "ood_gain_min": 0.10}
 
 
@@ -144,7 +144,7 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
         data[f"{s}_routed"] = route(data[s], fams)
     val = compare.cap_per_task([r for r in rows["validation"] if r["task_name"] in fams], args.tune_per_task)
     lori_cfg = LoRISection(rank=args.rank, alpha=2 * args.rank, sparsity=args.sparsity,
-                           mode="lori_d" if kind == "lori_d" else "lori_s", shared_a=kind == "shared_a")
+                           mode="lori_s" if kind == "shared_a" else kind, shared_a=kind == "shared_a")
     train_cfg = TrainSection(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              sparse_lr_multiplier=args.sparse_lr_multiplier)
     factors, train_meta = {}, {}
@@ -265,8 +265,8 @@ def parse_args(argv: list[str] | None = None):
     p = arg_parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="corpus + adapter seeds (>= 2 for a std)")
     p.add_argument("--families", nargs="+", default=list(TASK_FAMILIES), help="trained families (one adapter each)")
-    p.add_argument("--kinds", nargs="+", default=["lori_s"], choices=["lori_s", "lori_d", "shared_a"],
-                   help="adapter kinds (shared_a: LoRI-S with one A per module for every family)")
+    p.add_argument("--kinds", nargs="+", default=["lori_s"], choices=["lori_s", "lori_d", "lora", "shared_a"],
+                   help="adapter kinds (lora: plain LoRA, trainable A; shared_a: LoRI-S with one A per module for every family)")
     p.add_argument("--methods", nargs="+", default=registry.names(), help="merge methods (default: all registered)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5], help="λ grid tuned on validation")
     p.add_argument("--tune-per-task", type=int, default=10, help="validation rows per family used for tuning")
