@@ -1,0 +1,62 @@
+"""Auto-k, cluster report markdown and projection plot (tclora/cluster_quality.py), template view."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import silhouette_score
+
+from tclora import cluster as km
+from tclora.cluster_quality import choose_k, plot_criterion, plot_projection, report_markdown
+from tclora.template_view import TemplateMiner
+
+
+def unit_blobs(n_per: int, centers: int, dim: int = 16, spread: float = 0.05, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centers, dim))
+    labels = np.repeat(np.arange(centers), n_per)
+    x = means[labels] / np.linalg.norm(means[labels], axis=1, keepdims=True) + rng.standard_normal((len(labels), dim)) * spread
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("true_k", [3, 6])
+def test_choose_k_finds_separated_blobs_and_scores_are_sklearns(true_k):
+    x, truth = unit_blobs(40, true_k)
+    k, scores = choose_k(x, 2, 8, n_init=3)
+    assert k == true_k and sorted(scores) == list(range(2, 9))
+    # the score at the true k is scikit-learn's silhouette of the true partition (k-means recovers it)
+    assert scores[true_k] == pytest.approx(silhouette_score(x, truth), abs=1e-5)
+
+
+def test_choose_k_rejects_bad_range():
+    x, _ = unit_blobs(5, 2)
+    for lo, hi in ((1, 3), (4, 3), (2, 10)):
+        with pytest.raises(ValueError, match="k_range"):
+            choose_k(x, lo, hi)
+
+
+def test_report_markdown_and_plots(tmp_path):
+    x, truth = unit_blobs(30, 3)
+    names = [f"task{t}" for t in truth]
+    report = km.cluster_report(truth.tolist(), names, [f"example {i}" for i in range(len(truth))])
+    report.update(k=3, k_auto=True)
+    md = report_markdown(report, ["cluster_pca.png"])
+    assert "NMI 1.000, ARI 1.000" in md and "| 0 | 30 | task0 (30) |" in md and "![cluster_pca](cluster_pca.png)" in md
+    assert "k chosen automatically: 3" in md and "- `example 0`" in md
+    assert plot_projection(x, truth, tmp_path / "p.png", names).stat().st_size > 0
+    assert plot_criterion({2: 0.1, 3: 0.5}, 3, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_template_view_masks_payload_keeps_template():
+    rng = np.random.default_rng(0)
+    words = "arm bag box cup dot fan gem hat jam key".split()
+    templates = ["Reverse the words: {x}", "{x} sorted A to Z?", "Count the words: {x}"]
+    rows = [templates[i % 3].format(x=" ".join(rng.choice(words, rng.integers(3, 6), replace=False)))
+            for i in range(300)]
+    views = set(TemplateMiner.fit(rows).views(rows))
+    assert views == {"Reverse the words: ...", "... sorted A to Z?", "Count the words: ..."}
+    # free text without frequent templates is left as it is
+    miner = TemplateMiner.fit(["a b c", "d e f", "g h i"], min_support=0.5)
+    assert miner.view("x y z") == "x y z"
+    with pytest.raises(ValueError, match="min_share"):
+        TemplateMiner.fit(rows, min_share=0)
