@@ -7,7 +7,7 @@ BIN     = $(VENV)/bin
 # torch goes in first and pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test bench clean
 
 $(BIN)/tclora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ install: $(BIN)/tclora
 
 demo: install
 	$(BIN)/tclora run --config configs/demo.yaml $(ARGS)
+
+# Layering (import-linter contracts in pyproject.toml), ruff, and issue 15's 60-line cap on pipelines/ functions.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python .ci/function_lengths.py pipelines --max 60
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)

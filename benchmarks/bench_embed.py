@@ -55,7 +55,7 @@ def time_ray(corpus: Path, rows: int, actors: int, batch_size: int, work: Path) 
 
     cfg = validate({"embed": {"num_actors": actors, "batch_size": batch_size}})
     started = time.perf_counter()
-    out = run_embed(cfg, work / f"run-{actors}", str(corpus))
+    out = run_embed(cfg, work / f"run-{actors}", str(corpus)).dir
     seconds = time.perf_counter() - started
     manifest = json.loads((out / "manifest.json").read_text())
     return {"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1),

@@ -22,7 +22,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return main_dry_run(session.config_from_args(args))
     from pipelines.run import run  # the Ray layer is imported only by the commands that need it
 
-    run(session.config_from_args(args))
+    run(session.config_from_args(args), until=args.until)
     return 0
 
 
@@ -77,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="embed -> cluster -> train -> merge + eval, reusing finished stages")
     session.add_config_args(p)
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (store, Ray, rows, k, adapters to train and reuse, merged ranks per "
-                   "method, stages a rerun skips) and exit: no Ray, no training")
+    session.add_run_args(p)  # --until, --dry-run
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("sweep", help="Ray Tune over cluster count k, CP rank R and LoRI sparsity s, reusing stages")

@@ -1,7 +1,7 @@
 """Cluster stage: k-means on a sample of the embeddings, every row assigned in Ray Data, output by cluster.
 
-Run:
-    python -m pipelines.cluster --config configs/demo.yaml --set cluster.k=4   # after pipelines.embed
+Run alone, once the embed stage has finished (``python -m pipelines.embed``, same arguments):
+    python -m pipelines.cluster --config configs/demo.yaml --set cluster.k=4
 
 Output ``<run_dir>/cluster/k<k>-<key>/`` (one directory per cluster config, so a sweep over k keeps
 every clustering and never overwrites one another trial is training on):
@@ -19,10 +19,10 @@ assigned again with the final ids and written partitioned by cluster.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,10 +33,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from pipelines import session
 from tclora import cluster as km
 from tclora import storage
-from tclora.artifacts import atomic_write_json, is_complete, read_manifest, stage_dir, tree_digest
-from tclora.config import Config, load_config
+from tclora.artifacts import (
+    StageResult,
+    atomic_write_json,
+    is_complete,
+    read_manifest,
+    short_hash,
+    stage_dir,
+    tree_digest,
+)
+from tclora.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +84,7 @@ def count_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
     for label, text in zip(labels.tolist(), batch.column("source").to_pylist()):
         if len(examples.setdefault(label, [])) < N_EXAMPLES:
             examples[label].append(text[:200])
-    payload = {"counts": [[int(l), t, c] for (l, t), c in counts.items()], "examples": examples}
+    payload = {"counts": [[int(label), t, n] for (label, t), n in counts.items()], "examples": examples}
     return pa.table({"summary": [json.dumps(payload)]})
 
 
@@ -109,7 +118,49 @@ def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float]
     return model, fraction
 
 
-def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> Path:
+def _count_labels(ds, centroids: np.ndarray) -> tuple[Counter, dict[int, list[str]]]:
+    """(k-means label, task) counts and a few example sources per label, over every row (Ray: pass 2)."""
+    counts: Counter = Counter()
+    examples: dict[int, list[str]] = {}
+    for batch in ds.map_batches(count_batch, fn_kwargs={"centroids": centroids}, batch_format="pyarrow",
+                                batch_size=None).iter_batches(batch_format="pyarrow", batch_size=None):
+        for text in batch.column("summary").to_pylist():
+            payload = json.loads(text)
+            counts.update({(label, t): n for label, t, n in payload["counts"]})
+            for label, texts in payload["examples"].items():
+                examples.setdefault(int(label), []).extend(texts)
+    return counts, examples
+
+
+def _relabel(counts: Counter, examples: dict[int, list[str]], mapping: dict[int, int]):
+    """Counts and examples under the final cluster ids (after the small-cluster rule)."""
+    final_counts: Counter = Counter()
+    for (label, task), n in counts.items():
+        final_counts[(mapping[label], task)] += n
+    final_examples: dict[int, list[str]] = {}
+    for label in sorted(examples):
+        final_examples.setdefault(mapping[label], []).extend(examples[label])
+    return final_counts, final_examples
+
+
+def stage_path(cfg: Config, run_dir: Path, embed_dir: Path) -> tuple[Path, dict]:
+    """``(<run_dir>/cluster/k<k>-<hash of key>, key)``: key = embeddings digest, cluster section, seed."""
+    key = {"stage": "cluster", "embed": tree_digest(Path(embed_dir)), "config": cfg.section_hash("cluster"),
+           "seed": cfg.run.seed}
+    return Path(run_dir) / "cluster" / f"k{cfg.cluster.k}-{short_hash(key, 8)}", key
+
+
+def finished_cluster(cfg: Config, run_dir: Path) -> Path:
+    """This config's finished cluster stage in ``run_dir`` (for a later stage run alone).
+
+    Raises:
+        pipelines.session.MissingStageError: the embed or cluster stage has not finished.
+    """
+    embed_dir = session.require_finished(Path(run_dir) / "embed", None, "embed")
+    return session.require_finished(*stage_path(cfg, run_dir, embed_dir), "cluster")
+
+
+def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
     """Cluster the embed stage's rows into ``<run_dir>/cluster/k<k>-<key>``; skipped when already done.
 
     Changing ``cluster.*`` (or ``run.seed``) re-clusters; the embed stage is only read.
@@ -117,13 +168,10 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> Path:
     c = cfg.cluster
     if (rows := (read_manifest(Path(embed_dir)) or {}).get("rows")) is not None:
         km.check_k(c.k, rows)  # before any Ray work or output directory
-    key = {"stage": "cluster", "embed": tree_digest(Path(embed_dir)), "config": cfg.section_hash("cluster"),
-           "seed": cfg.run.seed}
-    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    final = Path(run_dir) / "cluster" / f"k{c.k}-{tag}"
+    final, key = stage_path(cfg, run_dir, embed_dir)
     if is_complete(final, key):
         log.info("cluster: %s is complete for this config and embeddings, skipping", final)
-        return final
+        return StageResult(final, reused=True)
 
     extra: dict = {}
     with stage_dir(final, key, extra) as tmp:
@@ -135,25 +183,12 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> Path:
         model, fraction = _fit_on_sample(ds, cfg, n_rows)
         fitted = time.perf_counter()
 
-        counts: Counter = Counter()
-        examples: dict[int, list[str]] = {}
-        for batch in ds.map_batches(count_batch, fn_kwargs={"centroids": model.centroids}, batch_format="pyarrow",
-                                    batch_size=None).iter_batches(batch_format="pyarrow", batch_size=None):
-            for text in batch.column("summary").to_pylist():
-                payload = json.loads(text)
-                counts.update({(l, t): n for l, t, n in payload["counts"]})
-                for label, texts in payload["examples"].items():
-                    examples.setdefault(int(label), []).extend(texts)
+        counts, examples = _count_labels(ds, model.centroids)
         raw_sizes = Counter()
         for (label, _), n in counts.items():
             raw_sizes[label] += n
         mapping = km.handle_small_clusters(raw_sizes, model.centroids, c.min_cluster_size, c.small_cluster_policy)
-        final_counts: Counter = Counter()
-        for (label, task), n in counts.items():
-            final_counts[(mapping[label], task)] += n
-        final_examples: dict[int, list[str]] = {}
-        for label in sorted(examples):
-            final_examples.setdefault(mapping[label], []).extend(examples[label])
+        final_counts, final_examples = _relabel(counts, examples, mapping)
         counted = time.perf_counter()
 
         final_ids = np.array([mapping[i] for i in range(model.k)], dtype=np.int32)
@@ -181,7 +216,7 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> Path:
                      seconds_fit=round(fitted - started, 3), seconds_count=round(counted - fitted, 3),
                      seconds_write=round(time.perf_counter() - counted, 3))
     log.info("cluster: %d rows in %d clusters (NMI %s) -> %s", n_rows, report["n_clusters"], report["nmi"], final)
-    return final
+    return StageResult(final, reused=False)
 
 
 # ---- readers for the later stages -----------------------------------------------------------------
@@ -210,18 +245,14 @@ def read_cluster(cluster_dir: Path | str, cluster_id: int, filesystem: pafs.File
     return ray.data.read_parquet(part, filesystem=fs, partitioning=None)  # no string "cluster" column from the dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
-    parser.add_argument("--run-dir", help="default: run.dir from the config")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or cfg.run.dir)
-    ray.init(address=cfg.run.ray_address)
-    print(run_cluster(cfg, run_dir, run_dir / "embed"))
+def _run_alone(cfg: Config, run_dir: Path) -> StageResult:
+    embed_dir = session.require_finished(Path(run_dir) / "embed", None, "embed")
+    return run_cluster(cfg, run_dir, embed_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return session.stage_main("cluster", _run_alone, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Embed stage: corpus files -> validated rows -> sentence embeddings (Parquet), bad rows quarantined.
 
-Run:
+Run alone (the session set-up of every entry point, then this stage only):
     python -m pipelines.embed --config configs/demo.yaml --set data.path=data/train.jsonl --set embed.num_actors=2
 
 Output ``<run_dir>/embed/``:
@@ -19,11 +19,11 @@ with one model per actor.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,10 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from pipelines import session
 from pipelines.io import clean_records, read_corpus, scan_corpus
 from tclora import storage
-from tclora.artifacts import is_complete, stage_dir
-from tclora.config import Config, load_config
+from tclora.artifacts import StageResult, is_complete, stage_dir
+from tclora.config import Config
 from tclora.corpus import CorpusError, Fields, ScanResult, list_input_files
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,11 @@ def actor_cpus(num_actors: int, cluster_cpus: float) -> float:
     return max(cluster_cpus - 1, 0.5) / num_actors
 
 
-def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
+def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResult:
     """Embed the corpus at ``path`` (default ``cfg.data.path``) into ``<run_dir>/embed``; skip if done.
 
     Returns:
-        The stage directory (see the module docstring for its layout).
+        The stage directory (see the module docstring for its layout), and whether it was reused.
 
     Raises:
         CorpusError: the path is missing, holds no corpus files, or no row is valid.
@@ -121,7 +122,7 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
     key = {"stage": "embed", "config": cfg.section_hash("data", "embed"), "inputs": inputs.digest()}
     if is_complete(final, key):
         log.info("embed: %s is complete for this config and input, skipping", final)
-        return final
+        return StageResult(final, reused=True)
 
     extra: dict = {"input": uri, "files": len(inputs.files), "model": cfg.embed.model}
     with stage_dir(final, key, extra) as tmp:
@@ -159,7 +160,7 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> Path:
                      seconds_embed=round(time.perf_counter() - scanned, 3))
     log.info("embed: %d rows embedded (%d duplicates), %d quarantined -> %s", scan.rows, scan.duplicates,
              scan.quarantined, final)
-    return final
+    return StageResult(final, reused=False)
 
 
 def _quarantine_nonfinite(scan: ScanResult, entries: list[dict], quarantine_file: Path, uri: str) -> ScanResult:
@@ -183,17 +184,9 @@ def _quarantine_nonfinite(scan: ScanResult, entries: list[dict], quarantine_file
     return dataclasses.replace(scan, rows=scan.rows - len(entries), quarantined=scan.quarantined + len(entries))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
-    parser.add_argument("--run-dir", help="default: run.dir from the config")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.set)
-    ray.init(address=cfg.run.ray_address)
-    print(run_embed(cfg, Path(args.run_dir or cfg.run.dir)))
+def main(argv: list[str] | None = None) -> int:
+    return session.stage_main("embed", run_embed, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

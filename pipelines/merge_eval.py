@@ -1,6 +1,7 @@
 """Merge + eval stage: one Ray actor merges the cluster adapters and evaluates base, adapters and merges.
 
     tclora run --config configs/demo.yaml --set merge.cp_rank=8     # reruns only this stage
+    python -m pipelines.merge_eval --config configs/demo.yaml --set merge.cp_rank=8   # this stage alone
 
 The actor (resources from ``eval.num_cpus`` / ``eval.num_gpus``) loads the base model once, routes each
 held-out example to its nearest cluster centroid (for the oracle row), runs every configured merge
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +26,9 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
+from pipelines import session
 from tclora import adapters, artifacts, compare, report, storage
+from tclora.artifacts import StageResult
 from tclora.cluster import route_records
 from tclora.config import Config, validate
 from tclora.corpus import read_records
@@ -87,23 +91,35 @@ class MergeEvalActor:
         for cid, d in dirs.items():  # an adapter trained on another base fails here, naming itself and the module
             adapters.check_fits(self.model, factors[cid], d)
 
-        merged, merge_info = {}, {}
-        for method in cfg.merge.methods:
-            started = time.time()
-            merged[method] = compare.merge_one(list(factors.values()), method, cfg.merge)
-            seconds = time.time() - started
-            fmt = compare.save_merge(merged[method], out / "merges" / method, cfg.model.name_or_path,
-                                     self.model, self.tokenizer)
-            merge_info[method] = {"seconds": round(seconds, 3), "format": fmt}
-
-        per_split = {}
+        splits = {}
         for path in cfg.data.eval_paths:
             records = compare.cap_per_task(read_records(path, cfg.data, cfg.run.storage_options), cfg.eval.max_per_task)
-            records = route_records(records, Path(cluster_dir), cfg.embed.model)
-            log.info("evaluating %d examples of %s", len(records), path)
-            per_split[Path(path).stem] = compare.evaluate_all(self.model, self.tokenizer, records, factors, merged, cfg.eval)
-        headline = Path(cfg.data.eval_paths[0]).stem
-        summary = {"eval": report.combine_splits(per_split, headline), "eval_split": headline, "merge": merge_info}
+            splits[Path(path).stem] = route_records(records, Path(cluster_dir), cfg.embed.model)
+            log.info("evaluating %d examples of %s", len(splits[Path(path).stem]), path)
+        validation = None
+        if cfg.data.validation_path:  # selection only (tuning, the sweep's objective): never a reported result
+            validation = compare.cap_per_task(read_records(cfg.data.validation_path, cfg.data, cfg.run.storage_options),
+                                              cfg.merge.tune_max_per_task)
+            validation = route_records(validation, Path(cluster_dir), cfg.embed.model)
+        merge_info: dict = {}
+
+        def save(method: str, deltas, setting: dict) -> None:  # each merge saved before any evaluation
+            info = {"method": method, **{k: setting[k] for k in ("params", "knobs", "tuned", "validation_score")}}
+            fmt = compare.save_merge(deltas, out / "merges" / method, cfg.model.name_or_path,
+                                     self.model, self.tokenizer, info)
+            merge_info[method] = {"seconds": setting["seconds"], "format": fmt, **info}
+
+        started = time.time()
+        result = compare.compare_merges(self.model, self.tokenizer, factors, splits, cfg.merge, cfg.eval, validation,
+                                        on_merged=save)
+        merged = result["merged"]
+        headline = next(iter(splits))
+        summary = {"eval": report.combine_splits(result["eval"], headline), "eval_split": headline, "merge": merge_info,
+                   "tuning": {"tuned": bool(result["recommended"]), "compare_seconds": round(time.time() - started, 2),
+                              "trials": {m: s["trials"] for m, s in result["settings"].items()}},
+                   "recommended": result["recommended"],
+                   "validation": None if result["validation"] is None else
+                   {m: {"mean": v["mean"], "n": v["n"]} for m, v in result["validation"].items()}}
         if cfg.eval.lm_eval_tasks:
             log.info("lm-eval: %s on the base and %d merges", cfg.eval.lm_eval_tasks, len(merged))
             summary["lm_eval"] = compare.lm_eval_all(self.model, self.tokenizer, merged, cfg.eval)
@@ -120,7 +136,7 @@ def _digest(path: str, storage_options: dict) -> str:
     return path
 
 
-def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Path) -> Path:
+def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Path) -> StageResult:
     """Stage driver: skipped when merge/eval config, adapters and eval data are unchanged."""
     if not cfg.data.eval_paths:
         raise ValueError("data.eval_paths: no held-out split to evaluate on (set data.eval_paths)")
@@ -130,9 +146,11 @@ def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Pat
         "train": artifacts.tree_digest(train_dir),
         "cluster": artifacts.tree_digest(cluster_dir),
         "eval_data": [_digest(p, cfg.run.storage_options) for p in cfg.data.eval_paths],
+        "validation": _digest(cfg.data.validation_path, cfg.run.storage_options) if cfg.data.validation_path else None,
     }
     if artifacts.is_complete(final, key):
-        return final
+        write_best_merge(run_dir, final)
+        return StageResult(final, reused=True)
     extra: dict = {}
     store = storage.store_for(cfg, run_dir)
     with artifacts.stage_dir(final, key, extra) as tmp, store.remote_output(tmp) as out:
@@ -143,4 +161,34 @@ def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Pat
         finally:
             ray.kill(actor)
     write_best_merge(run_dir, final)
-    return final
+    return StageResult(final, reused=False)
+
+
+def write_best_merge(run_dir: Path, stage: Path) -> Path | None:
+    """``<run_dir>/best_merge.yaml`` (atomic) from the stage's recommended merge; None for an untuned run."""
+    manifest = artifacts.read_manifest(stage) or {}
+    best = manifest.get("recommended")
+    if not best:
+        return None
+    scores = {split: v for split, v in manifest["eval"][best["method"]]["splits"].items()}
+    text = compare.best_merge_yaml(best, scores, str(stage / "merges" / best["method"]))
+    path = Path(run_dir) / "best_merge.yaml"
+    artifacts.atomic_write_bytes(path, text.encode())
+    return path
+
+
+def _run_alone(cfg: Config, run_dir: Path) -> StageResult:
+    # Imported here: the actor's process imports this module, and needs neither Ray Train nor Ray Data.
+    from pipelines.cluster import finished_cluster
+    from pipelines.train import finished_train
+
+    cluster_dir = finished_cluster(cfg, run_dir)
+    return run_merge_eval(cfg, run_dir, cluster_dir, finished_train(cfg, run_dir, cluster_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return session.stage_main("merge_eval", _run_alone, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

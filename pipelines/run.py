@@ -1,12 +1,13 @@
 """The end-to-end driver: embed -> cluster -> train -> merge + eval, each stage reused when finished.
 
     tclora run --config configs/demo.yaml [--set key=value ...]
+    tclora run --config configs/demo.yaml --until cluster      # stop after a stage (inspect the clusters)
     python -m pipelines.run --config configs/demo.yaml
     ray job submit --working-dir . -- tclora run --config configs/phi3-flan.yaml
 
 Before Ray starts, :func:`pipelines.session.preflight` checks what the config alone cannot
-(``lori.target_modules`` against the model's modules); ``cluster.k`` is checked against the valid row count as soon as the embed stage has
-counted them, before clustering.
+(``lori.target_modules`` against the model's modules); ``cluster.k`` is checked against the valid row
+count as soon as the embed stage has counted them, before clustering.
 
 Connects to the cluster in ``run.ray_address`` / ``RAY_ADDRESS`` or starts a local Ray instance. Every
 stage writes ``<run.dir>/<stage>/`` atomically with a manifest; a rerun skips stages whose inputs and
@@ -17,6 +18,7 @@ re-clusters without re-embedding.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -28,41 +30,66 @@ from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
 from pipelines.train import run_train
 from tclora import artifacts, report, storage
+from tclora.artifacts import StageResult
 from tclora.cluster import check_k
 from tclora.config import Config, ConfigError
 
 log = logging.getLogger("tclora")
 
 
-def _stage(name: str, fn, started: float, stages: dict, cfg: Config, run_dir: Path) -> Path:
-    log.info("stage %s ...", name)
-    t0 = time.time()
-    out = fn()
-    storage.store_for(cfg, run_dir).publish(out)
-    manifest = artifacts.read_manifest(out) or {}
-    reused = (out / artifacts.MANIFEST).stat().st_mtime < started
-    stages[name] = {"seconds": manifest.get("seconds", time.time() - t0), "skipped": reused,
-                    "wall_seconds": round(time.time() - t0, 2)}
-    log.info("stage %s %s (%.1fs)", name, "reused" if reused else "done", time.time() - t0)
-    return out
+def _embed(cfg: Config, run_dir: Path, dirs: dict[str, Path]) -> StageResult:
+    return run_embed(cfg, run_dir)
 
 
-def run(cfg: Config) -> dict:
-    """Run (or resume) the whole pipeline; returns the metrics also written to ``metrics.json``."""
-    started = time.time()
-    cfg, run_dir = session.start(cfg)
-    stages: dict = {}
-    stage = lambda name, fn: _stage(name, fn, started, stages, cfg, run_dir)  # noqa: E731
-    embed_dir = stage("embed", lambda: run_embed(cfg, run_dir))
+def _cluster(cfg: Config, run_dir: Path, dirs: dict[str, Path]) -> StageResult:
     # The valid-row count exists only after validation, i.e. the embed stage. Checking here rather than
     # before embedding costs little (k > rows means a tiny corpus), and the embeddings are cached, so the
     # rerun with a smaller k goes straight to clustering.
-    check_k(cfg.cluster.k, artifacts.read_manifest(embed_dir)["rows"])
-    cluster_dir = stage("cluster", lambda: run_cluster(cfg, run_dir, embed_dir))
-    train_dir = stage("train", lambda: run_train(cfg, run_dir, cluster_dir))
-    eval_dir = stage("merge_eval", lambda: run_merge_eval(cfg, run_dir, cluster_dir, train_dir))
+    check_k(cfg.cluster.k, artifacts.read_manifest(dirs["embed"])["rows"])
+    return run_cluster(cfg, run_dir, dirs["embed"])
 
-    metrics = assemble_metrics(embed_dir, cluster_dir, eval_dir, stages, time.time() - started)
+
+def _train(cfg: Config, run_dir: Path, dirs: dict[str, Path]) -> StageResult:
+    return run_train(cfg, run_dir, dirs["cluster"])
+
+
+def _merge_eval(cfg: Config, run_dir: Path, dirs: dict[str, Path]) -> StageResult:
+    return run_merge_eval(cfg, run_dir, dirs["cluster"], dirs["train"])
+
+
+STEPS = {"embed": _embed, "cluster": _cluster, "train": _train, "merge_eval": _merge_eval}  # in session.STAGES order
+
+
+def run(cfg: Config, until: str = session.STAGES[-1]) -> dict:
+    """Run (or resume) the pipeline; returns the metrics also written to ``metrics.json``.
+
+    ``until`` stops after that stage (e.g. ``cluster``, to inspect clusters before paying for training);
+    the return value then holds ``stages`` only and no ``metrics.json`` is written.
+
+    Raises:
+        ConfigError: a bad config (before Ray starts), ``cluster.k`` above the valid rows, or an unknown ``until``.
+    """
+    if until not in session.STAGES:
+        raise ConfigError(f"--until: unknown stage {until!r}; use one of {list(session.STAGES)}")
+    started = time.time()
+    cfg, run_dir = session.start(cfg)
+    dirs: dict[str, Path] = {}
+    stages: dict[str, dict] = {}
+    for name in session.STAGES[: session.STAGES.index(until) + 1]:
+        step = functools.partial(STEPS[name], cfg, run_dir, dirs)
+        dirs[name], stages[name] = session.run_stage(name, step, cfg, run_dir)
+    if until != session.STAGES[-1]:
+        print("\n" + report.stage_table({"stages": stages}) + "\n")
+        print(f"stopped after {until}: {dirs[until]}")
+        return {"stages": stages}
+    metrics = assemble_metrics(dirs["embed"], dirs["cluster"], dirs["merge_eval"], stages, time.time() - started)
+    write_outputs(metrics, cfg, run_dir)
+    return metrics
+
+
+def write_outputs(metrics: dict, cfg: Config, run_dir: Path) -> None:
+    """``metrics.json``, ``report.md`` and the merge-comparison plot (published to the run's store); tables
+    on stdout."""
     artifacts.atomic_write_json(run_dir / "metrics.json", metrics)
     report.write_report_md(metrics, run_dir / "report.md")
     report.plot_merge_comparison(metrics, run_dir / "merge_comparison.png")
@@ -70,11 +97,11 @@ def run(cfg: Config) -> dict:
     for name in ("metrics.json", "report.md", "merge_comparison.png"):
         store.publish(run_dir / name)
     print("\n" + report.summary_table(metrics) + "\n")
+    print(report.recommended_line(metrics) + "\n")
     if "lm_eval" in metrics:
         print(report.lm_eval_table(metrics) + "\n")
     print(report.stage_table(metrics) + "\n")
     print(f"metrics: {store.uri_of(run_dir / 'metrics.json')}\nreport:  {store.uri_of(run_dir / 'report.md')}")
-    return metrics
 
 
 def assemble_metrics(embed_dir: Path, cluster_dir: Path, eval_dir: Path, stages: dict, seconds: float) -> dict:
@@ -89,6 +116,8 @@ def assemble_metrics(embed_dir: Path, cluster_dir: Path, eval_dir: Path, stages:
         "eval_split": evaluation["eval_split"],
         "merge": evaluation["merge"],
         **({"lm_eval": evaluation["lm_eval"]} if "lm_eval" in evaluation else {}),
+        # merge settings chosen on validation (absent from manifests of runs before tuning existed)
+        **{k: evaluation[k] for k in ("tuning", "recommended") if k in evaluation},
         "stages": stages,
         "total_seconds": round(seconds, 2),
     }
@@ -97,10 +126,11 @@ def assemble_metrics(embed_dir: Path, cluster_dir: Path, eval_dir: Path, stages:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="embed -> cluster -> train -> merge + eval, reusing finished stages")
     session.add_config_args(parser)
+    session.add_run_args(parser)
     args = parser.parse_args(argv)
     session.setup_logging()
     try:
-        run(session.config_from_args(args))
+        run(session.config_from_args(args), until=args.until)
     except ConfigError as err:
         print(f"tclora: {err}", file=sys.stderr)
         return 2

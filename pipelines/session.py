@@ -8,6 +8,10 @@ cluster and runs on the same materialised demo corpus and base model:
     init_ray         ``run.ray_address`` / ``RAY_ADDRESS``, or a local instance
     store.fetch      finished stages pulled back from an object-store run.dir (a driver on a fresh node)
     prepare_inputs   ``data.path: demo`` / ``model.name_or_path: demo`` built and pointed at
+
+Every stage then runs through :func:`run_stage` (timing, the reused flag, the shared-storage mirror).
+A stage run alone (:func:`stage_main`) takes the stages before it as finished for this config and
+says which one to run first when they are not.
 """
 
 from __future__ import annotations
@@ -15,15 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
-from tclora import storage
+from tclora import artifacts, storage
+from tclora.artifacts import StageResult
 from tclora.config import Config, ConfigError, load_config
 
 log = logging.getLogger("tclora")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+STAGES = ("embed", "cluster", "train", "merge_eval")  # the order a run goes through them
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +41,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config (default: built-in defaults, i.e. the demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, repeatable: --set cluster.k=4 --set merge.methods=[cp,ties]")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """``tclora run``'s own arguments: ``--until <stage>``, ``--dry-run``."""
+    parser.add_argument("--until", choices=STAGES, default=STAGES[-1],
+                        help="stop after this stage, e.g. cluster: inspect the clusters before paying for training")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (store, Ray, rows, k, adapters to train and reuse, merged ranks per "
+                        "method, stages a rerun skips) and exit: no Ray, no training")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -210,3 +229,71 @@ def start(cfg: Config) -> tuple[Config, Path]:
     init_ray(cfg)
     store.fetch()  # a driver restarted on a fresh node: pull back finished stages
     return prepare_inputs(cfg, run_dir), run_dir
+
+
+TRIAL_CPUS = 0.1  # a Tune trial only drives its TorchTrainer or actor, which reserve the real CPUs
+
+
+def trials_that_fit(per_trial: dict[str, float], resources: dict | None = None) -> int:
+    """How many trials each needing ``per_trial`` (``{"CPU": 2.1, "GPU": 1}``; zeros ignored) fit at
+    once in ``resources`` (default: the Ray cluster's), at least 1: the one concurrency calculation
+    of the train stage and the sweep."""
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    fits = [math.floor(resources.get(name, 0) / need + 1e-9) for name, need in per_trial.items() if need > 0]
+    return max(1, min(fits, default=1))
+
+
+# ---- stages: the wrapper every driver uses, and a stage run on its own -------------------------------
+class MissingStageError(FileNotFoundError):
+    """A stage run alone needs an earlier stage that has not finished for this config."""
+
+
+def require_finished(final: Path, key: dict | None, stage: str) -> Path:
+    """``final`` if it is a finished ``stage`` (with this ``key``; None: any finished one).
+
+    Raises:
+        MissingStageError: naming the directory and the command that produces it.
+    """
+    done = artifacts.read_manifest(final) is not None if key is None else artifacts.is_complete(final, key)
+    if not done:
+        raise MissingStageError(f"{final}: no finished {stage} stage for this config; run "
+                                f"`tclora run --until {stage}` (same --config/--set) first")
+    return final
+
+
+def run_stage(name: str, fn: Callable[[], StageResult], cfg: Config, run_dir: Path) -> tuple[Path, dict]:
+    """Run one stage function; mirror its directory to shared storage. Returns the directory and its
+    ``metrics.json`` entry: ``seconds`` (the stage's own, from its manifest), ``skipped`` (reused), ``wall_seconds``."""
+    log.info("stage %s ...", name)
+    t0 = time.time()
+    result = fn()
+    storage.store_for(cfg, run_dir).publish(result.dir)  # files, then the manifest (a no-op for a local run.dir)
+    manifest = artifacts.read_manifest(result.dir) or {}
+    wall = time.time() - t0
+    log.info("stage %s %s (%.1fs)", name, "reused" if result.reused else "done", wall)
+    return result.dir, {"seconds": manifest.get("seconds", wall), "skipped": result.reused,
+                        "wall_seconds": round(wall, 2)}
+
+
+def stage_main(stage: str, body: Callable[[Config, Path], StageResult], argv: list[str] | None = None) -> int:
+    """``python -m pipelines.<stage> --config ... --set ...``: the session set-up, then ``body(cfg, run_dir)``.
+
+    Prints the stage directory; exit status 2 (and the reason on stderr) for a bad config or a missing
+    earlier stage.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{stage}",
+                                     description=f"Run the {stage} stage alone (earlier stages must be finished).")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        cfg, run_dir = start(config_from_args(args))
+        out, _ = run_stage(stage, lambda: body(cfg, run_dir), cfg, run_dir)
+    except (ConfigError, MissingStageError) as err:
+        print(f"tclora: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

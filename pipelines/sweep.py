@@ -26,7 +26,6 @@ gets a new directory instead of overwriting one; the stage manifests decide what
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -44,12 +43,13 @@ from pipelines import session
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
-from pipelines.train import TRIAL_CPUS, run_train
-from pipelines.train import stage_key as train_key
-from tclora import artifacts, compare, report, storage
-from tclora.report import BASE, ORACLE
+from pipelines.session import TRIAL_CPUS
+from pipelines.train import run_train
+from tclora import artifacts, report, storage
+from tclora.artifacts import short_hash
 from tclora.config import Config, ConfigError, validate
 from tclora.merge import registry
+from tclora.report import BASE, ORACLE
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ LOW_FIDELITY_PER_TASK = 8  # ASHA's first rung evaluates this many examples per 
 
 
 def _tag(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return short_hash(parts, 8)
 
 
 def point_config(cfg: Config, k: int | None = None, sparsity: float | None = None, cp_rank: int | None = None,
@@ -74,9 +74,8 @@ def point_config(cfg: Config, k: int | None = None, sparsity: float | None = Non
 
 
 def uses_rank(method: str, cfg: Config) -> bool:
-    """Whether ``merge.cp_rank`` changes what ``method`` computes (cp, svd): asked of the method's params."""
-    a, b = (compare.method_params(method, cfg.merge.model_copy(update={"cp_rank": r})) for r in (1, 2))
-    return a != b
+    """Whether ``merge.cp_rank`` sets ``method``'s rank (cp, svd): the registry's ``rank_param`` flag."""
+    return registry.get(method).rank_param
 
 
 def split_methods(cfg: Config, metric: str) -> tuple[list[str], list[str]]:
@@ -99,8 +98,13 @@ def eval_dir(sweep_dir: Path, kind: str, cfg: Config, adapters: Path) -> Path:
 
 
 def score(evals: dict, method: str, split: str | None) -> float:
-    """``eval.<method>.mean`` (the headline split) or the mean on one named split."""
+    """``eval.<method>.mean`` (the headline split) or the mean on one named split: what is reported."""
     return evals[method]["splits"][split] if split else evals[method]["mean"]
+
+
+def objective(manifest: dict, method: str) -> float:
+    """``validation.<method>.mean``: the selection score, on the validation split only (never a test split)."""
+    return manifest["validation"][method]["mean"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,9 +122,9 @@ def _trial(config: dict, *, cfg_json: dict, sweep_dir: str, sets: dict, metric: 
         out.mkdir(parents=True, exist_ok=True)
         with FileLock(str(out / ".lock")):  # Optuna can run one point twice at once: one evaluates, one reuses
             run_merge_eval(cfg, out, Path(entry["cluster"]), Path(entry["adapters"]) / "train")
-        evals = artifacts.read_manifest(out / "merge_eval")["eval"]
-        ray.tune.report({"objective": score(evals, metric, split), "rung": rung, "final": rung == len(rungs) - 1,
-                         "dir": str(out / "merge_eval")})
+        manifest = artifacts.read_manifest(out / "merge_eval")
+        ray.tune.report({"objective": objective(manifest, metric), "test": score(manifest["eval"], metric, split),
+                         "rung": rung, "final": rung == len(rungs) - 1, "dir": str(out / "merge_eval")})
 
 
 def trial_resources(cfg: Config) -> ray.tune.PlacementGroupFactory:
@@ -133,10 +137,7 @@ def trial_resources(cfg: Config) -> ray.tune.PlacementGroupFactory:
 def max_concurrent_trials(cfg: Config, n_trials: int, cap: int | None = None, resources: dict | None = None) -> int:
     """Trials at once: what the merge/eval actors' CPUs (GPUs) fit, capped by ``cap`` or else
     ``train.max_concurrent`` (the config's word on how many heavy processes this machine runs at once)."""
-    resources = resources if resources is not None else ray.cluster_resources()
-    fits = math.floor(resources.get("CPU", 0) / (cfg.eval.num_cpus + TRIAL_CPUS) + 1e-9)
-    if cfg.eval.num_gpus > 0:
-        fits = min(fits, math.floor(resources.get("GPU", 0) / cfg.eval.num_gpus + 1e-9))
+    fits = session.trials_that_fit({"CPU": cfg.eval.num_cpus + TRIAL_CPUS, "GPU": cfg.eval.num_gpus}, resources)
     return max(1, min(fits, cap or cfg.train.max_concurrent or fits, n_trials))
 
 
@@ -181,27 +182,20 @@ def _tune(trainable, param_space: dict, tune_kwargs: dict, name: str, root: str,
 
 def _train_set(cfg: Config, home: Path, cluster_dir: Path) -> dict:
     """Train (or reuse) one (k, s) adapter set in ``home/train``; counts what was trained now."""
-    reused = artifacts.is_complete(home / "train", train_key(cfg, cluster_dir))
-    train_dir = run_train(cfg, home, cluster_dir)
+    result = run_train(cfg, home, cluster_dir)
+    train_dir, reused = result.dir, result.reused
     trained_report = json.loads((train_dir / "train_report.json").read_text())
     n, trained = len(trained_report["clusters"]), 0 if reused else len(trained_report["trained"])
     return {"dir": str(train_dir), "adapters": n, "trained": trained, "reused": n - trained}
 
 
-def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = None,
-          sparsities: list[float] | None = None, *, search: str = "grid", num_samples: int | None = None,
-          metric: str = "cp", split: str | None = None, max_concurrent: int | None = None) -> dict:
-    """Run (or resume) the sweep; returns what ``<run.dir>/sweep/sweep_results.json`` holds.
-
-    Missing value lists default to the config's single value. ``metric`` is a merge method (or ``adapters``,
-    ``base``); ``split`` an eval split's file stem (default: the headline, the first of ``data.eval_paths``).
+def _sweep_configs(cfg: Config, space: dict, metric: str) -> tuple[Config, Config]:
+    """(the user's config, with the objective's method added; the one trials run: no lm-eval benchmarks),
+    after every point of ``space`` validated.
 
     Raises:
-        ConfigError: an unknown metric, split or search, a bad swept value, or optuna requested but not installed.
+        ConfigError: an unknown metric, or a swept value the config refuses (naming its field).
     """
-    started = time.time()
-    space = {"k": sorted(set(ks or [cfg.cluster.k])), "sparsity": sorted(set(sparsities or [cfg.lori.sparsity])),
-             "cp_rank": sorted(set(ranks or [cfg.merge.cp_rank]))}
     if metric not in (*registry.names(), BASE, ORACLE):
         raise ConfigError(f"--metric: unknown {metric!r}; use {ORACLE}, {BASE} or a merge method {registry.names()}")
     if metric not in (*cfg.merge.methods, BASE, ORACLE):
@@ -212,10 +206,35 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lm_eval_tasks": []})})
     for point in itertools.product(*space.values()):
         point_config(cfg, *point)  # every point validates before anything runs
-    cap = cfg.eval.max_per_task
-    rungs = [cap]  # examples per task each report evaluates; ASHA gets a cheap first rung
+    return user_cfg, cfg
+
+
+def _rungs(search: str, cap: int | None) -> list[int | None]:
+    """Examples per task each trial report evaluates (``cap``: ``eval.max_per_task``); ASHA gets a cheap first rung."""
     if search == "optuna" and (cap or math.inf) > LOW_FIDELITY_PER_TASK:
-        rungs = [LOW_FIDELITY_PER_TASK if cap is None else max(1, cap // 4), cap]
+        return [LOW_FIDELITY_PER_TASK if cap is None else max(1, cap // 4), cap]
+    return [cap]
+
+
+def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = None,
+          sparsities: list[float] | None = None, *, search: str = "grid", num_samples: int | None = None,
+          metric: str = "cp", split: str | None = None, max_concurrent: int | None = None) -> dict:
+    """Run (or resume) the sweep; returns what ``<run.dir>/sweep/sweep_results.json`` holds.
+
+    Missing value lists default to the config's single value. ``metric`` is a merge method (or ``adapters``,
+    ``base``). The best point is the one with the best ``metric`` on the validation split
+    (``data.validation_path``, capped to ``merge.tune_max_per_task`` per task); ``split`` is the eval (test)
+    split whose scores the table reports (default: the headline, the first of ``data.eval_paths``).
+
+    Raises:
+        ConfigError: an unknown metric, split or search, no validation split, a bad swept value, or optuna
+            requested but not installed.
+    """
+    started = time.time()
+    space = {"k": sorted(set(ks or [cfg.cluster.k])), "sparsity": sorted(set(sparsities or [cfg.lori.sparsity])),
+             "cp_rank": sorted(set(ranks or [cfg.merge.cp_rank]))}
+    user_cfg, cfg = _sweep_configs(cfg, space, metric)
+    rungs = _rungs(search, cfg.eval.max_per_task)
     param_space, tune_kwargs = _search(search, space, num_samples, len(rungs), cfg.run.seed)
 
     if storage.is_uri(cfg.run.dir) and not cfg.run.dir.startswith("file://"):
@@ -229,7 +248,10 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     splits = [Path(p).stem for p in cfg.data.eval_paths]
     if split is not None and split not in splits:
         raise ConfigError(f"--split: {split!r} is not an eval split; data.eval_paths has {splits}")
-    prepared = prepare_sets(cfg, run_dir, space, metric, started)
+    if not cfg.data.validation_path:
+        raise ConfigError("tclora sweep selects its best point on a validation split: set data.validation_path "
+                          "(the demo generates one); test splits are only reported")
+    prepared = prepare_sets(cfg, run_dir, space, metric)
     sets = prepared.pop("sets")
 
     fingerprint = point_config(cfg, 1, 0.0, 1).model_dump(mode="json")  # everything but the swept values
@@ -243,8 +265,9 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     tune_root = store.uri_of(sweep_dir / "tune") if store.remote else str(sweep_dir / "tune")
     grid, restored = _tune(trainable, param_space, tune_kwargs, name, tune_root, concurrent)
 
-    key = f"eval.{metric}." + (f"splits.{split}" if split else "mean")
-    results = {"objective": {"metric": metric, "split": split or splits[0], "key": key}, "search": search,
+    key = f"validation.{metric}.mean"  # selection; the rows' scores (and best["test"]) are the reported split
+    results = {"objective": {"metric": metric, "split": "validation", "key": key, "report_split": split or splits[0]},
+               "search": search,
                "space": space, **collect(grid, sets, metric, split), **prepared,
                "tune": {"name": name, "path": f"{tune_root}/{name}", "restored": restored,
                         "max_concurrent": concurrent},
@@ -253,17 +276,16 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     return results
 
 
-def prepare_sets(cfg: Config, run_dir: Path, space: dict, metric: str, started: float) -> dict:
+def prepare_sets(cfg: Config, run_dir: Path, space: dict, metric: str) -> dict:
     """Embed once, cluster per k, train and evaluate the rank-independent baselines per (k, s).
 
     Returns ``{"sets": {"k<k>-s<s>": dirs and methods for the trials}, "training": counts, "embed", "clusters"}``.
     """
     sweep_dir = run_dir / "sweep"
     trial_methods, once_methods = split_methods(cfg, metric)
-    had_embed = artifacts.read_manifest(run_dir / "embed") is not None
-    embed_dir = run_embed(cfg, run_dir)
-    embed_reused = had_embed and (embed_dir / artifacts.MANIFEST).stat().st_mtime < started
-    clusters = {k: run_cluster(point_config(cfg, k=k), run_dir, embed_dir) for k in space["k"]}
+    embed = run_embed(cfg, run_dir)
+    embed_dir = embed.dir
+    clusters = {k: run_cluster(point_config(cfg, k=k), run_dir, embed_dir).dir for k in space["k"]}
     sets, training = {}, {}
     for k, s in itertools.product(space["k"], space["sparsity"]):
         point, name = point_config(cfg, k, s), f"k{k}-s{s:g}"
@@ -280,7 +302,7 @@ def prepare_sets(cfg: Config, run_dir: Path, space: dict, metric: str, started: 
     counts = {"adapter_sets": len(training), "adapter_sets_trained": sum(t["trained"] > 0 for t in done),
               "adapters_trained": sum(t["trained"] for t in done), "adapters_reused": sum(t["reused"] for t in done)}
     return {"sets": sets, "training": {**counts, "sets": training},
-            "embed": {"dir": str(embed_dir), "reused": embed_reused},
+            "embed": {"dir": str(embed_dir), "reused": embed.reused},
             "clusters": {str(k): str(d) for k, d in clusters.items()}}
 
 
@@ -309,6 +331,7 @@ def _row(point: dict, metrics: dict, sets: dict, metric: str, split: str | None)
     evals = dict(artifacts.read_manifest(Path(entry["baselines"]))["eval"]) if entry["baselines"] else {}
     evals.update(artifacts.read_manifest(Path(metrics["dir"]))["eval"])
     return {"k": k, "sparsity": s, "cp_rank": r, "objective": metrics["objective"],
+            "test": round(score(evals, metric, split), 4),
             "scores": {m: round(score(evals, m, split), 4) for m in evals}, "dir": metrics["dir"]}
 
 

@@ -15,10 +15,27 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
+
+
+def short_hash(obj: Any, length: int = 16) -> str:
+    """The first ``length`` hex digits of the sha256 of ``obj`` as canonical JSON (sorted keys; values
+    JSON cannot hold are written as ``str``). The one hash behind stage keys, cache and directory names:
+    a name that must stay stable keeps its ``length`` (8, 12 or 16 today)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What every stage function returns: its finished directory, and whether it was reused as found
+    (its manifest matched) rather than computed by this call."""
+
+    dir: Path
+    reused: bool
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -42,8 +59,22 @@ def hash_tree(root: Path) -> dict[str, str]:
 def tree_digest(root: Path) -> str:
     """One hash for a whole directory: what a downstream stage records as its input."""
     manifest = read_manifest(root)
-    files = manifest["outputs"] if manifest else hash_tree(root)
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash(manifest["outputs"] if manifest else hash_tree(root))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: Path, dst: Path, ignore: Any = None) -> None:
+    """``dst`` as a copy of the tree ``src`` made of hard links where possible: a finished adapter moves
+    on (checkpoint, stage staging, the stage) without its bytes being copied again. Safe because
+    finished files are never written in place (see :func:`atomic_write_bytes`); ``ignore`` as in
+    :func:`shutil.copytree`."""
+    shutil.copytree(src, dst, copy_function=_link_or_copy, ignore=ignore, dirs_exist_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -6,14 +6,14 @@ dotted key, before any expensive work starts.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tclora.artifacts import short_hash
 
 
 class ConfigError(ValueError):
@@ -305,7 +305,7 @@ class Config(_Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (what a stage depends on), for manifests and caching."""
         payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return short_hash(payload, 16)
 
 
 def _format_error(err: ValidationError) -> str:

@@ -20,7 +20,6 @@ training data often repeats on purpose, but counted and reported.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from tclora.artifacts import short_hash
 from tclora.data import record_keys, validate_record
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class InputFiles:
     def digest(self) -> str:
         """Hash of (relative name, size, mtime) of every file: changes when any input changes."""
         items = [(relative_path(f.path, self.root), f.size, f.mtime_ns) for f in self.files]
-        return hashlib.sha256(json.dumps([self.uri, items]).encode()).hexdigest()[:16]
+        return short_hash([self.uri, items], 16)
 
 
 def relative_path(path: str, root: str) -> str:

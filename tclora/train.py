@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +62,78 @@ def lori_phases(train: TrainSection, lori_cfg: LoRISection) -> list[Phase]:
     if lori_cfg.mode == "lori_s":
         phases.append(Phase("sparse", train.sparse_steps or train.steps, train.lr * train.sparse_lr_multiplier))
     return phases
+
+
+class LoRIAdapters(Protocol):
+    """The adapters one step function trains together: one PEFT model (:class:`SoloLoRI`), or several
+    adapters fused into one forward/backward pass (:class:`tclora.multi_lori.LoRIGroup`)."""
+
+    model: nn.Module
+
+    def extract_masks(self, sparsity: float, scope: str = "global") -> Any: ...
+    def masked(self, masks: Any) -> lori.MaskedB: ...
+
+
+class SoloLoRI:
+    """One LoRI adapter attached to the base (a PEFT model): :class:`LoRIAdapters` of size one."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def extract_masks(self, sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+        return lori.extract_masks(lori.lora_b_params(self.model), sparsity, scope)
+
+    def masked(self, masks: dict[str, torch.Tensor]) -> lori.MaskedB:
+        return lori.MaskedB(self.model, masks)
+
+
+def run_lori_phases(
+    adapters: LoRIAdapters,
+    phases: Sequence[Phase],
+    lori_cfg: LoRISection,
+    run_phase: Callable[[int, Phase, "lori.MaskedB | None"], None],
+    *,
+    start: int = 0,
+    masks: Any = None,
+    on_phase_end: Callable[[int, Any], None] | None = None,
+) -> Any:
+    """The LoRI phase sequence (LoRI-D, mask, LoRI-S), from phase ``start``; returns the masks (None for LoRI-D only).
+
+    ``run_phase(index, phase, masked)`` trains one phase (``masked``: the sparse phase's gradient and
+    weight masking, hooked before the phase's engine is built, so masked gradients are what ZeRO
+    buckets). The masks are taken from B at the *end* of the phase before LoRI-S, so that a checkpoint
+    written in ``on_phase_end(index, masks)`` already holds them and a resume at LoRI-S's first step
+    needs no B to re-derive them. ``masks``: those of a resumed run that is past LoRI-D.
+    Source: LoRI (Zhang et al., 2025, arXiv 2504.07448), Sec. 3: dense training, top-(1-s) |B| mask,
+    sparse training from reset B.
+    """
+    for index in range(start, len(phases)):
+        masked = adapters.masked(masks) if phases[index].name == "sparse" else None
+        if masked is not None:
+            masked.reset_()
+        run_phase(index, phases[index], masked)
+        if masked is not None:
+            masked.remove()
+        if index + 1 < len(phases) and phases[index + 1].name == "sparse":
+            masks = adapters.extract_masks(lori_cfg.sparsity, lori_cfg.mask_scope)
+        if on_phase_end is not None:
+            on_phase_end(index, masks)
+    return masks
+
+
+def adapter_meta(lori_cfg: LoRISection, seed: int, losses: Mapping[str, Sequence[float]], seconds: float, *,
+                 masks: dict[str, torch.Tensor] | None = None, a_shapes: Mapping[str, tuple] | None = None,
+                 **extra: Any) -> dict:
+    """``lori.json`` of a finished adapter: LoRI settings, first and last loss per phase (last: mean of
+    the final 10 steps), parameter counts when masked, seconds, and ``extra`` (cluster id, rows, resumes...)."""
+    meta: dict[str, Any] = {"seed": seed, "rank": lori_cfg.rank, "alpha": lori_cfg.alpha, "mode": lori_cfg.mode,
+                            "sparsity": lori_cfg.sparsity, "mask_scope": lori_cfg.mask_scope, **extra}
+    for name, values in losses.items():
+        meta[f"{name}_loss_first"], meta[f"{name}_loss_last"] = values[0], sum(values[-10:]) / len(values[-10:])
+    if masks is not None:
+        meta["parameters"] = lori.parameter_counts(masks, a_shapes)
+    meta["seconds"] = round(seconds, 2)
+    return meta
 
 
 def causal_lm_loss(engine: Engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -127,24 +199,19 @@ def train_lori_adapter(
     """
     make_engine = make_engine or (lambda m, lr: TorchEngine(m, lr, train_cfg.weight_decay))
     peft_model = lori.attach_lori(model, lori_cfg, seed, base_model_name_or_path)
-    started = time.time()
-    meta: dict = {"seed": seed, "rank": lori_cfg.rank, "alpha": lori_cfg.alpha, "mode": lori_cfg.mode,
-                  "sparsity": lori_cfg.sparsity, "mask_scope": lori_cfg.mask_scope, "rows": len(records)}
-    masked = masks = None
-    for phase in lori_phases(train_cfg, lori_cfg):
-        if phase.name == "sparse":
-            masks = lori.extract_masks(lori.lora_b_params(peft_model), lori_cfg.sparsity, lori_cfg.mask_scope)
-            masked = lori.MaskedB(peft_model, masks)
-            masked.reset_()
+    started, losses = time.time(), {}
+    phases = lori_phases(train_cfg, lori_cfg)
+
+    def run_phase(index: int, phase: Phase, masked: lori.MaskedB | None) -> None:
         stream = data.batches(records, tokenizer, train_cfg.batch_size, max_length, phase.steps, seed=seed)
-        losses = train_loop(make_engine(peft_model, phase.lr), stream, phase.steps, masked=masked, desc=f"LoRI {phase.name}")
-        meta[f"{phase.name}_loss_first"] = losses[0]
-        meta[f"{phase.name}_loss_last"] = sum(losses[-10:]) / len(losses[-10:])
-        log.info("LoRI %s: %d steps, loss %.3f -> %.3f", phase.name, phase.steps, losses[0], meta[f"{phase.name}_loss_last"])
-    if masks is not None:
-        meta["parameters"] = lori.parameter_counts(masks, lori.lora_a_shapes(peft_model))
-        masked.remove()
-    meta["seconds"] = round(time.time() - started, 2)
+        losses[phase.name] = train_loop(make_engine(peft_model, phase.lr), stream, phase.steps, masked=masked,
+                                        desc=f"LoRI {phase.name}")
+        log.info("LoRI %s: %d steps, loss %.3f -> %.3f", phase.name, phase.steps, losses[phase.name][0],
+                 sum(losses[phase.name][-10:]) / len(losses[phase.name][-10:]))
+
+    masks = run_lori_phases(SoloLoRI(peft_model), phases, lori_cfg, run_phase)
+    meta = adapter_meta(lori_cfg, seed, losses, time.time() - started, masks=masks,
+                        a_shapes=lori.lora_a_shapes(peft_model), rows=len(records))
     lori.save_lori_adapter(peft_model, out_dir, masks, meta)
     peft_model.unload()  # the base model is left exactly as it came in
     return meta

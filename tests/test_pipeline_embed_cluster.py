@@ -19,8 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tclora.corpus import CorpusError, list_input_files, read_records
+from tclora.artifacts import StageResult
 from tclora.config import ConfigError, validate
+from tclora.corpus import CorpusError, list_input_files, read_records
 
 pytestmark = pytest.mark.ray
 
@@ -86,7 +87,7 @@ def embedded(ray_session, corpus, tmp_path_factory) -> tuple[Path, Path]:
     from pipelines.embed import run_embed
 
     run_dir = tmp_path_factory.mktemp("run")
-    return run_dir, run_embed(_config(), run_dir, str(corpus))
+    return run_dir, run_embed(_config(), run_dir, str(corpus)).dir
 
 
 def _quarantined(embed_dir: Path) -> list[dict]:
@@ -150,7 +151,7 @@ def test_rerun_is_a_fast_no_op(embedded, corpus):
     run_dir, embed_dir = embedded
     before = (embed_dir / "manifest.json").read_bytes()
     started = time.perf_counter()
-    assert run_embed(_config(), run_dir, str(corpus)) == embed_dir
+    assert run_embed(_config(), run_dir, str(corpus)) == StageResult(embed_dir, reused=True)
     assert time.perf_counter() - started < 5
     assert (embed_dir / "manifest.json").read_bytes() == before
 
@@ -167,7 +168,7 @@ def test_cluster_k3_recovers_topics_and_writes_every_row_once(embedded):
     from tclora.cluster import route_records
 
     run_dir, embed_dir = embedded
-    cluster_dir = run_cluster(_config(), run_dir, embed_dir)
+    cluster_dir = run_cluster(_config(), run_dir, embed_dir).dir
     report = json.loads((cluster_dir / "report.json").read_text())
     assert report["k"] == 3 and report["nmi"] > 0.9 and report["ari"] > 0.9
     all_ids = pq.read_table(embed_dir / "embeddings", columns=["row_id"]).column("row_id").to_pylist()
@@ -190,8 +191,8 @@ def test_changing_k_reclusters_without_reembedding(embedded, corpus):
     run_dir, embed_dir = embedded
     embed_manifest = (embed_dir / "manifest.json").read_bytes()
     cfg = _config(k=4, min_cluster_size=23, small_cluster_policy="skip")  # a split topic has < 23 rows
-    cluster_dir = run_cluster(cfg, run_dir, embed_dir)
-    assert run_embed(cfg, run_dir, str(corpus)) == embed_dir
+    cluster_dir = run_cluster(cfg, run_dir, embed_dir).dir
+    assert run_embed(cfg, run_dir, str(corpus)) == StageResult(embed_dir, reused=True)
     assert (embed_dir / "manifest.json").read_bytes() == embed_manifest
 
     report = json.loads((cluster_dir / "report.json").read_text())
@@ -203,9 +204,10 @@ def test_changing_k_reclusters_without_reembedding(embedded, corpus):
 
 
 def test_k_above_the_valid_row_count_fails_before_clustering(embedded, corpus, monkeypatch, tmp_path):
+    from transformers import LlamaConfig
+
     import pipelines.run as run_module
     from pipelines.cluster import run_cluster
-    from transformers import LlamaConfig
 
     run_dir, embed_dir = embedded
     message = rf"cluster\.k=500 is more than the {GOOD} valid rows.*--set cluster\.k={GOOD}"
@@ -216,7 +218,7 @@ def test_k_above_the_valid_row_count_fails_before_clustering(embedded, corpus, m
     # The driver: after the embed stage counted the rows, before the cluster stage starts.
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 vocab_size=64).save_pretrained(tmp_path / "model")  # config only: all preflight reads
-    monkeypatch.setattr(run_module, "run_embed", lambda cfg, run_dir: embed_dir)
+    monkeypatch.setattr(run_module, "run_embed", lambda cfg, run_dir: StageResult(embed_dir, reused=True))
     monkeypatch.setattr(run_module, "run_cluster", lambda *a: pytest.fail("clustering started"))
     cfg = validate({"run": {"dir": str(tmp_path / "run")}, "data": {"path": str(corpus)}, "cluster": {"k": 500},
                     "model": {"name_or_path": str(tmp_path / "model")}})
@@ -259,7 +261,8 @@ def test_jsonl_reader_keeps_line_numbers_and_json_line_separators():
 
     from tclora.corpus import Fields, check_rows, jsonl_blocks
 
-    text = '{"source": "a\u2028b", "target": "t"}\n\n{"source": "x", "target": 3}\n\xff\n{"source": "last", "target": "u"}'
+    text = ('{"source": "a\u2028b", "target": "t"}\n\n{"source": "x", "target": 3}\n\xff\n'
+            '{"source": "last", "target": "u"}')
     data = text.encode("utf-8").replace(b"\xc3\xbf", b"\xff")  # line 4: a raw invalid UTF-8 byte
     [block] = list(jsonl_blocks(io.BytesIO(data), "f.jsonl"))
     assert block.column("_index").to_pylist() == [1, 3, 4, 5]  # the blank line 2 is counted, not emitted
@@ -285,9 +288,9 @@ def test_rows_with_non_finite_embeddings_are_quarantined(ray_session, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from pipelines.embed import run_embed
-    from tclora.embed import _resolve
+    from tclora.embed import resolve_embedding_model
 
-    packaged = Path(_resolve("all-MiniLM-L6-v2"))
+    packaged = Path(resolve_embedding_model("all-MiniLM-L6-v2"))
     model = tmp_path / "poisoned-minilm"
     model.mkdir()
     for item in packaged.iterdir():
@@ -305,7 +308,7 @@ def test_rows_with_non_finite_embeddings_are_quarantined(ray_session, tmp_path):
     (corpus / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = validate({"embed": {"batch_size": 32, "num_actors": 1, "model": str(model)}})
 
-    embed_dir = run_embed(cfg, tmp_path / "run", str(corpus))
+    embed_dir = run_embed(cfg, tmp_path / "run", str(corpus)).dir
     assert _quarantined(embed_dir) == [{"file": "a.jsonl", "line": 3, "raw": "a drop of poison in the well",
                                         "reason": "embedding is not finite (NaN): k-means cannot place it"}]
     manifest = json.loads((embed_dir / "manifest.json").read_text())

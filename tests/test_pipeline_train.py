@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel
 
 from tclora import artifacts, lori
+from tclora.artifacts import StageResult
 from tclora.config import validate
 from tclora.evaluate import mean_loss
 from tclora.models import load_base
@@ -57,7 +58,8 @@ def small_cfg(run_dir: Path, base: Path, **train):
     return validate({
         "run": {"dir": str(run_dir), "seed": 3},
         "model": {"name_or_path": str(base), "max_length": 32},
-        "lori": {"rank": 4, "alpha": 8.0, "sparsity": 0.8, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+        "lori": {"rank": 4, "alpha": 8.0, "sparsity": 0.8,
+                 "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
         "train": {"steps": 16, "sparse_steps": 12, "batch_size": 8, "lr": 3e-3, "sparse_lr_multiplier": 3.0,
                   "checkpoint_every": 8, "num_workers": 1, "cpus_per_worker": 1.0, "max_failures": 2, **train},
     })
@@ -87,7 +89,7 @@ def _timed_train(tiny_base, cluster_dir, run_dir, **train):
 
     cfg = small_cfg(run_dir, tiny_base, **train)
     started = time.time()
-    out = run_train(cfg, run_dir, cluster_dir)
+    out = run_train(cfg, run_dir, cluster_dir).dir
     return cfg, out, time.time() - started
 
 
@@ -125,7 +127,7 @@ def _lora_a(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("run", ["concurrent_run", "packed_run"])
 def test_adapters_are_plain_peft_dirs_with_lori_invariants(run, request, tiny_base, cluster_dir):
-    from pipelines.train import lori_seed
+    from pipelines.train_worker import lori_seed
 
     cfg, out, seconds = request.getfixturevalue(run)
     packed = run == "packed_run"
@@ -172,7 +174,7 @@ def test_rerun_is_a_no_op(concurrent_run, cluster_dir):
     cfg, out, first_seconds = concurrent_run
     before = (out / artifacts.MANIFEST).read_bytes()
     started = time.time()
-    assert run_train(cfg, Path(cfg.run.dir), cluster_dir) == out
+    assert run_train(cfg, Path(cfg.run.dir), cluster_dir) == StageResult(out, reused=True)
     assert time.time() - started < 5 < first_seconds
     assert (out / artifacts.MANIFEST).read_bytes() == before
 
@@ -182,7 +184,8 @@ def _train_workers() -> list[psutil.Process]:
     me, found = os.getpid(), []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker") and me in {q.pid for q in p.parents()}:
+            is_worker = " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker")
+            if is_worker and me in {q.pid for q in p.parents()}:
                 found.append(p)
         except psutil.Error:  # exited while we looked
             continue

@@ -1,0 +1,348 @@
+"""The Ray Train worker of the train stage, written as a torchtune recipe: set up, train, clean up.
+
+:func:`train_fn_per_worker` is what ``TorchTrainer`` runs on every rank. It builds a :class:`LoRIRecipe`:
+
+    setup     restore from the last checkpoint (:class:`TrainCheckpoint`), load the base, read the shard
+    train     for each group of adapters the run trains (today one cluster per group, one group after
+              another; a group is a :class:`tclora.train.LoRIAdapters`, so several clusters can share one
+              forward/backward pass): the LoRI phase sequence (:func:`tclora.train.run_lori_phases`), each
+              phase one DeepSpeed engine and one step loop (:func:`tclora.train.train_loop`); then save
+    cleanup   drop the temporary adapter directory (every adapter is in the last checkpoint)
+
+It is plain DeepSpeed training plus a few Ray touchpoints, each marked "Ray:". Packed runs
+(``train.clusters_per_run``) read the shard once and replay each cluster's rows from memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint
+
+from tclora import artifacts, data, lori
+from tclora.config import Config
+from tclora.train import SoloLoRI, adapter_meta, lori_phases, run_lori_phases, train_loop
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 256  # rows per Ray Data batch; tokenised and regrouped into train batches in the worker
+CACHE_ROWS = 100_000  # shards up to this many rows are replayed from memory after the first epoch
+
+
+def lori_seed(cfg: Config, cluster_id: int) -> int:
+    """Seed of a cluster's frozen random A: one per cluster, or the run seed for all with ``lori.shared_a``."""
+    return cfg.run.seed if cfg.lori.shared_a else cfg.run.seed + cluster_id
+
+
+# ---- the checkpoint: one object owns the layout --------------------------------------------------
+@dataclass
+class TrainState:
+    """Where a run is: adapters done (``position``), phase and step of the current one, its losses so
+    far per phase, the resumes it went through and its seconds of training."""
+
+    position: int = 0
+    phase: int = 0
+    step: int = 0
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    resumes: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def next_adapter(self) -> None:
+        self.position, self.phase, self.step, self.losses, self.seconds = self.position + 1, 0, 0, {}, 0.0
+
+
+class TrainCheckpoint:
+    """Save and restore one rank's part of the run's Ray Train checkpoints. Every checkpoint holds::
+
+        state.json              TrainState (rank 0)
+        lori_mask.safetensors   the current adapter's LoRI masks, from the end of LoRI-D on (rank 0)
+        ds/engine/              DeepSpeed's engine checkpoint: B, AdamW moments, per-rank ZeRO partitions
+                                (every rank writes its share; Ray merges the ranks' directories); frozen
+                                base weights excluded. Resuming is bit-exact for ZeRO 0-2.
+        adapters/cluster-<id>/  every adapter the run finished so far (PEFT files, mask, lori.json; rank 0),
+                                so the last checkpoint holds all of them and the driver reads them there
+    """
+
+    STATE = "state.json"
+    DS_DIR, DS_TAG = "ds", "engine"
+    ADAPTERS = "adapters"
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.finished = Path(tempfile.mkdtemp(prefix="tclora-adapters-"))  # this run's adapters so far
+        self._restored: Path | None = None  # holds the engine state until the first engine loads it
+
+    @classmethod
+    def adapter(cls, checkpoint_dir: str | Path, cluster_id: int) -> Path:
+        """A finished adapter inside a checkpoint directory (for the driver)."""
+        return Path(checkpoint_dir) / cls.ADAPTERS / f"cluster-{cluster_id}"
+
+    def restore(self) -> tuple[TrainState, Any]:
+        """The state and masks of the run's last checkpoint (Ray: set after a worker failure or a driver
+        restart), finished adapters back in :attr:`finished`; a fresh state when there is none."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return TrainState(), None
+        self._restored = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="tclora-restore-")))
+        state = TrainState(**json.loads((self._restored / self.STATE).read_text()))
+        masks = lori.load_masks(self._restored) if (self._restored / lori.MASK_FILE).is_file() else None
+        if (self._restored / self.ADAPTERS).is_dir():
+            artifacts.link_tree(self._restored / self.ADAPTERS, self.finished)
+        state.resumes.append({"position": state.position, "phase": state.phase, "step": state.step})
+        return state, masks
+
+    def load_engine(self, engine, state: TrainState) -> None:
+        """Load the restored DeepSpeed state into the first engine after a restore (once; a resume at a
+        phase's first step has none to load).
+
+        Raises:
+            RuntimeError: the checkpoint lacks the engine state the resume needs.
+        """
+        if self._restored is None:
+            return
+        if state.step > 0:
+            loaded = engine.load_checkpoint(str(self._restored / self.DS_DIR), tag=self.DS_TAG,
+                                            load_module_strict=False)[0]
+            if loaded is None:
+                raise RuntimeError(f"no DeepSpeed state in checkpoint {self._restored}")
+        shutil.rmtree(self._restored, ignore_errors=True)
+        self._restored = None
+
+    def save(self, metrics: dict, state: TrainState, engine=None, masks=None) -> None:
+        """Ray: report ``metrics`` with a checkpoint of this rank's share (layout in the class docstring)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            if engine is not None:
+                engine.save_checkpoint(os.path.join(tmp, self.DS_DIR), tag=self.DS_TAG, exclude_frozen_parameters=True)
+            if self.rank == 0:
+                artifacts.atomic_write_json(Path(tmp) / self.STATE, asdict(state))
+                if masks is not None:
+                    lori.save_masks(masks, tmp)
+                if any(self.finished.iterdir()):
+                    artifacts.link_tree(self.finished, Path(tmp) / self.ADAPTERS)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    def hand_back(self) -> None:
+        """A run that had finished before a driver restart: report its last checkpoint again as is."""
+        checkpoint = Checkpoint.from_directory(str(self._restored)) if self.rank == 0 else None
+        ray.train.report({"finished": True}, checkpoint=checkpoint)
+
+    def cleanup(self) -> None:
+        for tmp in (self._restored, self.finished):
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- data: tokenised examples of this rank's shard, in fixed-size batches -------------------------
+def _replay(cache: list, seed: int, first_epoch: int = 0):
+    """Endless epochs over examples held in memory, reshuffled per epoch."""
+    for epoch in itertools.count(first_epoch):
+        order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        yield from (cache[i] for i in order)
+
+
+def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
+    """Endless tokenised examples from this worker's shard, epoch after epoch.
+
+    The first epoch streams through Ray Data. A shard of at most ``CACHE_ROWS`` rows is then replayed
+    from memory, reshuffled per epoch: a Ray Data epoch costs a fixed 0.2-30 s on 2 cores (split
+    coordination, task processes; more under load), more than a small cluster's training steps.
+    Larger shards stream again every epoch.
+    """
+    cache: list | None = []
+    for epoch in itertools.count():
+        if epoch and cache is not None:
+            yield from _replay(cache, seed, first_epoch=epoch)  # endless
+        rows = 0
+        # Ray: each iter_batches call is one epoch over this worker's share of the cluster.
+        for chunk in shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * READ_BATCH, local_shuffle_seed=seed + epoch):
+            for source, target in zip(chunk["source"], chunk["target"]):
+                example = data.tokenize_example(tokenizer, str(source), str(target), cfg.model.max_length)
+                rows += 1
+                if cache is not None:
+                    cache.append(example)
+                    cache = cache if len(cache) <= CACHE_ROWS else None  # too big to hold: stream each epoch
+                yield example
+        if rows == 0:
+            raise RuntimeError("this worker's data shard is empty (more workers than rows?)")
+        stats["shard_rows"] = rows
+
+
+def _by_cluster(shard, tokenizer, cfg: Config) -> dict[int, list]:
+    """Packed clusters: this worker's shard read once, tokenised examples per cluster id (they fit:
+    ``pack_clusters`` caps a group at ``CACHE_ROWS`` rows)."""
+    buckets: dict[int, list] = {}
+    for chunk in shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy"):  # Ray: one pass
+        for cluster_id, source, target in zip(chunk["cluster_id"], chunk["source"], chunk["target"]):
+            example = data.tokenize_example(tokenizer, str(source), str(target), cfg.model.max_length)
+            buckets.setdefault(int(cluster_id), []).append(example)
+    return buckets
+
+
+def _batches(examples, batch_size: int, pad_id: int):
+    """Fixed-size batches across epoch boundaries: a shard smaller than a batch still trains."""
+    while True:
+        yield data.collate([next(examples) for _ in range(batch_size)], pad_id)
+
+
+def _make_engine(deepspeed, model, cfg: Config, lr: float, use_gpu: bool):
+    """A fresh DeepSpeed engine + AdamW over the trainable B's (one per LoRI phase)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=cfg.train.weight_decay)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: ZeRO-1/2 partition its state fine
+        "bf16": {"enabled": use_gpu and cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,  # DeepSpeed's step logging would drown Tune's progress table
+    }
+    # Ray Train already initialised torch.distributed (gloo on CPU, NCCL on GPU); DeepSpeed wraps it.
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)[0]
+
+
+# ---- the recipe ------------------------------------------------------------------------------------
+class LoRIRecipe:
+    """One rank of one Train run over ``cluster_ids`` (see the module docstring)."""
+
+    def __init__(self, cfg: Config, cluster_ids: list[int]):
+        self.cfg, self.cluster_ids = cfg, cluster_ids
+        self.use_gpu = cfg.train.gpus_per_worker > 0
+        context = ray.train.get_context()  # Ray: this rank's place in the run
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.phases = lori_phases(cfg.train, cfg.lori)
+        self.checkpoint = TrainCheckpoint(self.rank)
+        self.state, self.masks = TrainState(), None
+        self._since = time.time()  # start of the training time not yet added to state.seconds
+
+    def setup(self) -> bool:
+        """Restore, load the base and the shard; False when the run had already finished (nothing to train)."""
+        self.state, self.masks = self.checkpoint.restore()
+        if self.state.resumes:
+            log.info("clusters %s rank %d: resuming at %s", self.cluster_ids, self.rank, self.state.resumes[-1])
+        if self.state.position >= len(self.cluster_ids):
+            self.checkpoint.hand_back()
+            return False
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.use_gpu else "cpu")  # read when deepspeed is imported
+        import deepspeed
+
+        from tclora.models import load_base_for
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.deepspeed = deepspeed
+        self.base, self.tokenizer = load_base_for(self.cfg.model)
+        if self.use_gpu:
+            torch.cuda.set_device(ray.train.torch.get_device())
+        self.shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the run's rows
+        self.packed = _by_cluster(self.shard, self.tokenizer, self.cfg) if len(self.cluster_ids) > 1 else None
+        return True
+
+    def train(self) -> None:
+        """Each group of adapters in turn, from the restored position."""
+        for position in range(self.state.position, len(self.cluster_ids)):
+            self.train_adapters([self.cluster_ids[position]])
+
+    def train_adapters(self, group: list[int]) -> None:
+        """Attach the group's adapters, run the LoRI phases over them, save them (rank 0), report."""
+        (cluster_id,) = group  # one adapter per group until a fused LoRIAdapters lands here
+        seed = lori_seed(self.cfg, cluster_id)
+        torch.manual_seed(seed + self.rank)
+        model = lori.attach_lori(self.base, self.cfg.lori, seed, self.cfg.model.name_or_path)
+        if self.use_gpu:
+            model.to(ray.train.torch.get_device())
+        self.stats: dict = {}
+        self.stream = _batches(self._examples(cluster_id, seed), self.cfg.train.batch_size,
+                               self.tokenizer.pad_token_id)
+        self.adapters, self.group = SoloLoRI(model), group
+        self.masks = run_lori_phases(self.adapters, self.phases, self.cfg.lori, self.run_phase,
+                                     start=self.state.phase, masks=self.masks, on_phase_end=self.phase_end)
+        self._lap()
+        if self.rank == 0:  # B is replicated on every rank under ZeRO 0-2: rank 0 saves it whole
+            lori.save_lori_adapter(model, self.checkpoint.finished / f"cluster-{cluster_id}", self.masks,
+                                   self._meta(cluster_id, seed, model))
+        self.state.next_adapter()
+        self.masks = None
+        self.report(self.phases[-1].steps, done=True)
+        self.base = model.unload()  # the base without LoRI layers (B never touched its weights)
+
+    def _examples(self, cluster_id: int, seed: int):
+        example_seed = seed * 1000 + 100 * len(self.state.resumes) + self.rank
+        if self.packed is None:
+            return _examples(self.shard, self.tokenizer, self.cfg, example_seed, self.stats)
+        self.stats["shard_rows"] = len(self.packed[cluster_id])
+        return _replay(self.packed[cluster_id], example_seed)
+
+    def run_phase(self, index: int, phase, masked) -> None:
+        """One phase: a fresh engine (resumed once after a restore), the step loop from ``state.step``."""
+        self.engine = _make_engine(self.deepspeed, self.adapters.model, self.cfg, phase.lr, self.use_gpu)
+        self.checkpoint.load_engine(self.engine, self.state)
+        self.phase_index = index
+        self.history = self.state.losses[phase.name] = self.state.losses.get(phase.name, [])[: self.state.step]
+        train_loop(self.engine, self.stream, phase.steps, masked=masked, start_step=self.state.step,
+                   on_step=self.on_step, desc=f"clusters {self.group} LoRI {phase.name}")
+        self.engine.destroy()  # drops ZeRO's grad hooks: the next phase's engine installs its own
+        self.engine = None
+
+    def on_step(self, step: int, loss: float) -> None:
+        """Record the loss; every ``train.checkpoint_every`` steps (not at a phase's end), checkpoint."""
+        self.history.append(loss)
+        phase = self.phases[self.phase_index]
+        if (step + 1) % self.cfg.train.checkpoint_every == 0 and step + 1 < phase.steps:
+            self.state.phase, self.state.step = self.phase_index, step + 1
+            self.report(step + 1, self.engine)
+
+    def phase_end(self, index: int, masks) -> None:
+        """Between phases: a checkpoint that resumes at the next phase's start (with its masks)."""
+        if index + 1 == len(self.phases):
+            return
+        self.masks = masks
+        self.state.phase, self.state.step = index + 1, 0
+        if self.phases[index].steps >= self.cfg.train.checkpoint_every:  # a shorter phase is cheaper to redo
+            self.report(self.phases[index].steps)
+
+    def report(self, step: int, engine=None, done: bool = False) -> None:
+        self._lap()
+        history = self.history
+        metrics = {"cluster_id": self.group[-1], "phase": self.phases[self.phase_index].name, "step": step,
+                   "finished": done and self.state.position == len(self.cluster_ids),
+                   "clusters_done": self.state.position, "loss": sum(history[-10:]) / len(history[-10:]),
+                   "resumes": len(self.state.resumes)}
+        self.checkpoint.save(metrics, self.state, engine, self.masks)
+
+    def _lap(self) -> None:
+        now = time.time()
+        self.state.seconds += now - self._since
+        self._since = now
+
+    def _meta(self, cluster_id: int, seed: int, model) -> dict:
+        s, t = self.state, self.cfg.train
+        steps = {p.name: p.steps for p in self.phases}
+        return adapter_meta(self.cfg.lori, seed, s.losses, s.seconds, masks=self.masks,
+                            a_shapes=lori.lora_a_shapes(model), cluster_id=cluster_id, shared_a=self.cfg.lori.shared_a,
+                            world_size=self.world, zero_stage=t.zero_stage, steps=steps, losses=s.losses,
+                            resumes=s.resumes, shard_rows=self.stats.get("shard_rows"))
+
+    def cleanup(self) -> None:
+        self.checkpoint.cleanup()
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train's worker function: ``config`` is ``{"cfg": Config as JSON, "cluster_ids": [int, ...]}``."""
+    recipe = LoRIRecipe(Config.model_validate(config["cfg"]), [int(c) for c in config["cluster_ids"]])
+    try:
+        if recipe.setup():
+            recipe.train()
+    finally:
+        recipe.cleanup()
