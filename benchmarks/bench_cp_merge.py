@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
               flush=True)
 
     measured = [r for r in rows if r["dense_s"] is not None]
-    elements = lambda r: args.tasks * r["d_out"] * r["d_in"]
+    elements = lambda r: args.tasks * r["d_out"] * r["d_in"]  # noqa: E731
     projection = {}
     for c in ("wall", "cpu"):
         dense_per_element = sum(r["dense_s"][c] for r in measured) / sum(elements(r) for r in measured)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tclora import adapters, compare, evaluate, lori, report
+from tclora import adapters, compare, evaluate, report
 from tclora.config import EvalSection, LoRISection, MergeSection, TrainSection
-from tclora.demo_corpus import TASK_FAMILIES, build_demo_corpus
 from tclora.data import read_jsonl
+from tclora.demo_corpus import TASK_FAMILIES, build_demo_corpus
 from tclora.models import load_base
 from tclora.train import train_lori_adapter
 

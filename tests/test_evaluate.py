@@ -71,7 +71,7 @@ def test_mean_loss_equals_the_models_own_loss(tiny_model_and_tokenizer):
             per_record.append((model(**batch).loss.item(), n_targets))
     assert evaluate.mean_loss(model, tok, records[:1], max_length=64) == pytest.approx(per_record[0][0], rel=1e-5)
     # Several records in padded batches: the token-weighted mean of the single-record losses.
-    expected = sum(l * n for l, n in per_record) / sum(n for _, n in per_record)
+    expected = sum(loss * n for loss, n in per_record) / sum(n for _, n in per_record)
     assert evaluate.mean_loss(model, tok, records, batch_size=2, max_length=64) == pytest.approx(expected, rel=1e-5)
     records[0]["task_name"] = "copy"
     by_task = evaluate.loss_by_task(model, tok, records, max_length=64)

@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from tclora import compare, harness, report
-from tclora.report import BASE
 from tclora.config import ConfigError, EvalSection, load_config
 from tclora.merge.base import LowRank
+from tclora.report import BASE
 
 DATA = Path(__file__).parent / "data" / "lm_eval"
 TASK = "tclora_tiny_choice"

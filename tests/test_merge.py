@@ -144,7 +144,7 @@ def test_ties_hand_computed():
 def test_dare_is_seeded_and_unbiased():
     adapters = make_adapters(T=3, d_out=16, d_in=16, r=2, modules=("m",))
     w = [0.5, 0.3, 0.2]
-    run = lambda seed, combine="linear": merge_adapters(adapters, "dare", w, {"seed": seed, "combine": combine})["m"]
+    run = lambda seed, combine="linear": merge_adapters(adapters, "dare", w, {"seed": seed, "combine": combine})["m"]  # noqa: E731
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
     assert torch.equal(run(3, "ties"), run(3, "ties"))

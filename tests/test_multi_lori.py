@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tclora import data, demo_corpus, lori, multi_lori
 from tclora.config import LoRISection, TrainSection
-from tclora.train import TorchEngine, train_lori_adapter, train_loop
+from tclora.train import TorchEngine, train_loop, train_lori_adapter
 
 LORI = LoRISection(rank=4, alpha=8, sparsity=0.8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
 TRAIN = TrainSection(steps=12, sparse_steps=10, batch_size=4, lr=3e-3, sparse_lr_multiplier=3.0, weight_decay=0.01)
@@ -160,7 +160,7 @@ def test_bad_group_input_is_named(tiny_model_and_tokenizer):
     b = next(data.batches(RECORDS[1], tok, 3, MAX_LENGTH, 1))
     with pytest.raises(ValueError, match="equal rows per adapter"):
         multi_lori.concat_batches([a, b], tok.pad_token_id)
-    group = multi_lori.LoRIGroup(model, LORI, SEEDS[:2])
+    multi_lori.LoRIGroup(model, LORI, SEEDS[:2])  # routes the model's layers: a segment per adapter
     with pytest.raises(ValueError, match="not a multiple of its 2 adapters"):
         model(input_ids=a["input_ids"][:3])
 

@@ -15,11 +15,10 @@ import pytest
 import torch
 import yaml
 
-from tclora import artifacts
 from pipelines.cli import main as cli_main
+from tclora import artifacts
 from tclora.config import load_config, validate
 from tests.helpers import demo_run_config
-
 
 KS, RANKS, SPARSITY = [1, 2], [1, 2], 0.8  # k=1 keeps the suite short: 3 adapters in all
 

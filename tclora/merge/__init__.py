@@ -12,7 +12,7 @@ from tclora.merge import registry
 from tclora.merge.base import Delta, LowRank, Param, dense, scaled, stack_factors
 
 # Each import registers its methods.
-from tclora.merge import cp, dare, isoc, knots, linear, svd, ties, tsvm  # noqa: E402,F401
+from tclora.merge import cp, dare, isoc, knots, linear, svd, ties, tsvm  # noqa: E402,F401  # isort: skip
 
 __all__ = ["Delta", "LowRank", "Param", "dense", "merge_adapters", "registry", "scaled", "stack_factors"]
 
