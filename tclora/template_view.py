@@ -7,14 +7,15 @@ lowest-inertia k-means solution groups rows by payload and template shape (NMI ~
 families, for scikit-learn ``KMeans`` as for ours), while the templates alone cluster perfectly.
 
 Method (after SLCT, Vaarandi 2003, "A data clustering algorithm for mining patterns from event logs",
-and Drain's constant tokens, He et al. 2017): a token is a *template token* at a position when the pair
-(token, position) has support >= ``min_support`` (fraction of rows) **and** holds >= ``min_share`` of
-all the token's occurrences. Positions count from the start and, so templates whose payload comes
-first are found too, from the end of the row. The share rule is what tells a template word (always in
-the same place) from a frequent payload word (anywhere): on the demo a payload word reaches 2-5%
-support at some position, above any usable support cut, but never 20% of its occurrences, while
-template words sit at one position 70-100% of the time. Every other token is payload and becomes ``mask``. A row with no template token keeps its whole text, so a corpus without frequent
-templates (free-form prompts) embeds exactly as before.
+and Drain's constant tokens, He et al. 2017). Positions count from the start and, so templates whose
+payload comes first are found too, from the end of the row.
+  1. A token is a *template word* when its ``top`` most frequent positions (from the start, or from the
+     end) hold >= ``min_cover`` of its occurrences: template words sit in a few fixed places, payload
+     words anywhere. On the demo a payload word reaches 2-5% support at some position, above any
+     usable support cut, but its top two positions hold < 35% of it; template words 70-100%.
+  2. A template word is kept at each position where it has support >= ``min_support`` (fraction of rows).
+Every other token is payload; each run of payload becomes ``mask``. A row with no template token keeps
+its whole text, so a corpus without frequent templates (free-form prompts) embeds as before.
 """
 
 from __future__ import annotations
@@ -47,16 +48,18 @@ class TemplateMiner:
     mask: str = "..."
 
     @classmethod
-    def fit(cls, sources: Iterable[str], min_support: float = 0.01, min_share: float = 0.5,
+    def fit(cls, sources: Iterable[str], min_support: float = 0.01, min_cover: float = 0.5, top: int = 2,
             mask: str = "...") -> "TemplateMiner":
         """Count (token, position) pairs over ``sources`` (a sample is enough: both rules are fractions).
 
         Raises:
-            ValueError: ``min_support`` or ``min_share`` not in (0, 1], or no sources.
+            ValueError: ``min_support`` or ``min_cover`` not in (0, 1], ``top`` < 1, or no sources.
         """
-        for name, v in (("min_support", min_support), ("min_share", min_share)):
+        for name, v in (("min_support", min_support), ("min_cover", min_cover)):
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
+        if top < 1:
+            raise ValueError(f"top must be >= 1, got {top}")
         head: Counter = Counter()
         tail: Counter = Counter()
         total: Counter = Counter()
@@ -70,10 +73,18 @@ class TemplateMiner:
         if n == 0:
             raise ValueError("TemplateMiner.fit: no sources")
 
-        def frequent(pairs: Counter) -> frozenset:
-            return frozenset(p for p, c in pairs.items() if c >= min_support * n and c >= min_share * total[p[1]])
+        def template_words(pairs: Counter) -> set[str]:
+            per_token: dict[str, list[int]] = {}
+            for (_, token), c in pairs.items():
+                per_token.setdefault(token, []).append(c)
+            return {t for t, cs in per_token.items() if sum(sorted(cs)[-top:]) >= min_cover * total[t]}
 
-        return cls(frequent(head), frequent(tail), mask)
+        words = template_words(head) | template_words(tail)
+
+        def kept(pairs: Counter) -> frozenset:
+            return frozenset(p for p, c in pairs.items() if p[1] in words and c >= min_support * n)
+
+        return cls(kept(head), kept(tail), mask)
 
     def view(self, text: str) -> str:
         """``text`` with payload runs replaced by ``mask``; unchanged when no token is a template token."""

@@ -58,5 +58,5 @@ def test_template_view_masks_payload_keeps_template():
     # free text without frequent templates is left as it is
     miner = TemplateMiner.fit(["a b c", "d e f", "g h i"], min_support=0.5)
     assert miner.view("x y z") == "x y z"
-    with pytest.raises(ValueError, match="min_share"):
-        TemplateMiner.fit(rows, min_share=0)
+    with pytest.raises(ValueError, match="min_cover"):
+        TemplateMiner.fit(rows, min_cover=0)
