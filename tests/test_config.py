@@ -28,7 +28,7 @@ def test_demo_config_loads_and_overrides_apply():
         ("merge.cp_rank=0", r"merge\.cp_rank: Input should be greater than or equal to 1"),
         ("lori.sparsity=1.0", r"lori\.sparsity: Input should be less than 1"),
         ("lori.sparsity=-0.1", r"lori\.sparsity: Input should be greater than or equal to 0"),
-        ("lori.mode=lori_x", r"lori\.mode: Input should be 'lori_d' or 'lori_s'"),
+        ("lori.mode=lori_x", r"lori\.mode: Input should be 'lori_d', 'lori_s' or 'lora'"),
         ("merge.methods=[cp, nope]", r"merge\.methods: unknown method.*'nope'.*known: \['cat', 'cp'"),
         ("run.dir", r"must look like key\.sub=value"),
     ],
