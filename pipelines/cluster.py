@@ -9,6 +9,8 @@ every clustering and never overwrites one another trial is training on):
                                      (cluster=-1 holds the rows of skipped tiny clusters)
     centroids.npy                    (k, dim) float32; kmeans.json: id mapping, inertia, sample size
     report.json, cluster_sizes.png   sizes, NMI/ARI vs task_name, top tasks and examples per cluster
+    cluster_report.md                the same, readable, with the plots: cluster_pca.png (2-D PCA of the fit
+                                     sample by cluster, task names), cluster_k_silhouette.png (k: auto)
     manifest.json                    key = embed digest + cluster section hash + seed; report; timings
 
 Three passes, none holding all rows on the driver: (1) a seeded hash sample of row ids brings only the
@@ -45,10 +47,12 @@ from tclora.artifacts import (
     stage_dir,
     tree_digest,
 )
+from tclora.cluster_quality import choose_k, plot_criterion, plot_projection, report_markdown
 from tclora.config import Config
 
 log = logging.getLogger(__name__)
 
+PROJECTION_ROWS = 3000  # rows of the fit sample drawn in cluster_pca.png
 MIN_ROWS_PER_CLUSTER_IN_SAMPLE = 50  # tiny corpora: the sample grows until k-means sees this many per cluster
 N_EXAMPLES = 3
 
@@ -68,11 +72,13 @@ def _row_hashes(row_ids: list[str], seed: int) -> np.ndarray:
 
 # ---- worker functions (map_batches; stateless tasks, centroids passed in, never re-fitted) ----------
 def sample_batch(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
-    """The rows whose hash falls below ``fraction``: their hash (to order the sample) and embedding."""
+    """The rows whose hash falls below ``fraction``: their hash (to order the sample), embedding and task."""
     hashes = _row_hashes(batch.column("row_id").to_pylist(), seed)
     cut = int(fraction * 2**64)
     mask = np.ones(len(hashes), bool) if cut >= 2**64 else hashes < np.uint64(cut)
-    return pa.table({"hash": pa.array(hashes[mask]), "embedding": batch.column("embedding").filter(pa.array(mask))})
+    keep = pa.array(mask)
+    return pa.table({"hash": pa.array(hashes[mask]), "embedding": batch.column("embedding").filter(keep),
+                     "task_name": batch.column("task_name").filter(keep)})
 
 
 def count_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
@@ -98,24 +104,53 @@ def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -
 
 
 # ---- driver ---------------------------------------------------------------------------------------
-def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float]:
+def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float, dict]:
+    """k-means on a hash sample (``cluster.k`` or, for ``auto``, the silhouette's choice in ``k_range``).
+
+    Returns ``(model, fraction, info)``; info holds the sample's embeddings and task names (for the
+    projection plot) and, for ``auto``, the silhouette per k.
+    """
     c = cfg.cluster
     km.check_k(c.k, n_rows)
-    fraction = min(1.0, max(c.sample_fraction, MIN_ROWS_PER_CLUSTER_IN_SAMPLE * c.k / n_rows))
+    k_for_size = c.k_range[1] if c.k == "auto" else c.k
+    fraction = min(1.0, max(c.sample_fraction, MIN_ROWS_PER_CLUSTER_IN_SAMPLE * k_for_size / n_rows))
     sampled = ds.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": cfg.run.seed},
                              batch_format="pyarrow", batch_size=None)  # Ray: only the sample's vectors travel
-    hashes, chunks = [], []
+    hashes, chunks, tasks = [], [], []
     for b in sampled.iter_batches(batch_format="pyarrow", batch_size=None):
         if b.num_rows:
             hashes.append(b.column("hash").to_numpy())
             chunks.append(_vectors(b))
+            tasks += b.column("task_name").to_pylist()
     # Blocks arrive in any order: sorting by hash makes the fit input, hence the clustering, reproducible.
-    sample = np.concatenate(chunks)[np.argsort(np.concatenate(hashes))] if chunks else np.zeros((0, 0), np.float32)
-    if len(sample) < c.k:  # an unlucky hash sample of a tiny corpus
-        raise ValueError(f"cluster.sample_fraction={fraction:.3g} drew {len(sample)} rows, fewer than k={c.k}")
-    log.info("cluster: fitting k=%d on %d sampled rows (fraction %.3g)", c.k, len(sample), fraction)
-    model = km.fit_kmeans(sample, c.k, n_init=c.n_init, max_iter=c.max_iter, seed=cfg.run.seed)
-    return model, fraction
+    order = np.argsort(np.concatenate(hashes)) if chunks else np.zeros(0, np.int64)
+    sample = np.concatenate(chunks)[order] if chunks else np.zeros((0, 0), np.float32)
+    info: dict = {"sample": sample, "task_names": [tasks[i] for i in order]}
+    k = c.k
+    if k == "auto":
+        hi = min(c.k_range[1], len(sample) - 1)
+        if hi < c.k_range[0]:
+            raise ValueError(f"cluster.k=auto: the fit sample has {len(sample)} rows, too few for k_range {list(c.k_range)}")
+        k, info["silhouette"] = choose_k(sample, c.k_range[0], hi, n_init=c.n_init, max_iter=c.max_iter, seed=cfg.run.seed)
+    if len(sample) < k:  # an unlucky hash sample of a tiny corpus
+        raise ValueError(f"cluster.sample_fraction={fraction:.3g} drew {len(sample)} rows, fewer than k={k}")
+    log.info("cluster: fitting k=%d on %d sampled rows (fraction %.3g)", k, len(sample), fraction)
+    model = km.fit_kmeans(sample, k, n_init=c.n_init, max_iter=c.max_iter, seed=cfg.run.seed)
+    return model, fraction, info
+
+
+def _write_views(tmp: Path, report: dict, model: km.KMeansModel, info: dict) -> None:
+    """cluster_report.md, the PCA projection of the fit sample and, for k auto, silhouette against k."""
+    images = ["cluster_sizes.png", "cluster_pca.png"]
+    sample = info["sample"][:PROJECTION_ROWS]
+    names = info["task_names"][:PROJECTION_ROWS]
+    labels, _ = km.assign(sample, model.centroids)
+    final = np.array([int(report["mapping"][str(i)]) for i in labels.tolist()])
+    plot_projection(sample, final, tmp / "cluster_pca.png", names if any(t is not None for t in names) else None)
+    if "silhouette" in info:
+        plot_criterion(info["silhouette"], model.k, tmp / "cluster_k_silhouette.png")
+        images.append("cluster_k_silhouette.png")
+    (tmp / "cluster_report.md").write_text(report_markdown(report, images), encoding="utf-8")
 
 
 def _count_labels(ds, centroids: np.ndarray) -> tuple[Counter, dict[int, list[str]]]:
@@ -180,7 +215,7 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
         store = storage.store_for(cfg, run_dir)
         ds = ray.data.read_parquet(store.path(Path(embed_dir) / "embeddings"), filesystem=store.filesystem)
         n_rows = (read_manifest(Path(embed_dir)) or {}).get("rows") or ds.count()  # count() costs a Ray pass
-        model, fraction = _fit_on_sample(ds, cfg, n_rows)
+        model, fraction, info = _fit_on_sample(ds, cfg, n_rows)
         fitted = time.perf_counter()
 
         counts, examples = _count_labels(ds, model.centroids)
@@ -203,15 +238,17 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
 
         report = km.report_from_counts(final_counts, final_examples, N_EXAMPLES)
         report["sizes"] = {str(i): written[i] for i in sorted(written)}  # authoritative: what was written
-        report.update(k=c.k, raw_sizes={str(i): raw_sizes.get(i, 0) for i in range(model.k)},
+        report.update(k=model.k, k_auto=c.k == "auto", raw_sizes={str(i): raw_sizes.get(i, 0) for i in range(model.k)},
                       mapping={str(i): j for i, j in mapping.items()}, policy=c.small_cluster_policy)
         np.save(tmp / "centroids.npy", model.centroids, allow_pickle=False)
         kmeans_info = {"k": model.k, "inertia_sample": model.inertia, "n_iter": model.n_iter,
                        "sample_rows": model.n_rows, "sample_fraction": fraction,
-                       "restart_inertias": model.restart_inertias, "mapping": report["mapping"]}
+                       "restart_inertias": model.restart_inertias, "mapping": report["mapping"],
+                       "silhouette": {str(k): v for k, v in info.get("silhouette", {}).items()} or None}
         atomic_write_json(tmp / "kmeans.json", kmeans_info)
         atomic_write_json(tmp / "report.json", report)
         km.plot_cluster_sizes(report, tmp / "cluster_sizes.png")
+        _write_views(tmp, report, model, info)
         extra.update(rows=n_rows, report=report, kmeans=kmeans_info,
                      seconds_fit=round(fitted - started, 3), seconds_count=round(counted - fitted, 3),
                      seconds_write=round(time.perf_counter() - counted, 3))

@@ -94,7 +94,8 @@ def plan(cfg: Config) -> dict:
                           if not train else f"{cfg.cluster.k} unless the clustering changed",
                           "finished_in_store": reused}
     report["stages_finished_in_store"] = stages
-    report["merges"] = merged_ranks(cfg, cfg.cluster.k)
+    # k: auto is chosen in the cluster stage: plan for the largest k it may pick
+    report["merges"] = merged_ranks(cfg, cfg.cluster.k if cfg.cluster.k != "auto" else cfg.cluster.k_range[1])
     return report
 
 

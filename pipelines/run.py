@@ -111,7 +111,7 @@ def assemble_metrics(embed_dir: Path, cluster_dir: Path, eval_dir: Path, stages:
     return {
         "data": {"rows": embed["rows"], "quarantined": embed["quarantined"],
                  "duplicates": embed.get("duplicates", 0)},  # absent from manifests of older runs
-        "clustering": {k: cluster["report"].get(k) for k in ("k", "nmi", "ari", "sizes")},
+        "clustering": {k: cluster["report"].get(k) for k in ("k", "k_auto", "nmi", "ari", "sizes")},
         "eval": evaluation["eval"],
         "eval_split": evaluation["eval_split"],
         "merge": evaluation["merge"],

@@ -32,12 +32,15 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 32768  # rows per distance matmul: 32768 x k floats of scratch, whatever n is
 
 
-def check_k(k: int, n_rows: int) -> None:
-    """Fail, naming ``cluster.k``, when there are fewer valid rows than clusters.
+def check_k(k: int | str, n_rows: int) -> None:
+    """Fail, naming ``cluster.k``, when there are fewer valid rows than clusters (``"auto"`` passes: the
+    range is clipped to the fit sample by the cluster stage).
 
     Raises:
         ConfigError: ``k > n_rows``.
     """
+    if k == "auto":
+        return
     if k > n_rows:
         raise ConfigError(
             f"cluster.k={k} is more than the {n_rows} valid rows of the corpus (after quarantine), and k-means "

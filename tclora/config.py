@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -100,10 +100,18 @@ class EmbedSection(_Section):
     )
     num_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per embedding actor (0 runs on CPU).")
+    view: Literal["source", "template"] = Field(
+        "source", description="What is embedded: the whole source, or its template view (payload runs masked, "
+        "tclora.template_view; fitted on up to 20000 sampled rows), which groups rows by instruction.",
+    )
 
 
 class ClusterSection(_Section):
-    k: int = Field(8, ge=1, description="Number of k-means clusters, i.e. adapters to train.")
+    k: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8, description="Number of k-means clusters, i.e. adapters to train; 'auto' picks it in k_range by the "
+        "mean silhouette of k-means on the fit sample (tclora.cluster_quality.choose_k).",
+    )
+    k_range: tuple[int, int] = Field((2, 16), description="[min, max] k tried when k is 'auto' (min >= 2).")
     sample_fraction: float = Field(0.2, gt=0, le=1, description="Fraction of rows k-means is fitted on.")
     n_init: int = Field(10, ge=1, description="k-means++ restarts; the best inertia wins.")
     max_iter: int = Field(100, ge=1, description="Lloyd iterations per restart.")
@@ -113,6 +121,13 @@ class ClusterSection(_Section):
     small_cluster_policy: Literal["merge", "skip"] = Field(
         "merge", description="'merge' folds a tiny cluster into its nearest centroid; 'skip' trains no adapter."
     )
+
+    @model_validator(mode="after")
+    def _check_k_range(self):
+        lo, hi = self.k_range
+        if not 2 <= lo <= hi:
+            raise ValueError(f"k_range must be [min, max] with 2 <= min <= max, got {list(self.k_range)}")
+        return self
 
 
 class LoRISection(_Section):

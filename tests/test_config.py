@@ -23,8 +23,8 @@ def test_demo_config_loads_and_overrides_apply():
     [
         ("cluster.kk=3", r"cluster\.kk: Extra inputs are not permitted"),
         ("clustr.k=3", r"clustr: Extra inputs"),
-        ("cluster.k=many", r"cluster\.k: Input should be a valid integer.*'many'"),
-        ("cluster.k=0", r"cluster\.k: Input should be greater than or equal to 1"),
+        ("cluster.k=many", r"cluster\.k\.literal\['auto'\]: Input should be 'auto' \(got 'many'\)"),
+        ("cluster.k=0", r"cluster\.k\.constrained-int: Input should be greater than or equal to 1"),
         ("merge.cp_rank=0", r"merge\.cp_rank: Input should be greater than or equal to 1"),
         ("lori.sparsity=1.0", r"lori\.sparsity: Input should be less than 1"),
         ("lori.sparsity=-0.1", r"lori\.sparsity: Input should be greater than or equal to 0"),

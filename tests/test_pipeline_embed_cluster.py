@@ -182,6 +182,20 @@ def test_cluster_k3_recovers_topics_and_writes_every_row_once(embedded):
     routed = route_records(held_out, cluster_dir, _config().embed.model)
     assert [r["cluster"] for r in routed] == [1] * len(members)  # held-out routing uses the same centroids
     assert (cluster_dir / "centroids.npy").is_file() and (cluster_dir / "cluster_sizes.png").is_file()
+    assert (cluster_dir / "cluster_pca.png").is_file() and "NMI" in (cluster_dir / "cluster_report.md").read_text()
+
+
+def test_k_auto_picks_the_topic_count_by_silhouette(embedded):
+    from pipelines.cluster import run_cluster
+
+    run_dir, embed_dir = embedded
+    cluster_dir = run_cluster(_config(k="auto", k_range=(2, 6)), run_dir, embed_dir).dir
+    report = json.loads((cluster_dir / "report.json").read_text())
+    kmeans = json.loads((cluster_dir / "kmeans.json").read_text())
+    assert report["k_auto"] and report["k"] == 3 and sorted(kmeans["silhouette"], key=int) == ["2", "3", "4", "5", "6"]
+    assert max(kmeans["silhouette"], key=kmeans["silhouette"].get) == "3" and report["nmi"] > 0.9
+    assert cluster_dir.name.startswith("kauto-") and (cluster_dir / "cluster_k_silhouette.png").is_file()
+    assert "k chosen automatically: 3" in (cluster_dir / "cluster_report.md").read_text()
 
 
 def test_changing_k_reclusters_without_reembedding(embedded, corpus):
