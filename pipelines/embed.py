@@ -40,6 +40,7 @@ from tclora.corpus import CorpusError, Fields, ScanResult, list_input_files
 
 log = logging.getLogger(__name__)
 
+TEMPLATE_SAMPLE_ROWS = 20000  # sources the template view is fitted on (its rules are fractions of rows)
 ENCODE_BATCH = 64  # sentences per forward pass inside one map_batches call
 
 
@@ -51,7 +52,7 @@ class EmbedCallable:
     threads (exact on one node, conservative when the pool spans several).
     """
 
-    def __init__(self, model: str, device: str, num_actors: int = 1, quarantine=None):
+    def __init__(self, model: str, device: str, num_actors: int = 1, quarantine=None, miner=None):
         import torch
 
         from tclora.embed import Embedder
@@ -60,12 +61,13 @@ class EmbedCallable:
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // num_actors))
         self.embedder = Embedder(model, device=device)
         self.quarantine = quarantine  # a QuarantineSink handle
+        self.miner = miner  # a tclora.template_view.TemplateMiner when embed.view is "template"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from tclora.embed import nonfinite_rows
 
         sources = batch.column("source").to_pylist()
-        vectors = self.embedder.encode(sources, ENCODE_BATCH)  # (b, dim)
+        vectors = self.embedder.encode(self.miner.views(sources) if self.miner else sources, ENCODE_BATCH)  # (b, dim)
         finite, entries = nonfinite_rows(batch.column("row_id").to_pylist(), sources, vectors)
         if entries:  # recorded before this block counts as done, so the driver sees them after the write
             ray.get(self.quarantine.add.remote(entries))
@@ -137,7 +139,8 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
         embedded = clean_records(raw, fields).map_batches(
             EmbedCallable,
             fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
-                                   "num_actors": cfg.embed.num_actors, "quarantine": sink},
+                                   "num_actors": cfg.embed.num_actors, "quarantine": sink,
+                                   "miner": _template_miner(cfg, clean_records(raw, fields), scan.rows)},
             # One block at a time per actor, so a block waits for whichever actor is free rather than
             # queueing (Ray's default: 4 in flight) behind the actor that finished loading first.
             compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors, max_tasks_in_flight_per_actor=1),
@@ -161,6 +164,16 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
     log.info("embed: %d rows embedded (%d duplicates), %d quarantined -> %s", scan.rows, scan.duplicates,
              scan.quarantined, final)
     return StageResult(final, reused=False)
+
+
+def _template_miner(cfg: Config, ds, rows: int):
+    """For ``embed.view: template``: a TemplateMiner fitted on a seeded sample of up to 20000 sources."""
+    if cfg.embed.view != "template":
+        return None
+    from tclora.template_view import TemplateMiner
+
+    sample = ds.random_sample(min(1.0, TEMPLATE_SAMPLE_ROWS / max(rows, 1)), seed=cfg.run.seed)  # Ray: one pass
+    return TemplateMiner.fit(r["source"] for r in sample.select_columns(["source"]).take_all())
 
 
 def _quarantine_nonfinite(scan: ScanResult, entries: list[dict], quarantine_file: Path, uri: str) -> ScanResult:
