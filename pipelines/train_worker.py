@@ -31,9 +31,9 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint
 
-from tclora import artifacts, data, lori
+from tclora import artifacts, data, lori, multi_lori
 from tclora.config import Config
-from tclora.train import SoloLoRI, adapter_meta, lori_phases, run_lori_phases, train_loop
+from tclora.train import SoloLoRI, adapter_meta, causal_lm_loss, lori_phases, run_lori_phases, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ class TrainState:
     resumes: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
-    def next_adapter(self) -> None:
-        self.position, self.phase, self.step, self.losses, self.seconds = self.position + 1, 0, 0, {}, 0.0
+    def next_adapter(self, done: int = 1) -> None:
+        """``done`` adapters finished (a fused group's size): the next ones start afresh."""
+        self.position, self.phase, self.step, self.losses, self.seconds = self.position + done, 0, 0, {}, 0.0
 
 
 class TrainCheckpoint:
@@ -250,38 +251,54 @@ class LoRIRecipe:
         return True
 
     def train(self) -> None:
-        """Each group of adapters in turn, from the restored position."""
-        for position in range(self.state.position, len(self.cluster_ids)):
-            self.train_adapters([self.cluster_ids[position]])
+        """The run's adapters from the restored position: all in one fused group (``train.fused``: one
+        forward/backward pass per step for all, :mod:`tclora.multi_lori`), or one after another."""
+        todo = self.cluster_ids[self.state.position:]
+        fused = self.cfg.train.fused and self.cfg.lori.mode != "lora"  # plain LoRA trains A: one at a time
+        for group in [todo] if fused else [[c] for c in todo]:
+            self.train_adapters(group)
 
     def train_adapters(self, group: list[int]) -> None:
         """Attach the group's adapters, run the LoRI phases over them, save them (rank 0), report."""
-        (cluster_id,) = group  # one adapter per group until a fused LoRIAdapters lands here
-        seed = lori_seed(self.cfg, cluster_id)
-        torch.manual_seed(seed + self.rank)
-        model = lori.attach_lori(self.base, self.cfg.lori, seed, self.cfg.model.name_or_path)
+        seeds = [lori_seed(self.cfg, c) for c in group]
+        torch.manual_seed(seeds[0] + self.rank)
+        if len(group) == 1:
+            model = lori.attach_lori(self.base, self.cfg.lori, seeds[0], self.cfg.model.name_or_path)
+            self.adapters, self.loss_fn = SoloLoRI(model), causal_lm_loss
+        else:  # each row through its own cluster's factors; each adapter's loss is the mean over its rows
+            self.adapters = multi_lori.LoRIGroup(self.base, self.cfg.lori, seeds)
+            model, self.loss_fn = self.adapters.model, multi_lori.routed_loss(len(group))
         if self.use_gpu:
             model.to(ray.train.torch.get_device())
-        self.stats: dict = {}
-        self.stream = _batches(self._examples(cluster_id, seed), self.cfg.train.batch_size,
-                               self.tokenizer.pad_token_id)
-        self.adapters, self.group = SoloLoRI(model), group
+        self.stats: dict[int, dict] = {c: {} for c in group}
+        pad = self.tokenizer.pad_token_id
+        # Each adapter draws the batches it would draw alone; a fused step concatenates them.
+        streams = [_batches(self._examples(c, s), self.cfg.train.batch_size, pad) for c, s in zip(group, seeds)]
+        self.stream = streams[0] if len(group) == 1 else (multi_lori.concat_batches(b, pad) for b in zip(*streams))
+        self.group = group
         self.masks = run_lori_phases(self.adapters, self.phases, self.cfg.lori, self.run_phase,
                                      start=self.state.phase, masks=self.masks, on_phase_end=self.phase_end)
         self._lap()
         if self.rank == 0:  # B is replicated on every rank under ZeRO 0-2: rank 0 saves it whole
-            lori.save_lori_adapter(model, self.checkpoint.finished / f"cluster-{cluster_id}", self.masks,
-                                   self._meta(cluster_id, seed, model))
-        self.state.next_adapter()
+            for t, (cluster_id, seed) in enumerate(zip(group, seeds)):
+                out = self.checkpoint.finished / f"cluster-{cluster_id}"
+                if len(group) == 1:
+                    lori.save_lori_adapter(model, out, self.masks, self._meta(t, seed, self.masks, lori.lora_a_shapes(model)))
+                else:  # the same PEFT layout, through the same save path
+                    masks = multi_lori.adapter_masks(self.masks, t) if self.masks is not None else None
+                    meta = self._meta(t, seed, masks, self.adapters.a_shapes())
+                    self.adapters.save_adapter(t, out, masks, meta, self.cfg.model.name_or_path)
+        self.state.next_adapter(len(group))
         self.masks = None
         self.report(self.phases[-1].steps, done=True)
-        self.base = model.unload()  # the base without LoRI layers (B never touched its weights)
+        # The base without LoRI layers (B never touched its weights).
+        self.base = model.unload() if len(group) == 1 else self.adapters.detach()
 
     def _examples(self, cluster_id: int, seed: int):
         example_seed = seed * 1000 + 100 * len(self.state.resumes) + self.rank
         if self.packed is None:
-            return _examples(self.shard, self.tokenizer, self.cfg, example_seed, self.stats)
-        self.stats["shard_rows"] = len(self.packed[cluster_id])
+            return _examples(self.shard, self.tokenizer, self.cfg, example_seed, self.stats[cluster_id])
+        self.stats[cluster_id]["shard_rows"] = len(self.packed[cluster_id])
         return _replay(self.packed[cluster_id], example_seed)
 
     def run_phase(self, index: int, phase, masked) -> None:
@@ -291,7 +308,7 @@ class LoRIRecipe:
         self.phase_index = index
         self.history = self.state.losses[phase.name] = self.state.losses.get(phase.name, [])[: self.state.step]
         train_loop(self.engine, self.stream, phase.steps, masked=masked, start_step=self.state.step,
-                   on_step=self.on_step, desc=f"clusters {self.group} LoRI {phase.name}")
+                   on_step=self.on_step, desc=f"clusters {self.group} LoRI {phase.name}", loss_fn=self.loss_fn)
         self.engine.destroy()  # drops ZeRO's grad hooks: the next phase's engine installs its own
         self.engine = None
 
@@ -314,7 +331,7 @@ class LoRIRecipe:
 
     def report(self, step: int, engine=None, done: bool = False) -> None:
         self._lap()
-        history = self.history
+        history = [sum(x) / len(x) if isinstance(x, list) else x for x in self.history[-10:]]  # fused: mean of adapters
         metrics = {"cluster_id": self.group[-1], "phase": self.phases[self.phase_index].name, "step": step,
                    "finished": done and self.state.position == len(self.cluster_ids),
                    "clusters_done": self.state.position, "loss": sum(history[-10:]) / len(history[-10:]),
@@ -326,13 +343,18 @@ class LoRIRecipe:
         self.state.seconds += now - self._since
         self._since = now
 
-    def _meta(self, cluster_id: int, seed: int, model) -> dict:
-        s, t = self.state, self.cfg.train
+    def _meta(self, t: int, seed: int, masks, a_shapes) -> dict:
+        """``lori.json`` of the group's adapter ``t`` (a fused group records one loss per adapter per step)."""
+        s, cluster_id = self.state, self.group[t]
+        fused = len(self.group) > 1
+        losses = {name: [step[t] for step in values] for name, values in s.losses.items()} if fused else s.losses
         steps = {p.name: p.steps for p in self.phases}
-        return adapter_meta(self.cfg.lori, seed, s.losses, s.seconds, masks=self.masks,
-                            a_shapes=lori.lora_a_shapes(model), cluster_id=cluster_id, shared_a=self.cfg.lori.shared_a,
-                            world_size=self.world, zero_stage=t.zero_stage, steps=steps, losses=s.losses,
-                            resumes=s.resumes, shard_rows=self.stats.get("shard_rows"))
+        meta = adapter_meta(self.cfg.lori, seed, losses, s.seconds, masks=masks, a_shapes=a_shapes,
+                            cluster_id=cluster_id, shared_a=self.cfg.lori.shared_a, world_size=self.world,
+                            zero_stage=self.cfg.train.zero_stage, steps=steps, resumes=s.resumes,
+                            shard_rows=self.stats[cluster_id].get("shard_rows"), fused=len(self.group))
+        meta["losses"] = losses  # not a keyword: adapter_meta's third argument already has that name
+        return meta
 
     def cleanup(self) -> None:
         self.checkpoint.cleanup()

@@ -237,8 +237,13 @@ def check_rows(batch: pa.Table, fields: Fields) -> tuple[list[dict], list[dict]]
             bad.append({**where, "reason": reason, "raw": raw[:8000].decode("utf-8", "replace")[:2000]})
             continue
         task = record.get(fields.task) if fields.task else None
-        good.append({"row_id": f"{name}:{index}", "source": record[fields.source],
-                     "target": record[fields.target], "task_name": task})
+        row = {"row_id": f"{name}:{index}", "source": record[fields.source],
+               "target": record[fields.target], "task_name": task}
+        # Multiple-choice rows (the demo's mc_test) keep their options for evaluate.choice_accuracy;
+        # the Ray path's fixed CLEAN_SCHEMA drops them again, so training never sees them.
+        if isinstance(record.get("choices"), list) and "answer" in record:
+            row.update(choices=record["choices"], answer=record["answer"])
+        good.append(row)
     return good, bad
 
 

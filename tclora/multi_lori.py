@@ -92,8 +92,6 @@ class LoRIGroup:
             raise ValueError("lori.mode=lora (trainable A) cannot be trained fused: set train.fused=false")
         if not seeds:
             raise ValueError("a LoRI group needs at least one adapter seed")
-        if cfg.mode not in ("lori_d", "lori_s"):  # plain LoRA trains A, which a group holds frozen
-            raise ValueError(f"lori.mode={cfg.mode!r}: a fused group trains LoRI adapters (lori_d, lori_s) only")
         lori.check_target_modules(model, cfg.target_modules)
         self.model, self.cfg, self.seeds = model, cfg, list(seeds)
         self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}

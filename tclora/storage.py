@@ -179,6 +179,9 @@ class RunStore:
     remote: bool
 
     # -- naming ---------------------------------------------------------------------------------------
+    def _inside(self, local_path: Path | str) -> bool:
+        return Path(local_path).resolve().is_relative_to(self.local.resolve())
+
     def relative(self, local_path: Path | str) -> str:
         """``local_path`` (below ``self.local``) relative to the run, in POSIX form.
 
@@ -188,12 +191,23 @@ class RunStore:
         return Path(local_path).resolve().relative_to(self.local.resolve()).as_posix()
 
     def path(self, local_path: Path | str) -> str:
-        """Path inside :attr:`filesystem` of a file or directory of the run: what remote processes get."""
+        """Path inside :attr:`filesystem` of a file or directory of the run: what remote processes get.
+
+        On a local store a directory outside the run (a cluster stage shared by several runs, a test's
+        fixture) is its own absolute path; on an object store it must be inside the run.
+
+        Raises:
+            ValueError: an object-store run asked for a path outside its working copy.
+        """
+        if not self.remote and not self._inside(local_path):
+            return str(Path(local_path).resolve())
         rel = self.relative(local_path)
         return self.root if rel == "." else f"{self.root}/{rel}"
 
     def uri_of(self, local_path: Path | str) -> str:
         """``path`` as a URI (for logs and for readers that take URIs)."""
+        if not self.remote and not self._inside(local_path):
+            return str(Path(local_path).resolve())
         rel = self.relative(local_path)
         return self.uri if rel == "." else f"{self.uri.rstrip('/')}/{rel}"
 

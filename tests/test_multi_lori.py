@@ -156,6 +156,8 @@ def test_bad_group_input_is_named(tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     with pytest.raises(ValueError, match="lori.target_modules"):
         multi_lori.LoRIGroup(model, LoRISection(target_modules=["qkv_proj"]), SEEDS)
+    with pytest.raises(ValueError, match="lori.mode=lora.*train.fused=false"):  # plain LoRA trains A; a group's A is frozen
+        multi_lori.LoRIGroup(model, LoRISection(mode="lora"), SEEDS)
     a = next(data.batches(RECORDS[0], tok, 4, MAX_LENGTH, 1))
     b = next(data.batches(RECORDS[1], tok, 3, MAX_LENGTH, 1))
     with pytest.raises(ValueError, match="equal rows per adapter"):

@@ -80,8 +80,15 @@ def concurrent_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def packed_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
-    """Both clusters one after another in a single Train run (train.clusters_per_run=2), ZeRO-0."""
-    return _timed_train(tiny_base, cluster_dir, tmp_path_factory.mktemp("packed"), zero_stage=0, clusters_per_run=2)
+    """Both clusters one after another in a single Train run (train.clusters_per_run=2, fused=false), ZeRO-0."""
+    return _timed_train(tiny_base, cluster_dir, tmp_path_factory.mktemp("packed"), zero_stage=0, clusters_per_run=2,
+                        fused=False)
+
+
+@pytest.fixture(scope="module")
+def fused_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
+    """Both clusters in one Train run *and* one forward/backward pass per step (train.fused, the default), ZeRO-0."""
+    return _timed_train(tiny_base, cluster_dir, tmp_path_factory.mktemp("fused"), zero_stage=0, clusters_per_run=2)
 
 
 def _timed_train(tiny_base, cluster_dir, run_dir, **train):
@@ -125,12 +132,12 @@ def _lora_a(model) -> dict[str, torch.Tensor]:
             for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
 
 
-@pytest.mark.parametrize("run", ["concurrent_run", "packed_run"])
+@pytest.mark.parametrize("run", ["concurrent_run", "packed_run", "fused_run"])
 def test_adapters_are_plain_peft_dirs_with_lori_invariants(run, request, tiny_base, cluster_dir):
     from pipelines.train_worker import lori_seed
 
     cfg, out, seconds = request.getfixturevalue(run)
-    packed = run == "packed_run"
+    packed = run != "concurrent_run"
     report = json.loads((out / "train_report.json").read_text())
     assert sorted(p.name for p in out.glob("cluster-*")) == ["cluster-0", "cluster-1"]  # -1 skipped
     assert report["max_concurrent"] == (1 if packed else 2) and sorted(report["clusters"]) == ["0", "1"]
@@ -156,6 +163,24 @@ def test_adapters_are_plain_peft_dirs_with_lori_invariants(run, request, tiny_ba
     manifest = artifacts.read_manifest(out)
     assert set(manifest["adapters"]) == {"0", "1"} and manifest["seconds"] > 0
     assert not (Path(cfg.run.dir) / ".train_work").exists() or not any((Path(cfg.run.dir) / ".train_work").iterdir())
+
+
+def test_fused_adapters_equal_the_ones_trained_one_after_another(packed_run, fused_run):
+    """The same DeepSpeed engine, the same per-cluster batch streams: fusing changes only float rounding
+    (tolerance as in tests/test_multi_lori.py)."""
+    from safetensors.torch import load_file
+
+    for cid in (0, 1):
+        alone, fused = packed_run[1] / f"cluster-{cid}", fused_run[1] / f"cluster-{cid}"
+        assert (fused / "adapter_config.json").read_bytes() == (alone / "adapter_config.json").read_bytes()
+        want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (alone, fused))
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
+        want_masks, got_masks = lori.load_masks(alone), lori.load_masks(fused)
+        assert all(torch.equal(want_masks[k], got_masks[k]) for k in want_masks)
+        fused_meta = json.loads((fused / lori.LORI_FILE).read_text())
+        assert fused_meta["fused"] == 2 and len(fused_meta["losses"]["dense"]) == 16
 
 
 @pytest.mark.parametrize("run", ["concurrent_run", "packed_run"])
