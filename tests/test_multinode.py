@@ -23,7 +23,7 @@ from safetensors.numpy import load as load_safetensors
 from tests.cluster_fixtures import BIN, EVAL_NODE_RESOURCE
 from tests.helpers import demo_run_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.multinode]
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = int(os.environ.get("TCLORA_TEST_RUN_TIMEOUT", "2400"))  # seconds; minutes on a quiet machine
 

@@ -35,8 +35,8 @@ def phi3_config_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("cluster.k=0", r"cluster\.k: Input should be greater than or equal to 1"),
-    ("cluster.k=-3", r"cluster\.k: Input should be greater than or equal to 1"),
+    ("cluster.k=0", r"cluster\.k\S*: Input should be greater than or equal to 1"),
+    ("cluster.k=-3", r"cluster\.k\S*: Input should be greater than or equal to 1"),
     ("merge.cp_rank=0", r"merge\.cp_rank: Input should be greater than or equal to 1"),
     ("lori.sparsity=1", r"lori\.sparsity: Input should be less than 1"),
     ("lori.sparsity=-0.1", r"lori\.sparsity: Input should be greater than or equal to 0"),
