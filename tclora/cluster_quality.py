@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from tclora.cluster import assign, fit_kmeans
+from tclora.cluster import assign, fit_kmeans, pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,9 @@ def choose_k(x: np.ndarray, k_min: int, k_max: int, *, n_init: int = 10, max_ite
     return best, scores
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_criterion(scores: Mapping[int, float], chosen: int, path: str | Path, name: str = "silhouette") -> Path:
     """PNG of the criterion against k, the chosen k marked."""
-    plt = _pyplot()
+    plt = pyplot()
     ks = sorted(scores)
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
     ax.plot(ks, [scores[k] for k in ks], "o-")
@@ -78,12 +69,7 @@ def plot_criterion(scores: Mapping[int, float], chosen: int, path: str | Path, n
     ax.set_xlabel("k")
     ax.set_ylabel(f"mean {name}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_projection(x: np.ndarray, labels: Sequence[int], path: str | Path,
@@ -94,7 +80,7 @@ def plot_projection(x: np.ndarray, labels: Sequence[int], path: str | Path,
     """
     from sklearn.decomposition import PCA
 
-    plt = _pyplot()
+    plt = pyplot()
     labels = np.asarray(labels)
     xy = PCA(2, random_state=seed).fit_transform(np.asarray(x, dtype=np.float64)) if len(x) > 2 else np.zeros((len(x), 2))
     fig, ax = plt.subplots(figsize=(6.0, 5.0))
@@ -112,12 +98,7 @@ def plot_projection(x: np.ndarray, labels: Sequence[int], path: str | Path,
     ax.set_ylabel("PC 2")
     ax.set_title(f"PCA of {len(x)} sampled rows, coloured by cluster", fontsize=9)
     ax.legend(fontsize=6, markerscale=2, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def report_markdown(report: Mapping, images: Sequence[str] = ()) -> str:
