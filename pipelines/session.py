@@ -191,7 +191,7 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> Config:
     """
     updates: dict = {}
     if cfg.data.path == "demo":
-        from tclora.demo_corpus import build_demo_corpus
+        from tclora.demo_corpus import EVAL_SPLITS, build_demo_corpus
 
         store = storage.store_for(cfg, run_dir)
         splits = build_demo_corpus(run_dir / "corpus", train_per_task=cfg.data.demo_train_per_task,
@@ -202,7 +202,7 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> Config:
         where = {name: store.uri_of(path) if store.remote else str(path) for name, path in splits.items()}
         data = cfg.data.model_copy(update={"path": where["train"]})
         if not cfg.data.eval_paths:
-            data = data.model_copy(update={"eval_paths": [where["test"], where["compose_test"]]})
+            data = data.model_copy(update={"eval_paths": [where[s] for s in EVAL_SPLITS]})
         if not cfg.data.validation_path and "validation" in where:  # selection only (merge.tune, sweep)
             data = data.model_copy(update={"validation_path": where["validation"]})
         updates["data"] = data

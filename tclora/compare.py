@@ -80,13 +80,16 @@ def save_merge(deltas: Mapping[str, Delta], out_dir: Path, base_name: str, model
 
 def score_predictions(records: Sequence[Mapping], predictions: Sequence[str], cfg: EvalSection) -> dict[str, Any]:
     """One row of a score table: ``{"mean", "per_task": {task: score}, "n"}`` (exact match, every task
-    counting the same in ``mean``), plus ``"rouge_l"`` (task-averaged) with ``eval.rouge``.
+    counting the same in ``mean``), plus ``"rouge_l"`` (task-averaged) with ``eval.rouge``. For a
+    multiple-choice record (``choices`` and ``answer``) the prediction is the chosen choice's text, so
+    exact match is its accuracy.
 
     The one scoring path: :func:`tclora.evaluate.summarize` underneath, as for ``evaluate.exact_match``.
     """
-    metrics: dict[str, Sequence[float]] = {"exact_match": [p == r["target"].strip() for p, r in zip(predictions, records)]}
+    expected = [_expected(r) for r in records]
+    metrics: dict[str, Sequence[float]] = {"exact_match": [p == e.strip() for p, e in zip(predictions, expected)]}
     if cfg.rouge:
-        metrics["rouge_l"] = evaluate.rouge_l(predictions, [r["target"] for r in records])
+        metrics["rouge_l"] = evaluate.rouge_l(predictions, expected)
     s = evaluate.summarize([r.get("task_name") or evaluate.DEFAULT_TASK for r in records], metrics)
     row = {"mean": s["macro"]["exact_match"], "per_task": {t: v["exact_match"] for t, v in s["per_task"].items()},
            "n": s["n"]}
@@ -95,12 +98,31 @@ def score_predictions(records: Sequence[Mapping], predictions: Sequence[str], cf
     return row
 
 
+def _expected(record: Mapping) -> str:
+    """The right answer: the correct choice's text for a multiple-choice record, else ``target``."""
+    if "choices" in record:
+        return record["choices"][evaluate.answer_index(record)]
+    return record["target"]
+
+
 def predict(model, tokenizer, records: Sequence[Mapping], cfg: EvalSection) -> list[str]:
-    """Greedy answers to ``records`` with the model as it is now (``eval`` batch size, length, chat template)."""
-    if not records:
-        return []
-    return evaluate.generate_answers(model, tokenizer, [r["source"] for r in records], batch_size=cfg.batch_size,
-                                     max_new_tokens=cfg.max_new_tokens, chat_template=cfg.chat_template)
+    """The model's answers to ``records`` as it is now: greedy generation (``eval`` batch size, length, chat
+    template), or for a multiple-choice record the text of its likeliest choice (length-normalised NLL, as
+    mttl scores ARC, BoolQ and PIQA; :func:`tclora.evaluate.choose`)."""
+    answers = [""] * len(records)
+    mc = [i for i, r in enumerate(records) if "choices" in r]
+    gen = [i for i, r in enumerate(records) if "choices" not in r]
+    if gen:
+        out = evaluate.generate_answers(model, tokenizer, [records[i]["source"] for i in gen], batch_size=cfg.batch_size,
+                                        max_new_tokens=cfg.max_new_tokens, chat_template=cfg.chat_template)
+        for i, a in zip(gen, out):
+            answers[i] = a
+    if mc:
+        chosen = evaluate.choose(model, tokenizer, [records[i] for i in mc], batch_size=cfg.batch_size,
+                                 length_normalize=True)
+        for i, c in zip(mc, chosen):
+            answers[i] = records[i]["choices"][c]
+    return answers
 
 
 def score_records(model, tokenizer, records: Sequence[Mapping], cfg: EvalSection) -> dict[str, Any]:

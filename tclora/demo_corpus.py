@@ -47,8 +47,8 @@ from tclora.data import read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test", "ood_test", "compose_test", "mc_test")
 FILES = {split: f"{split}.jsonl" for split in SPLITS}
-# What a demo run reports (data.eval_paths): generative splits; mc_test needs choice scoring in compare.
-EVAL_SPLITS = ("test", "ood_test", "compose_test")
+# What a demo run reports (data.eval_paths), headline first; mc_test is scored by its choices' likelihood.
+EVAL_SPLITS = ("test", "ood_test", "compose_test", "mc_test")
 FORMAT_VERSION = 2  # bump when generation changes, so cached corpora are rebuilt
 MC_CHOICES = 4
 

@@ -174,7 +174,12 @@ def _target_logprobs(model, batch: Mapping[str, torch.Tensor], device) -> tuple[
     return -nll.sum(dim=1), (labels != -100).sum(dim=1)
 
 
-def _answer_index(record: Mapping[str, Any]) -> int:
+def answer_index(record: Mapping[str, Any]) -> int:
+    """A multiple-choice record's right choice as an index; ``answer`` may be the index or the choice text.
+
+    Raises:
+        ValueError: the answer is not one of the record's choices, or an index out of range.
+    """
     answer, choices = record["answer"], record["choices"]
     if isinstance(answer, str):
         if answer not in choices:
@@ -185,17 +190,17 @@ def _answer_index(record: Mapping[str, Any]) -> int:
     return int(answer)
 
 
-def choice_accuracy(
+def choose(
     model, tokenizer, records: Sequence[Mapping[str, Any]], *, batch_size: int = 32, max_length: int = 256,
     length_normalize: bool = False,
-) -> dict[str, Any]:
-    """Multiple-choice accuracy by log-likelihood: the predicted choice is the one the model finds likeliest.
+) -> list[int]:
+    """The index of the likeliest choice for each multiple-choice record (mttl's log-likelihood scoring).
 
-    Each record has ``source``, ``choices`` (list of strings) and ``answer`` (index or the choice text).
-    A choice's score is the summed log-prob of its tokens plus EOS, as ``tokenize_example`` lays them out:
-    EOS is included so that a choice that is a prefix of another (``"ab"`` / ``"abc"``) is not favoured
-    merely for being short. ``length_normalize`` divides by the token count instead. Ties go to the
-    first choice. Returns ``{"accuracy", "n", "per_task"}``.
+    Each record has ``source`` and ``choices`` (list of strings). A choice's score is the summed log-prob
+    of its tokens plus EOS, as ``tokenize_example`` lays them out: EOS is included so that a choice that
+    is a prefix of another (``"ab"`` / ``"abc"``) is not favoured merely for being short.
+    ``length_normalize`` divides by the token count instead (mttl's ARC/BoolQ/PIQA scoring). Ties go to
+    the first choice. Choices of one question may fall into different batches.
     """
     rows = [(i, c) for i, r in enumerate(records) for c in r["choices"]]
     scores: list[float] = []
@@ -205,13 +210,30 @@ def choice_accuracy(
             examples = [tokenize_example(tokenizer, records[i]["source"], c, max_length) for i, c in chunk]
             total, count = _target_logprobs(model, collate(examples, tokenizer.pad_token_id), device)
             scores += (total / count.clamp(min=1) if length_normalize else total).tolist()
-    hits, offset = [], 0
+    chosen, offset = [], 0
     for r in records:
         n = len(r["choices"])
         choice_scores = scores[offset : offset + n]
         offset += n
-        hits.append(max(range(n), key=choice_scores.__getitem__) == _answer_index(r))
-    return summarize([_task(r) for r in records], {"accuracy": hits})
+        chosen.append(max(range(n), key=choice_scores.__getitem__))
+    return chosen
+
+
+def choice_accuracy(
+    model, tokenizer, records: Sequence[Mapping[str, Any]], *, batch_size: int = 32, max_length: int = 256,
+    length_normalize: bool = False,
+) -> dict[str, Any]:
+    """Multiple-choice accuracy by log-likelihood (:func:`choose`): ``{"accuracy", "n", "per_task"}``.
+
+    Each record has ``source``, ``choices`` and ``answer`` (index or the choice text).
+
+    Raises:
+        ValueError: an ``answer`` that is not one of its record's choices (or an index out of range).
+    """
+    answers = [answer_index(r) for r in records]  # a bad answer fails before any forward pass
+    chosen = choose(model, tokenizer, records, batch_size=batch_size, max_length=max_length,
+                    length_normalize=length_normalize)
+    return summarize([_task(r) for r in records], {"accuracy": [c == a for c, a in zip(chosen, answers)]})
 
 
 def mean_loss(

@@ -18,13 +18,17 @@ BASE, ORACLE = "base", "adapters"
 
 def combine_splits(per_split: Mapping[str, Mapping[str, Mapping[str, Any]]], headline: str) -> dict[str, dict]:
     """{split: {method: scores}} -> {method: {mean (headline split), splits: {split: mean}, per_task}},
-    plus ``rouge_l: {split: task-averaged Rouge-L}`` where the splits were scored with it."""
+    plus ``rouge_l: {split: task-averaged Rouge-L}`` where the splits were scored with it.
+
+    ``per_task`` keys are the headline split's task names, and ``split/task`` for the other splits: one
+    task may appear in several splits (the demo asks its families again as multiple choice)."""
     methods = next(iter(per_split.values())).keys()
     out = {}
     for method in methods:
         per_task: dict[str, float] = {}
-        for scores in per_split.values():
-            per_task.update(scores[method]["per_task"])
+        for split, scores in per_split.items():
+            per_task.update({t if split == headline else f"{split}/{t}": v
+                             for t, v in scores[method]["per_task"].items()})
         out[method] = {
             "mean": per_split[headline][method]["mean"],
             "splits": {split: scores[method]["mean"] for split, scores in per_split.items()},

@@ -163,3 +163,24 @@ def test_chat_template_switch_builds_prompts_through_the_template():
     no_template = _word_tokenizer()
     assert evaluate._prompt_ids(no_template, "hello", None, chat_template=True) == \
         evaluate._prompt_ids(no_template, "hello", None, chat_template=False)
+
+
+def test_multiple_choice_rows_score_by_likelihood_beside_generated_ones(tiny_model_and_tokenizer):
+    """A split mixing generative and multiple-choice rows (the demo's eval splits travel together): the MC
+    rows are answered with their likeliest choice (length-normalised, by hand here), the others by greedy
+    generation, and one exact-match table counts both."""
+    from tclora import compare
+    from tclora.config import EvalSection
+
+    model, tok = tiny_model_and_tokenizer
+    source, choices = "echo: box", ["box", "cup", "a red cup and a blue box"]
+    scores = _manual_choice_scores(model, tok, source, choices, True)
+    hi, lo = max(range(3), key=scores.__getitem__), min(range(3), key=scores.__getitem__)
+    generated = _reference_greedy(model, tok, "x", 12)
+    records = [{"source": source, "target": choices[hi], "choices": choices, "answer": hi, "task_name": "right"},
+               {"source": source, "target": choices[lo], "choices": choices, "answer": lo, "task_name": "wrong"},
+               {"source": "x", "target": generated, "task_name": "gen"}]
+    cfg = EvalSection(batch_size=2, max_new_tokens=12)
+    assert compare.predict(model, tok, records, cfg) == [choices[hi], choices[hi], generated]
+    row = compare.score_records(model, tok, records, cfg)
+    assert row["per_task"] == {"right": 1.0, "wrong": 0.0, "gen": 1.0}
