@@ -10,10 +10,11 @@ Per seed, single process, no Ray:
    adapters; payloads, and so rows, differ by seed);
 2. train one adapter per trained family with ``train_lori_adapter`` on the cached demo base
    (``tclora.demo_base``, built once into ~/.cache/tclora);
-3. for every merge method, pick λ (``scale``: the merged update computed with weights 1, times λ)
-   from ``--lambdas`` by exact match on a capped ``validation`` subset, the only use of validation;
+3. for every merge method, pick λ (``scale``: the merged update computed with weights 1, times λ) and
+   the method's knobs (TIES/KnOTS density, DARE keep rate, CP combine rule, TSV-M fraction) as a run
+   does (``compare.tune_all``), by exact match on a capped ``validation`` subset, its only use;
 4. score base, oracle adapters (routed by family; a composition goes to its *last* component's
-   adapter, so there the oracle is a single-skill reference) and every merge at its chosen λ on
+   adapter, so there the oracle is a single-skill reference) and every merge at its chosen setting on
    ``test`` (in-domain), ``ood_test`` (zero-shot; no oracle: no adapter was trained for it),
    ``compose_test`` (exact match, mean over tasks) and ``mc_test`` (multiple-choice accuracy by
    length-normalised NLL; oracle only on the trained families' rows);
@@ -37,7 +38,7 @@ import torch
 
 from benchmarks.common import arg_parser, headline, machine_info, result_stem, setup_logging, write_result
 from tclora import adapters, compare, evaluate
-from tclora.config import EvalSection, LoRISection, TrainSection
+from tclora.config import EvalSection, LoRISection, MergeSection, TrainSection
 from tclora.data import read_jsonl
 from tclora.demo_base import DemoBaseSpec, build_demo_base
 from tclora.demo_corpus import COMPOSITIONS, TASK_FAMILIES, build_demo_corpus
@@ -117,17 +118,14 @@ def oracle_scores(model, tok, factors: dict, data: dict, args) -> dict:
     return out
 
 
-def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) -> tuple[float, dict, dict]:
-    """λ with the best validation exact match (ties: the smaller λ); returns (λ, merged deltas, λ -> EM)."""
-    curve, best = {}, None
-    for lam in args.lambdas:
-        params = {"scale": lam, **({"n_iter": args.cp_iters} if method == "cp" else {})}
-        deltas = merge_adapters(factors, method, None, params)
-        with adapters.deltas_applied(model, deltas):
-            curve[lam] = em_mean(model, tok, val, args)
-        if best is None or curve[lam] > curve[best[0]]:
-            best = (lam, deltas)
-    return best[0], best[1], curve
+def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) -> tuple[dict, dict, list]:
+    """The run's own protocol (``compare.tune_all``: λ and the method's knobs by coordinate search on the
+    validation subset): returns (chosen params, merged deltas at them, every trial)."""
+    merge_cfg = MergeSection(methods=[method], cp_rank=args.cp_rank, cp_iters=args.cp_iters,
+                             tune_grid={method: {"scale": args.lambdas}} if args.lambdas else {})
+    eval_cfg = EvalSection(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens, rouge=False)
+    result = compare.tune_all(model, tok, factors, val, merge_cfg, eval_cfg)[method]
+    return result.params, merge_adapters(factors, method, None, result.params), result.trials
 
 
 def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path) -> dict:
@@ -171,14 +169,13 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
             continue
         ratios[method] = norm_ratio(model, deltas)
         scores[method] = scores_with(model, tok, deltas, data, args)
-        log.info("seed %d %s: %s λ=%s %s (norm ratio %.4f)", seed, kind, method, chosen[method],
+        log.info("seed %d %s: %s %s %s (norm ratio %.4f)", seed, kind, method, chosen[method],
                  {k: round(v, 3) for k, v in scores[method].items()}, ratios[method]["mean"])
     t_eval = time.perf_counter()
     log.info("seed %d %s: train %.0fs, tune+eval %.0fs; test EM base %.3f oracle %.3f best merge %.3f", seed, kind,
              t_train - t0, t_eval - t_train, scores[BASE]["test"], scores[ORACLE]["test"],
              max((scores[m]["test"] for m in chosen), default=float("nan")))
-    return {"scores": scores, "lambda": chosen, "validation_curves": {m: {str(k): v for k, v in c.items()}
-                                                                      for m, c in curves.items()},
+    return {"scores": scores, "params": chosen, "validation_trials": curves,
             "norm_ratio": {"adapters": {f: m["norm_ratio"] for f, m in train_meta.items()}, "merges": ratios},
             "merge_errors": errors, "train": train_meta,
             "seconds": {"train": round(t_train - t0, 1), "tune_and_eval": round(t_eval - t_train, 1)}}
@@ -268,7 +265,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--kinds", nargs="+", default=["lori_s"], choices=["lori_s", "lori_d", "lora", "shared_a"],
                    help="adapter kinds (lora: plain LoRA, trainable A; shared_a: LoRI-S with one A per module for every family)")
     p.add_argument("--methods", nargs="+", default=registry.names(), help="merge methods (default: all registered)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5], help="λ grid tuned on validation")
+    p.add_argument("--lambdas", type=float, nargs="+", default=None,
+                   help="λ grid tuned on validation (default: the run's, tclora.tune_merge.SCALES plus 1/T)")
+    p.add_argument("--cp-rank", type=int, default=4, help="CP rank R (merge.cp_rank; demo.yaml's)")
     p.add_argument("--tune-per-task", type=int, default=10, help="validation rows per family used for tuning")
     p.add_argument("--steps", type=int, default=60, help="LoRI-D steps per adapter; LoRI-S runs as many (demo.yaml's)")
     p.add_argument("--rank", type=int, default=8, help="LoRI rank r (alpha = 2r)")
