@@ -55,6 +55,7 @@ BASE, ORACLE = compare.BASE, compare.ORACLE
 TINY_DEMO_SPEC = dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_steps=60, batch=16, seq_len=64)
 SMOKE = dict(families=["first_word", "count_words"], steps=5, rank=4, batch_size=8, train_per_task=40, eval_per_task=4,
              tune_per_task=2, methods=["linear", "ties", "cp"], lambdas=[0.5, 1.0], cp_iters=10)
+CP_COMBINES = ("mean", "sum", "shared")  # each also reported alone ("cp:shared"), beside cp with the rule tuned
 TARGETS = {"base_max": 0.2, "oracle_min": 0.85, "gain_kept_min": 0.6, "ood_gain_min": 0.10}
 
 
@@ -121,11 +122,12 @@ def oracle_scores(model, tok, factors: dict, data: dict, args) -> dict:
 def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) -> tuple[dict, dict, list]:
     """The run's own protocol (``compare.tune_all``: λ and the method's knobs by coordinate search on the
     validation subset): returns (chosen params, merged deltas at them, every trial)."""
-    merge_cfg = MergeSection(methods=[method], cp_rank=args.cp_rank, cp_iters=args.cp_iters,
-                             tune_grid={method: {"scale": args.lambdas}} if args.lambdas else {})
+    name, _, combine = method.partition(":")  # "cp:shared": CP with that combine rule, λ still tuned
+    grid = {**({"scale": args.lambdas} if args.lambdas else {}), **({"combine": [combine]} if combine else {})}
+    merge_cfg = MergeSection(methods=[name], cp_rank=args.cp_rank, cp_iters=args.cp_iters, tune_grid={name: grid})
     eval_cfg = EvalSection(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens, rouge=False)
-    result = compare.tune_all(model, tok, factors, val, merge_cfg, eval_cfg)[method]
-    return result.params, merge_adapters(factors, method, None, result.params), result.trials
+    result = compare.tune_all(model, tok, factors, val, merge_cfg, eval_cfg)[name]
+    return result.params, merge_adapters(factors, name, None, result.params), result.trials
 
 
 def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path) -> dict:
@@ -160,7 +162,8 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
              *({k: round(v, 3) for k, v in scores[m].items()} for m in (BASE, ORACLE)),
              {f: round(m["norm_ratio"]["mean"], 4) for f, m in train_meta.items()})
     chosen, curves, ratios, errors = {}, {}, {}, {}
-    for method in args.methods:
+    methods = list(args.methods) + ([f"cp:{rule}" for rule in CP_COMBINES] if "cp" in args.methods else [])
+    for method in methods:
         try:
             chosen[method], deltas, curves[method] = tune(model, tok, list(factors.values()), method, val, args)
         except Exception as err:  # noqa: BLE001 - a failing method is a result, not a crash
@@ -204,7 +207,11 @@ def summarise(per_seed: dict) -> dict:
     best = max(scored, key=lambda m: out["test"][m]["mean"]) if scored else None
     best_ood = max(scored, key=lambda m: out["ood_test"][m]["mean"]) if scored else None
     base, oracle = out["test"][BASE]["mean"], out["test"][ORACLE]["mean"]
-    return {"splits": out, "gain_kept": gain, "best_merge": best, "best_ood_merge": best_ood, "targets": {
+    baselines = [m for m in scored if m.split(":")[0] != "cp"]
+    best_baseline = max(baselines, key=lambda m: out["test"][m]["mean"]) if baselines else None
+    paired = {cp: _paired(per_seed, cp, best_baseline) for cp in scored if cp.split(":")[0] == "cp" and best_baseline}
+    return {"splits": out, "gain_kept": gain, "best_merge": best, "best_ood_merge": best_ood,
+            "best_baseline": best_baseline, "cp_vs_best_baseline": paired, "targets": {
         "base_in_domain": {"value": base, "met": base <= TARGETS["base_max"]},
         "oracle_in_domain": {"value": oracle, "met": oracle >= TARGETS["oracle_min"]},
         "best_merge_gain_kept": {"value": gain[best]["mean"] if best and gain[best] else None,
@@ -212,6 +219,12 @@ def summarise(per_seed: dict) -> dict:
         "best_ood_gain_over_base": {"value": out["ood_test"][best_ood]["mean"] - out["ood_test"][BASE]["mean"] if best_ood else None,
                                     "met": bool(best_ood and out["ood_test"][best_ood]["mean"] - out["ood_test"][BASE]["mean"]
                                                 >= TARGETS["ood_gain_min"])}}}
+
+
+def _paired(per_seed: dict, a: str, b: str) -> dict:
+    """Test EM of ``a`` minus ``b``, seed by seed (same corpus, same adapters): mean ± std, and wins."""
+    diffs = [r["scores"][a]["test"] - r["scores"][b]["test"] for r in per_seed.values() if a in r["scores"] and b in r["scores"]]
+    return {"vs": b, "difference": _mean_std(diffs), "seeds_a_at_least_b": sum(d >= 0 for d in diffs), "seeds": len(diffs)}
 
 
 def _fmt(v: dict | None) -> str:
@@ -228,6 +241,9 @@ def headlines(summary: dict, kind: str) -> list[dict]:
         headline(f"merge quality ({kind}), in-domain: best merge's share of the oracle's gain", t["best_merge_gain_kept"]["value"],
                  f"{best} {_fmt(s['test'].get(best))}, keeps {_fmt(summary['gain_kept'].get(best))}",
                  target=">= 60%", met=t["best_merge_gain_kept"]["met"]),
+        *[headline(f"merge quality ({kind}), in-domain: {cp} - best baseline (paired over seeds)", p["difference"]["mean"],
+                   f"{_fmt(p['difference'])} vs {p['vs']}; {cp} >= it in {p['seeds_a_at_least_b']}/{p['seeds']} seeds")
+          for cp, p in summary.get("cp_vs_best_baseline", {}).items() if p["difference"]],
         headline(f"merge quality ({kind}), out of domain: best merge - base", t["best_ood_gain_over_base"]["value"],
                  f"{best_ood} {_fmt(s['ood_test'].get(best_ood))} vs base {_fmt(s['ood_test'][BASE])}",
                  target=">= +0.10", met=t["best_ood_gain_over_base"]["met"]),
