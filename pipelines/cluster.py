@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -265,11 +266,14 @@ def list_clusters(cluster_dir: Path) -> dict[int, int]:
     return {int(i): int(n) for i, n in manifest["report"]["sizes"].items()}
 
 
-def read_cluster(cluster_dir: Path | str, cluster_id: int, filesystem: pafs.FileSystem | None = None):
-    """One cluster's rows as a lazy Ray Dataset (row_id, source, target, task_name, ...).
+def read_cluster(cluster_dir: Path | str, cluster_id: int, filesystem: pafs.FileSystem | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """One cluster's rows (row_id, source, target, task_name, ...) as an Arrow table, read in this process.
 
     ``cluster_dir`` is a finished cluster stage: a local directory, or a path on ``filesystem`` (the run's
-    store, :meth:`tclora.storage.RunStore.path`) for a caller on another node such as a Tune trial.
+    store, :meth:`tclora.storage.RunStore.path`) for a caller on another node such as a Tune trial. Not a
+    Ray Data read: a cluster is one adapter's training set, and a Ray Data job per cluster cost the demo
+    ~60 s of task and actor start-up per Train run on 2 cores for a few hundred rows.
 
     Raises:
         ValueError: the cluster has no rows there.
@@ -279,7 +283,8 @@ def read_cluster(cluster_dir: Path | str, cluster_id: int, filesystem: pafs.File
     part = f"{root}/clusters/cluster={cluster_id}"
     if fs.get_file_info(part).type != pafs.FileType.Directory:
         raise ValueError(f"{cluster_dir}: cluster {cluster_id} has no rows (no {part})")
-    return ray.data.read_parquet(part, filesystem=fs, partitioning=None)  # no string "cluster" column from the dir
+    # partitioning=None: no string "cluster" column from the directory name
+    return pads.dataset(part, filesystem=fs, format="parquet", partitioning=None).to_table(columns=columns)
 
 
 def _run_alone(cfg: Config, run_dir: Path) -> StageResult:

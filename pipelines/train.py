@@ -74,18 +74,17 @@ def _run_name(cluster_ids: list[int]) -> str:
 
 
 def _run_dataset(cluster_dir: Path, cluster_ids: list[int], store: storage.RunStore):
-    """The run's rows, read before ``fit()``: once the Train workers' placement group holds its CPUs,
-    read tasks that still need a whole free CPU can starve (a hang seen with 2 concurrent trials filling
-    a 2-CPU Ray). A materialised dataset is split per epoch without any task. Packed runs get a
+    """The run's rows as a materialised Ray Dataset (``ray.data.from_arrow``), read in the trial's process:
+    no read task can then starve once the Train workers' placement group holds the CPUs (a hang seen with
+    2 concurrent trials filling a 2-CPU Ray), and a run pays no Ray Data job start-up. Packed runs get a
     ``cluster_id`` column. Read from the run's store: this runs inside a Tune trial, on any node."""
-    parts = []
+    tables = []
     for cluster_id in cluster_ids:
-        part = read_cluster(store.path(cluster_dir), cluster_id, store.filesystem).select_columns(["source", "target"])
+        table = read_cluster(store.path(cluster_dir), cluster_id, store.filesystem, columns=["source", "target"])
         if len(cluster_ids) > 1:
-            part = part.add_column("cluster_id", lambda batch, c=cluster_id: pa.array([c] * batch.num_rows, pa.int64()),
-                                   batch_format="pyarrow")
-        parts.append(part)
-    return parts[0].union(*parts[1:]).materialize() if len(parts) > 1 else parts[0].materialize()
+            table = table.append_column("cluster_id", pa.array([cluster_id] * table.num_rows, pa.int64()))
+        tables.append(table)
+    return ray.data.from_arrow(pa.concat_tables(tables))
 
 
 def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_path: str | Path,

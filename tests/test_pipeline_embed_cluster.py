@@ -176,7 +176,7 @@ def test_cluster_k3_recovers_topics_and_writes_every_row_once(embedded):
     assert sorted(written) == sorted(all_ids)  # every row exactly once
     sizes = list_clusters(cluster_dir)
     assert sum(sizes.values()) == len(all_ids) and set(sizes) == {0, 1, 2}
-    members = read_cluster(cluster_dir, 1).take_all()
+    members = read_cluster(cluster_dir, 1).to_pylist()
     assert len(members) == sizes[1] and set(members[0]) >= {"row_id", "source", "target", "task_name"}
     held_out = [{"source": r["source"], "target": r["target"]} for r in members]
     routed = route_records(held_out, cluster_dir, _config().embed.model)
