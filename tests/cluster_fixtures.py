@@ -174,6 +174,9 @@ def ray_cluster(tmp_path_factory, seaweedfs):
     base = tmp_path_factory.mktemp("raycluster")
     # Ray's unix socket paths must stay under 108 bytes: a short temp dir, not pytest's deep one.
     temp, hidden = Path(tempfile.mkdtemp(prefix="tclora-ray-", dir="/tmp")), base / "driver"
+    # The second node gets a temp dir of its own (per-node --temp-dir, Ray >= 2.51), as a real node has its
+    # own disk: with one shared dir both nodes' runtime-env agents build a job's virtualenv in the same place.
+    temp2 = Path(tempfile.mkdtemp(prefix="tclora-ray2-", dir="/tmp"))
     hidden.mkdir()
     token = base / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -188,7 +191,7 @@ def ray_cluster(tmp_path_factory, seaweedfs):
                     "--include-dashboard=true", f"--temp-dir={temp}", "--num-cpus=4",
                     f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
                    env, log)
-        _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+        _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--temp-dir={temp2}",
                     f"--resources={json.dumps({EVAL_NODE_RESOURCE: 1})}",
                     f"--dashboard-agent-listen-port={free_port()}"], env, log, namespace_mount=hidden)
         client_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
@@ -204,5 +207,6 @@ def ray_cluster(tmp_path_factory, seaweedfs):
         yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": client_env,
                "hidden": hidden, "temp": temp, "base": base}
     finally:
-        _stop(_pids_with(str(temp)))
+        _stop(_pids_with(str(temp)) + _pids_with(str(temp2)))
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp2, ignore_errors=True)

@@ -89,7 +89,8 @@ def test_s3_run_dir_outputs_are_read_back_from_the_bucket(single_node_s3_run):
     assert any(f.startswith("embed/embeddings/") and f.endswith(".parquet") for f in files)
     assert any(f.startswith("cluster/") and f.endswith("centroids.npy") for f in files)
     assert any(f.startswith("merge_eval/merges/cp/") for f in files)
-    assert len(out["adapters"]) == 2  # k=2: one adapter per cluster
+    assert sorted(p for p in out["adapters"] if p.endswith("adapter_model.safetensors")) == [
+        "train/cluster-0/adapter_model.safetensors", "train/cluster-1/adapter_model.safetensors"]  # k=2 (+ LoRI masks)
     assert not any(f.startswith(".staging/") or "/.train_work/" in f or f.startswith(".train_work/") for f in files)
     assert out["metrics"]["data"]["rows"] > 0 and "cp" in out["metrics"]["eval"]
     assert not (run["tmp"] / "s3:").exists(), "run.dir=s3://... must never become a local directory 's3:'"
