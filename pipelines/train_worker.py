@@ -331,10 +331,10 @@ class LoRIRecipe:
 
     def report(self, step: int, engine=None, done: bool = False) -> None:
         self._lap()
-        history = [sum(x) / len(x) if isinstance(x, list) else x for x in self.history[-10:]]  # fused: mean of adapters
+        recent = [sum(x) / len(x) if isinstance(x, list) else x for x in self.history[-10:]]  # fused: mean of adapters
         metrics = {"cluster_id": self.group[-1], "phase": self.phases[self.phase_index].name, "step": step,
                    "finished": done and self.state.position == len(self.cluster_ids),
-                   "clusters_done": self.state.position, "loss": sum(history[-10:]) / len(history[-10:]),
+                   "clusters_done": self.state.position, "loss": sum(recent) / len(recent),
                    "resumes": len(self.state.resumes)}
         self.checkpoint.save(metrics, self.state, engine, self.masks)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tclora.config import ConfigError
+from tclora.plots import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -349,16 +350,6 @@ def cluster_report(
     return report_from_counts(contingency_counts(labels, task_names), picked, n_examples)
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (workers and CI have no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_cluster_sizes(report: Mapping, path: str | Path) -> Path:
     """Bar chart of rows per cluster (skipped rows in grey) as a PNG."""
     plt = pyplot()
@@ -372,16 +363,6 @@ def plot_cluster_sizes(report: Mapping, path: str | Path) -> Path:
     scores = f"NMI {report['nmi']:.3f}, ARI {report['ari']:.3f}" if report.get("nmi") is not None else ""
     ax.set_title(f"{report['n_rows']} rows in {report['n_clusters']} clusters  {scores}", fontsize=9)
     return save_figure(fig, path)
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a matplotlib figure as PNG at ``path`` (parents created), close it, return the path."""
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return path
 
 
 def route_records(records: list[dict], cluster_dir: Path, embed_model: str) -> list[dict]:

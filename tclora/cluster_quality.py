@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from tclora.cluster import assign, fit_kmeans, pyplot, save_figure
+from tclora.cluster import assign, fit_kmeans
+from tclora.plots import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 

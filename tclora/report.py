@@ -10,6 +10,7 @@ from tabulate import tabulate
 
 from tclora import artifacts
 from tclora.config import Config
+from tclora.plots import pyplot, save_figure
 
 # Row names beside the merge methods in every score table: the base model alone, and the oracle (each
 # example answered by its own cluster's adapter). Here, not in compare.py, so tables need no torch.
@@ -155,11 +156,7 @@ def lm_eval_table(metrics: Mapping[str, Any], fmt: str = "github") -> str:
 
 
 def plot_merge_comparison(metrics: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     evals = metrics["eval"]
     methods, splits = _ordered(metrics)
     width = 0.8 / len(splits)
@@ -172,9 +169,7 @@ def plot_merge_comparison(metrics: Mapping[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title("Base, oracle adapters and merges")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 # ---- sweep outputs: table, JSON, plots, the best point as a full config --------------------------------
@@ -195,11 +190,7 @@ def sweep_table(results: dict, fmt: str = "github") -> str:
 
 def plot_sweep_scores(results: dict, x: str, path: Path) -> None:
     """Each curve: a method's best score over the other swept values, against ``x`` (k or cp_rank)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metric, rows = results["objective"]["metric"], results["rows"]
     xs = sorted({r[x] for r in rows})
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -215,9 +206,7 @@ def plot_sweep_scores(results: dict, x: str, path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_title(f"sweep: {metric} vs baselines")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_sweep_outputs(results: dict, best_cfg: Config, sweep_dir: Path) -> None:
