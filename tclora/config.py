@@ -189,8 +189,8 @@ class TrainSection(_Section):
     fused: bool = Field(
         False, description="A run's packed clusters (clusters_per_run > 1) train together in one forward/backward "
         "pass, each row through its own cluster's LoRI factors (tclora.multi_lori, equal to solo training under "
-        "plain AdamW); off by default until the Ray/DeepSpeed path matches solo training too (masks differ at "
-        "the threshold today); false trains them one after another.",
+        "plain AdamW); off by default until the Ray/DeepSpeed path matches solo training too (its B values differ "
+        "beyond float tolerance today); false trains them one after another.",
     )
 
     @field_validator("zero_stage")
