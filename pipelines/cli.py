@@ -4,6 +4,7 @@
     tclora config --config configs/demo.yaml          # print the resolved config
     tclora merge-methods                              # registered merge methods and parameters
     tclora sweep --config configs/demo.yaml --k 2,4,8 --cp-rank 2,4,8   # Ray Tune over k, R, sparsity
+    tclora merge --adapters a/ b/ org/lora-c --method cp,ties,linear --validation val.jsonl --out merged/
 """
 
 from __future__ import annotations
@@ -55,6 +56,29 @@ def _cmd_merge_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from tclora.adapters import AdapterError
+    from tclora.peft_merge import merge_peft_adapters
+
+    cfg = session.config_from_args(args)
+    try:
+        info = merge_peft_adapters(args.adapters, args.out, args.method, weights=args.weights, merge_cfg=cfg.merge,
+                                   validation=args.validation, base=args.base, eval_cfg=cfg.eval,
+                                   dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    except (AdapterError, KeyError, ValueError) as err:
+        print(f"tclora merge: {err}", file=sys.stderr)
+        return 2
+    if info["validation"]:
+        rows = [[m, f"{s:.4f}", "<- written" if m == info["method"] else ""] for m, s in info["validation"].items()]
+        print(tabulate(rows, headers=["method", "validation (best setting)", ""]))
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items())
+    print(f"{info['method']} ({params}) of {len(info['inputs'])} adapters -> {info['out']} ({info['format']}; "
+          "merge.json beside it)")
+    return 0
+
+
 def _cmd_demo_corpus(args: argparse.Namespace) -> int:
     from tclora.demo_corpus import build_demo_corpus
 
@@ -91,6 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge-methods", help="list the registered merge methods and their parameters")
     p.set_defaults(fn=_cmd_merge_methods)
+
+    p = sub.add_parser("merge", help="merge PEFT LoRA adapters trained anywhere (tuned on validation rows if given)",
+                       description="Merge PEFT LoRA adapters on one base with any registered method. With "
+                       "--validation, every --method is tuned (λ and its knobs) as a run tunes them and the best "
+                       "one is written. Low-rank results are written as a PEFT adapter, dense ones (ties, dare) "
+                       "as a merged checkpoint, with merge.json (inputs, hashes, method, parameters, scores).")
+    p.add_argument("--adapters", nargs="+", required=True, metavar="DIR_OR_REPO",
+                   help="adapter directories or Hub repo ids (org/name), all on one base model")
+    p.add_argument("--method", type=session.csv_arg(str), default=["linear"],
+                   help="merge method, or several comma-separated with --validation (see tclora merge-methods)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--weights", type=session.csv_arg(float), default=None,
+                   help="per-adapter weights, comma-separated, negative allowed (write --weights=-0.5,1 when the "
+                   "first is negative); default 1 each")
+    p.add_argument("--validation", metavar="FILE", default=None,
+                   help="JSONL/Parquet rows (source, target, task_name) to tune λ and each method's knobs on")
+    p.add_argument("--base", default=None, help="base model (default: the adapters' base_model_name_or_path)")
+    session.add_config_args(p)  # merge.params / merge.cp_rank / merge.tune_grid / eval.* via --set
+    p.set_defaults(fn=_cmd_merge)
 
     p = sub.add_parser("demo-corpus", help="write the embedded multi-task demo corpus as JSONL splits")
     p.add_argument("--out", default="demo_corpus", help="output directory")

@@ -61,7 +61,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def _csv(kind):
+def csv_arg(kind):
     """argparse type for comma-separated values: ``2,4,8``."""
 
     def parse(text: str) -> list:
@@ -75,9 +75,9 @@ def _csv(kind):
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     """``tclora sweep``'s own arguments (beside :func:`add_config_args`); read by ``pipelines.sweep``."""
-    p.add_argument("--k", type=_csv(int), help="cluster counts, e.g. 2,4,8 (default: cluster.k)")
-    p.add_argument("--cp-rank", type=_csv(int), help="CP ranks, e.g. 2,4,8 (default: merge.cp_rank)")
-    p.add_argument("--sparsity", type=_csv(float), help="LoRI sparsities, e.g. 0.8,0.9 (default: lori.sparsity)")
+    p.add_argument("--k", type=csv_arg(int), help="cluster counts, e.g. 2,4,8 (default: cluster.k)")
+    p.add_argument("--cp-rank", type=csv_arg(int), help="CP ranks, e.g. 2,4,8 (default: merge.cp_rank)")
+    p.add_argument("--sparsity", type=csv_arg(float), help="LoRI sparsities, e.g. 0.8,0.9 (default: lori.sparsity)")
     p.add_argument("--search", choices=["grid", "optuna"], default="grid",
                    help="grid (default) or Optuna TPE with ASHA over eval size (needs: pip install optuna)")
     p.add_argument("--num-samples", type=int, help="Optuna trials (default: half the grid); grid ignores it")
