@@ -111,7 +111,8 @@ def run_corpus(embedder: Embedder, rows: list[dict], seeds: int, fraction: float
             auto_k, crit = choose_k(x[sample], 2, 2 * k, seed=seed)
             run["auto"] = {**scores(truth, assign(x, fit_kmeans(x[sample], auto_k, seed=seed).centroids)[0]),
                            "chosen_k": auto_k, "silhouette": {str(j): round(v, 4) for j, v in crit.items()}}
-            log.info("seed %d %s: %s", seed, view, {m: run[m]["nmi"] for m in ("pipeline", "pipeline_all", "sklearn", "auto")})
+            log.info("seed %d %s: %s", seed, view,
+                     {m: run[m]["nmi"] for m in ("pipeline", "pipeline_all", "sklearn", "auto")})
             out["runs"].append(run)
     out["mean"] = {view: {m: {s: round(float(np.mean([r[m][s] for r in out["runs"] if r["view"] == view])), 4)
                               for s in ("nmi", "ari")} for m in ("pipeline", "pipeline_all", "sklearn", "auto")}
@@ -164,7 +165,8 @@ def main() -> None:
         headline("demo auto-k", [a["chosen_k"] for a in auto],
                  f"k={[a['chosen_k'] for a in auto]}, NMI {np.mean([a['nmi'] for a in auto]):.3f}",
                  target=f"k within ±2 of {demo['k']}, NMI >= 0.93",
-                 met=all(abs(a["chosen_k"] - demo["k"]) <= 2 for a in auto) and np.mean([a["nmi"] for a in auto]) >= 0.93),
+                 met=all(abs(a["chosen_k"] - demo["k"]) <= 2 for a in auto)
+                 and np.mean([a["nmi"] for a in auto]) >= 0.93),
     ]
     result["seconds"] = round(time.perf_counter() - started, 1)
     write_result(args.out, result_stem("cluster_quality", args.smoke), result, plot)

@@ -191,7 +191,8 @@ def plot(result: dict, path: Path, clock: str = "cpu") -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for JSON + PNG")
     p.add_argument("--tasks", type=int, default=10, help="T: adapters (clusters) merged")
     p.add_argument("--rank", type=int, default=16, help="r: LoRA rank of each adapter")
@@ -205,7 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads (default: torch's choice); on a busy machine use 1: OpenMP threads "
                         "competing for cores make the factored path's small products many times slower")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes (T=4, r=6, 10 iterations, 5 dense iterations, 2 layers)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes (T=4, r=6, 10 iterations, 5 dense iterations, 2 layers)")
     args = p.parse_args(argv)
     if args.smoke:
         args.tasks, args.rank, args.iters, args.layers, args.dense_iters = 4, 6, 10, 2, 5

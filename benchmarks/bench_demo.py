@@ -64,8 +64,10 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = arg_parser(__doc__)
-    p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml", help="run config (default the demo's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for tclora run")
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml",
+                   help="run config (default the demo's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides, as for tclora run")
     args = p.parse_args(argv)
     setup_logging()
     sets = (SMOKE_SETS if args.smoke else []) + args.set

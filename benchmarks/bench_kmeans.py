@@ -129,8 +129,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed + 1)
     sample = x[np.sort(rng.choice(args.rows, int(args.rows * args.sample_fraction), replace=False))]
     result = {"rows": args.rows, "dim": args.dim, "k": args.k, "sample_fraction": args.sample_fraction,
-              "n_init": args.n_init, "cpus": len(os.sched_getaffinity(0)), "threads": args.threads, "machine": platform.processor(),
-              "load_before": os.getloadavg(), "methods": {}}
+              "n_init": args.n_init, "cpus": len(os.sched_getaffinity(0)), "threads": args.threads,
+              "machine": platform.processor(), "load_before": os.getloadavg(), "methods": {}}
     for name in METHODS:
         if name in args.skip:
             continue

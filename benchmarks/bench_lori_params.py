@@ -70,7 +70,8 @@ def build_model(shape: dict, layers: int, divisor: int = 1):
     kw = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=shape["intermediate"] // divisor,
               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=shape["kv_heads"],
               head_dim=hidden // heads, tie_word_embeddings=False)
-    config_cls, model_cls = (MistralConfig, MistralForCausalLM) if shape["arch"] == "mistral" else (LlamaConfig, LlamaForCausalLM)
+    config_cls, model_cls = ((MistralConfig, MistralForCausalLM) if shape["arch"] == "mistral"
+                             else (LlamaConfig, LlamaForCausalLM))
     torch.manual_seed(0)
     return model_cls(config_cls(**kw)).to(torch.bfloat16)
 
@@ -94,7 +95,8 @@ def save_sparse_lori(path: Path, b: dict[str, torch.Tensor], masks: dict[str, to
         keep = masks[name].flatten()  # (d_out * r,)
         tensors[f"{name}.lora_B.values"] = B.flatten()[keep].contiguous()  # (nnz,)
         if index == "bitmask":
-            tensors[f"{name}.lora_B.bitmask"] = torch.from_numpy(np.packbits(keep.numpy()))  # (ceil(d_out * r / 8),) uint8
+            # (ceil(d_out * r / 8),) uint8
+            tensors[f"{name}.lora_B.bitmask"] = torch.from_numpy(np.packbits(keep.numpy()))
         elif index == "int32":
             tensors[f"{name}.lora_B.indices"] = keep.nonzero().flatten().to(torch.int32)  # (nnz,)
         else:
@@ -130,7 +132,8 @@ def load_sparse_lori(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tor
             else:
                 flat[f.get_tensor(f"{name}.lora_B.indices").long()] = values
             b[name] = flat.view(d_out, r)
-            a[name] = f.get_tensor(f"{name}.lora_A.weight") if meta["a"] == "explicit" else frozen_a(seed, name, r, d_in)
+            a[name] = (f.get_tensor(f"{name}.lora_A.weight") if meta["a"] == "explicit"
+                       else frozen_a(seed, name, r, d_in))
     return b, a
 
 
@@ -228,7 +231,8 @@ def headlines(models: dict) -> list[dict]:
                              met=p["lori_s_fraction_of_lora"] <= TARGET_PARAM_FRACTION))
         for variant, label in (("sparse_bitmask_a_seed", "A from seed"), ("sparse_bitmask_a_explicit", "A explicit")):
             rows.append(headline(f"{name}: LoRI-S sparse bytes ({label}) / LoRA", f[variant],
-                                 f"{f[variant]:.1%} ({m['bytes'][variant] / 2**20:.1f} of {m['bytes']['lora_peft'] / 2**20:.1f} MiB)",
+                                 f"{f[variant]:.1%} ({m['bytes'][variant] / 2**20:.1f} of "
+                                 f"{m['bytes']['lora_peft'] / 2**20:.1f} MiB)",
                                  target=f"<= {TARGET_BYTES_FRACTION:.0%}", met=f[variant] <= TARGET_BYTES_FRACTION))
     return rows
 
@@ -244,7 +248,8 @@ def plot(result: dict, path: Path) -> None:
     for j, (name, m) in enumerate(models.items()):
         ax1.bar([i + j * width for i in range(len(pkeys))], [m["params"][k] / 1e6 for k in pkeys], width, label=name)
         ax2.bar([i + j * width for i in range(len(bkeys))], [m["bytes"][k] / 2**20 for k in bkeys], width, label=name)
-    ax1.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(pkeys))], ["LoRA (A+B)", "LoRI-D (B)", "LoRI-S (nnz B)"])
+    ax1.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(pkeys))],
+                   ["LoRA (A+B)", "LoRI-D (B)", "LoRI-S (nnz B)"])
     ax1.set_ylabel("trainable parameters (M)")
     ax2.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(bkeys))],
                    ["LoRA PEFT", "LoRI saved today", "sparse, A explicit", "sparse, A seed"], rotation=15)

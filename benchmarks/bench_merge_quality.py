@@ -200,8 +200,10 @@ def summarise(per_seed: dict) -> dict:
     merges = [m for m in models if m not in (BASE, ORACLE)]
     gain = {}
     for m in merges:
-        kept = [(r["scores"][m]["test"] - r["scores"][BASE]["test"]) / (r["scores"][ORACLE]["test"] - r["scores"][BASE]["test"])
-                for r in per_seed.values() if m in r["scores"] and r["scores"][ORACLE]["test"] > r["scores"][BASE]["test"]]
+        kept = [(r["scores"][m]["test"] - r["scores"][BASE]["test"])
+                / (r["scores"][ORACLE]["test"] - r["scores"][BASE]["test"])
+                for r in per_seed.values()
+                if m in r["scores"] and r["scores"][ORACLE]["test"] > r["scores"][BASE]["test"]]
         gain[m] = _mean_std(kept)
     scored = [m for m in merges if out["test"][m]]
     best = max(scored, key=lambda m: out["test"][m]["mean"]) if scored else None
@@ -216,15 +218,19 @@ def summarise(per_seed: dict) -> dict:
         "oracle_in_domain": {"value": oracle, "met": oracle >= TARGETS["oracle_min"]},
         "best_merge_gain_kept": {"value": gain[best]["mean"] if best and gain[best] else None,
                                  "met": bool(best and gain[best] and gain[best]["mean"] >= TARGETS["gain_kept_min"])},
-        "best_ood_gain_over_base": {"value": out["ood_test"][best_ood]["mean"] - out["ood_test"][BASE]["mean"] if best_ood else None,
-                                    "met": bool(best_ood and out["ood_test"][best_ood]["mean"] - out["ood_test"][BASE]["mean"]
+        "best_ood_gain_over_base": {"value": (out["ood_test"][best_ood]["mean"] - out["ood_test"][BASE]["mean"]
+                                              if best_ood else None),
+                                    "met": bool(best_ood
+                                                and out["ood_test"][best_ood]["mean"] - out["ood_test"][BASE]["mean"]
                                                 >= TARGETS["ood_gain_min"])}}}
 
 
 def _paired(per_seed: dict, a: str, b: str) -> dict:
     """Test EM of ``a`` minus ``b``, seed by seed (same corpus, same adapters): mean ± std, and wins."""
-    diffs = [r["scores"][a]["test"] - r["scores"][b]["test"] for r in per_seed.values() if a in r["scores"] and b in r["scores"]]
-    return {"vs": b, "difference": _mean_std(diffs), "seeds_a_at_least_b": sum(d >= 0 for d in diffs), "seeds": len(diffs)}
+    diffs = [r["scores"][a]["test"] - r["scores"][b]["test"]
+             for r in per_seed.values() if a in r["scores"] and b in r["scores"]]
+    return {"vs": b, "difference": _mean_std(diffs), "seeds_a_at_least_b": sum(d >= 0 for d in diffs),
+            "seeds": len(diffs)}
 
 
 def _fmt(v: dict | None) -> str:
@@ -238,10 +244,12 @@ def headlines(summary: dict, kind: str) -> list[dict]:
         headline(f"merge quality ({kind}), in-domain: base / oracle EM", t["oracle_in_domain"]["value"],
                  f"base {_fmt(s['test'][BASE])}, oracle {_fmt(s['test'][ORACLE])}",
                  target="base <= 0.2, oracle >= 0.85", met=t["base_in_domain"]["met"] and t["oracle_in_domain"]["met"]),
-        headline(f"merge quality ({kind}), in-domain: best merge's share of the oracle's gain", t["best_merge_gain_kept"]["value"],
+        headline(f"merge quality ({kind}), in-domain: best merge's share of the oracle's gain",
+                 t["best_merge_gain_kept"]["value"],
                  f"{best} {_fmt(s['test'].get(best))}, keeps {_fmt(summary['gain_kept'].get(best))}",
                  target=">= 60%", met=t["best_merge_gain_kept"]["met"]),
-        *[headline(f"merge quality ({kind}), in-domain: {cp} - best baseline (paired over seeds)", p["difference"]["mean"],
+        *[headline(f"merge quality ({kind}), in-domain: {cp} - best baseline (paired over seeds)",
+                   p["difference"]["mean"],
                    f"{_fmt(p['difference'])} vs {p['vs']}; {cp} >= it in {p['seeds_a_at_least_b']}/{p['seeds']} seeds")
           for cp, p in summary.get("cp_vs_best_baseline", {}).items() if p["difference"]],
         headline(f"merge quality ({kind}), out of domain: best merge - base", t["best_ood_gain_over_base"]["value"],
@@ -279,7 +287,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="corpus + adapter seeds (>= 2 for a std)")
     p.add_argument("--families", nargs="+", default=list(TASK_FAMILIES), help="trained families (one adapter each)")
     p.add_argument("--kinds", nargs="+", default=["lori_s"], choices=["lori_s", "lori_d", "lora", "shared_a"],
-                   help="adapter kinds (lora: plain LoRA, trainable A; shared_a: LoRI-S with one A per module for every family)")
+                   help="adapter kinds (lora: plain LoRA, trainable A; "
+                        "shared_a: LoRI-S with one A per module for every family)")
     p.add_argument("--methods", nargs="+", default=registry.names(), help="merge methods (default: all registered)")
     p.add_argument("--lambdas", type=float, nargs="+", default=None,
                    help="λ grid tuned on validation (default: the run's, tclora.tune_merge.SCALES plus 1/T)")
@@ -317,7 +326,8 @@ def combine(args) -> dict:
     import json
 
     parts = [json.loads(p.read_text()) for p in args.combine]
-    result = {**parts[0], "summary": {}, "per_seed": {}, "headline": [], "combined_from": [str(p) for p in args.combine]}
+    result = {**parts[0], "summary": {}, "per_seed": {}, "headline": [],
+              "combined_from": [str(p) for p in args.combine]}
     for kind in parts[0]["per_seed"]:
         per_seed = {int(s): r for part in parts for s, r in part["per_seed"][kind].items()}
         result["per_seed"][kind] = {str(s): r for s, r in sorted(per_seed.items())}
@@ -343,14 +353,16 @@ def main(argv: list[str] | None = None) -> dict:
     base_path = build_demo_base(args.cache_dir, spec)  # cached after the first build
     model, tok = load_base(str(base_path))
     base_seconds = round(time.perf_counter() - started, 1)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "work", "cache_dir")}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("out", "work", "cache_dir")}
     result = {"benchmark": "merge_quality", "smoke": args.smoke, "machine": machine_info(),
               "config": {**config, "alpha": 2 * args.rank, "base_spec": spec.key(), "targets": TARGETS,
                          "oracle_routing": "by family; compositions to their last component's adapter"},
               "summary": {}, "per_seed": {}, "headline": []}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds:
-            per_seed = {seed: run_seed(seed, kind, model, tok, base_path, args, (args.work or Path(tmp)) / f"{kind}-{seed}")
+            per_seed = {seed: run_seed(seed, kind, model, tok, base_path, args,
+                                       (args.work or Path(tmp)) / f"{kind}-{seed}")
                         for seed in args.seeds}
             result["summary"][kind] = summarise(per_seed)
             result["per_seed"][kind] = {str(s): r for s, r in per_seed.items()}

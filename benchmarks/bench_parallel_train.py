@@ -17,7 +17,8 @@ forward/backward pass (``train.fused=true``, :mod:`tclora.multi_lori`; issue 16'
 ``num_cpus / k - 0.1`` CPUs (at most 1) so k trials fit at once; every mode uses the same reservation.
 At demo sizes a Train run is mostly fixed cost (trial and worker processes, imports, DeepSpeed
 start-up, reading the cluster), which packing pays once per run; ``cluster_worker_seconds`` (inside
-the worker) against ``cluster_wall_seconds`` (``TorchTrainer.fit``) shows how much. A warm-up run (skipped with ``--smoke``) fills the OS file cache
+the worker) against ``cluster_wall_seconds`` (``TorchTrainer.fit``) shows how much.
+A warm-up run (skipped with ``--smoke``) fills the OS file cache
 and DeepSpeed's op cache first; ``--repeats`` alternates the order of the modes, and the load average
 is recorded around each, because a shared machine's load drifts. Writes
 ``bench_parallel_train[_smoke].json`` and ``.png`` to ``--out``.
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["modes"] = [sorted(runs[m], key=lambda r: r["seconds"])[(len(runs[m]) - 1) // 2] for m in runs]
     by_mode = {m["mode"]: m for m in result["modes"]}
     seq = by_mode["sequential"]
-    result["speedup"] = {name: round(seq["seconds"] / m["seconds"], 2) for name, m in by_mode.items() if name != "sequential"}
+    result["speedup"] = {name: round(seq["seconds"] / m["seconds"], 2) for name, m in by_mode.items()
+                         if name != "sequential"}
     what = {"fused": (f"{len(packed)} runs of {per_run} fused adapters, {num_cpus} at a time", ">= 3x", 3.0),
             "packed": (f"{len(packed)} packed runs {num_cpus} at a time", ">= 1.6x", 1.6),
             "concurrent": (f"{k} unpacked runs at once", None, None)}

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     status = {name: run_one(name, out, args.smoke) for name in (args.only or BENCHMARKS)}
     print("\nbenchmark        status              seconds")
     for name, (state, seconds) in status.items():
-        print(f"{name:16s} {state:19s} {seconds:7.0f}" + ("   (script not in this checkout)" if state == "missing" else ""))
+        print(f"{name:16s} {state:19s} {seconds:7.0f}"
+              + ("   (script not in this checkout)" if state == "missing" else ""))
     if not args.no_readme:
         readme_table.main(["--results", str(out)])
     return int(any(state.startswith("failed") for state, _ in status.values()))

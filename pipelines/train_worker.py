@@ -283,7 +283,8 @@ class LoRIRecipe:
             for t, (cluster_id, seed) in enumerate(zip(group, seeds)):
                 out = self.checkpoint.finished / f"cluster-{cluster_id}"
                 if len(group) == 1:
-                    lori.save_lori_adapter(model, out, self.masks, self._meta(t, seed, self.masks, lori.lora_a_shapes(model)))
+                    lori.save_lori_adapter(model, out, self.masks,
+                                           self._meta(t, seed, self.masks, lori.lora_a_shapes(model)))
                 else:  # the same PEFT layout, through the same save path
                     masks = multi_lori.adapter_masks(self.masks, t) if self.masks is not None else None
                     meta = self._meta(t, seed, masks, self.adapters.a_shapes())

@@ -83,7 +83,8 @@ def plot_projection(x: np.ndarray, labels: Sequence[int], path: str | Path,
 
     plt = pyplot()
     labels = np.asarray(labels)
-    xy = PCA(2, random_state=seed).fit_transform(np.asarray(x, dtype=np.float64)) if len(x) > 2 else np.zeros((len(x), 2))
+    xy = (PCA(2, random_state=seed).fit_transform(np.asarray(x, dtype=np.float64)) if len(x) > 2
+          else np.zeros((len(x), 2)))
     fig, ax = plt.subplots(figsize=(6.0, 5.0))
     cmap = plt.get_cmap("tab20")
     for i, c in enumerate(np.unique(labels)):

@@ -113,8 +113,9 @@ def predict(model, tokenizer, records: Sequence[Mapping], cfg: EvalSection) -> l
     mc = [i for i, r in enumerate(records) if "choices" in r]
     gen = [i for i, r in enumerate(records) if "choices" not in r]
     if gen:
-        out = evaluate.generate_answers(model, tokenizer, [records[i]["source"] for i in gen], batch_size=cfg.batch_size,
-                                        max_new_tokens=cfg.max_new_tokens, chat_template=cfg.chat_template)
+        out = evaluate.generate_answers(model, tokenizer, [records[i]["source"] for i in gen],
+                                        batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                        chat_template=cfg.chat_template)
         for i, a in zip(gen, out):
             answers[i] = a
     if mc:

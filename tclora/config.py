@@ -146,7 +146,8 @@ class LoRISection(_Section):
         "'lora' is plain LoRA with a trainable A (TC-LoRA's adapters: r = 4, alpha = 16), one dense phase.",
     )
     shared_a: bool = Field(
-        False, description="One random A per module shared by all clusters (exact linear merges) instead of one per cluster."
+        False, description="One random A per module shared by all clusters (exact linear merges) "
+        "instead of one per cluster."
     )
 
 

@@ -116,7 +116,8 @@ def lora_b_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def extract_masks(b_weights: dict[str, torch.Tensor], sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+def extract_masks(b_weights: dict[str, torch.Tensor], sparsity: float,
+                  scope: str = "global") -> dict[str, torch.Tensor]:
     """Boolean masks keeping exactly ``round((1 - sparsity) * n)`` entries of largest |B|.
 
     ``global`` ranks all entries of all B's together (the LoRI paper's choice: layers that learned more
@@ -126,7 +127,8 @@ def extract_masks(b_weights: dict[str, torch.Tensor], sparsity: float, scope: st
         raise ValueError(f"lori.sparsity must be in [0, 1), got {sparsity}")
     names = list(b_weights)
     if scope == "per_layer":
-        return {n: _top_fraction(b_weights[n].detach().abs().flatten(), 1 - sparsity).view_as(b_weights[n]) for n in names}
+        return {n: _top_fraction(b_weights[n].detach().abs().flatten(), 1 - sparsity).view_as(b_weights[n])
+                for n in names}
     if scope != "global":
         raise ValueError(f"lori.mask_scope must be 'global' or 'per_layer', got {scope!r}")
     flat = torch.cat([b_weights[n].detach().abs().flatten().float() for n in names])

@@ -319,7 +319,8 @@ def train_lori_group(
                             loss_fn=routed_loss(len(group)), desc=f"LoRI {phase.name} x{len(group)}")
         for t, meta in enumerate(metas):
             mine = [step[t] for step in losses]
-            meta[f"{phase.name}_loss_first"], meta[f"{phase.name}_loss_last"] = mine[0], sum(mine[-10:]) / len(mine[-10:])
+            meta[f"{phase.name}_loss_first"], meta[f"{phase.name}_loss_last"] = (mine[0],
+                                                                                 sum(mine[-10:]) / len(mine[-10:]))
     if masked is not None:
         masked.remove()
     seconds = round(time.time() - started, 2)

@@ -68,7 +68,8 @@ def grid_for(method: str, n_adapters: int, override: Mapping[str, Sequence[Any]]
     override = dict(override or {})
     unknown = sorted(set(override) - declared)
     if unknown:
-        raise ValueError(f"merge.tune_grid.{method}: {method!r} has no parameter(s) {unknown}; known: {sorted(declared)}")
+        raise ValueError(f"merge.tune_grid.{method}: {method!r} has no parameter(s) {unknown}; "
+                         f"known: {sorted(declared)}")
     scales = override.pop("scale", None)
     if scales is None:
         scales = sorted({1.0 / n_adapters, *SCALES})

@@ -204,7 +204,8 @@ def test_runtime_env_is_valid_and_holds_no_secret():
     env = _load("runtime_env.yaml")
     RuntimeEnv(**env)
     pip = env["pip"]
-    assert next(i for i, p in enumerate(pip) if p.startswith("torch")) < next(i for i, p in enumerate(pip) if "tclora" in p)
+    assert (next(i for i, p in enumerate(pip) if p.startswith("torch"))
+            < next(i for i, p in enumerate(pip) if "tclora" in p))
     assert env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
     assert env["env_vars"]["HF_HUB_OFFLINE"] in ("0", "1") and env["env_vars"]["HF_HOME"]
     secrets = [k for k in env["env_vars"] if re.search(r"TOKEN|SECRET|KEY", k) and k != "TOKENIZERS_PARALLELISM"]

@@ -15,7 +15,8 @@ def unit_blobs(n_per: int, centers: int, dim: int = 16, spread: float = 0.05, se
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((centers, dim))
     labels = np.repeat(np.arange(centers), n_per)
-    x = means[labels] / np.linalg.norm(means[labels], axis=1, keepdims=True) + rng.standard_normal((len(labels), dim)) * spread
+    x = (means[labels] / np.linalg.norm(means[labels], axis=1, keepdims=True)
+         + rng.standard_normal((len(labels), dim)) * spread)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
 
 

@@ -34,7 +34,8 @@ def _tiny_linear_names(arch: str) -> set[str]:
     """Leaf names of every nn.Linear in a 1-layer, hidden-32 model of ``arch``, random weights, no download."""
     from transformers import MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM
 
-    config_cls, model_cls = {"phi3": (Phi3Config, Phi3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    config_cls, model_cls = {"phi3": (Phi3Config, Phi3ForCausalLM),
+                             "mistral": (MistralConfig, MistralForCausalLM)}[arch]
     # Token ids inside the 64-token vocabulary (Phi-3's default pad id 32000 is not).
     cfg = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,

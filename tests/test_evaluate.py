@@ -129,8 +129,10 @@ def test_summarize_gives_record_and_task_averages():
     s = evaluate.summarize(["a", "a", "b"], {"exact_match": [True, False, True], "rouge_l": [1.0, 0.5, 0.25]})
     assert s["n"] == 3 and s["exact_match"] == pytest.approx(2 / 3) and s["rouge_l"] == pytest.approx(1.75 / 3)
     assert s["macro"] == {"exact_match": pytest.approx(0.75), "rouge_l": pytest.approx((0.75 + 0.25) / 2)}
-    assert s["per_task"] == {"a": {"exact_match": 0.5, "rouge_l": 0.75, "n": 2}, "b": {"exact_match": 1.0, "rouge_l": 0.25, "n": 1}}
-    assert evaluate.summarize([], {"accuracy": []}) == {"n": 0, "per_task": {}, "macro": {"accuracy": 0.0}, "accuracy": 0.0}
+    assert s["per_task"] == {"a": {"exact_match": 0.5, "rouge_l": 0.75, "n": 2},
+                             "b": {"exact_match": 1.0, "rouge_l": 0.25, "n": 1}}
+    assert evaluate.summarize([], {"accuracy": []}) == {"n": 0, "per_task": {}, "macro": {"accuracy": 0.0},
+                                                       "accuracy": 0.0}
 
 
 def test_rouge_l_is_the_lcs_f_measure():

@@ -73,7 +73,8 @@ def test_flatten_reports_groups_with_an_aggregate_instead_of_their_subtasks():
             "leaf": {"alias": "leaf", "acc,none": 1.0, "acc_stderr,none": "N/A", "sample_len": 3},
         },
         "group_subtasks": {"bbh_zeroshot": ["bbh_zeroshot_a", "bbh_zeroshot_b"], "no_aggregate": ["leaf"]},
-        "n-samples": {"bbh_zeroshot_a": {"original": 9, "effective": 5}, "bbh_zeroshot_b": {"original": 9, "effective": 5},
+        "n-samples": {"bbh_zeroshot_a": {"original": 9, "effective": 5},
+                      "bbh_zeroshot_b": {"original": 9, "effective": 5},
                       "leaf": {"original": 3, "effective": 3}},
     }
     assert harness.flatten(results) == {

@@ -24,7 +24,8 @@ def _one_thread():
 def make_adapters(T=3, d_out=24, d_in=20, r=3, seed=0, dtype=torch.float32, modules=("q", "v")):
     g = torch.Generator().manual_seed(seed)
     return [
-        {m: LowRank(torch.randn(d_out, r, generator=g, dtype=dtype), torch.randn(r, d_in, generator=g, dtype=dtype)) for m in modules}
+        {m: LowRank(torch.randn(d_out, r, generator=g, dtype=dtype), torch.randn(r, d_in, generator=g, dtype=dtype))
+         for m in modules}
         for _ in range(T)
     ]
 
@@ -116,7 +117,8 @@ def test_cat_matches_peft_add_weighted_adapter():
     model = peft.get_peft_model(model, config, adapter_name="first")
     model.add_adapter("second", peft.LoraConfig(r=3, lora_alpha=3, target_modules=["0"], init_lora_weights=False))
     layer = model.base_model.model[0]
-    ours = [{"0": LowRank(layer.lora_B[n].weight * layer.scaling[n], layer.lora_A[n].weight)} for n in ("first", "second")]
+    ours = [{"0": LowRank(layer.lora_B[n].weight * layer.scaling[n], layer.lora_A[n].weight)}
+            for n in ("first", "second")]
     model.add_weighted_adapter(["first", "second"], [0.7, -1.5], "both", combination_type="cat")
     expected = layer.get_delta_weight("both")
     got = merge_adapters(ours, "cat", weights=[0.7, -1.5])["0"].dense()
@@ -169,7 +171,8 @@ def test_svd_matches_dense_truncation():
         assert got.rank == k
         assert_close(torch.linalg.svdvals(got.dense())[:k], S[:k])
         assert_close(got.dense(), U[:, :k] @ torch.diag(S[:k]) @ Vh[:k])
-    padded = merge_adapters(adapters, "svd", w, {"rank": 12, "scale": 1.0})["q"]  # the sum has rank 9: zero-padded to 12
+    # the sum has rank 9: zero-padded to 12
+    padded = merge_adapters(adapters, "svd", w, {"rank": 12, "scale": 1.0})["q"]
     assert padded.rank == 12 and padded.B[:, 9:].abs().max() == 0
     assert_close(padded.dense(), total)
 
@@ -241,7 +244,8 @@ def test_cp_factored_never_builds_the_dense_tensor():
     # this machine has, so finishing at all (and fast) shows every product came from the factors.
     d, T, r = 100_000, 10, 4
     g = torch.Generator().manual_seed(0)
-    deltas = [LowRank(torch.randn(d, r, generator=g) / d**0.5, torch.randn(r, d, generator=g) / d**0.5) for _ in range(T)]
+    deltas = [LowRank(torch.randn(d, r, generator=g) / d**0.5, torch.randn(r, d, generator=g) / d**0.5)
+              for _ in range(T)]
     start = time.process_time()  # CPU time of this process: robust to other jobs sharing the machine
     merged = merge_adapters([{"m": x} for x in deltas], "cp", params={"rank": 4, "n_iter": 5})["m"]
     assert time.process_time() - start < 10
@@ -311,7 +315,8 @@ def test_default_scale_of_linear_is_the_mean_and_of_cat_the_sum():
     adapters = make_adapters(T=3, dtype=torch.float64)
     total = sum(x["q"].dense() for x in adapters)
     assert_close(merge_adapters(adapters, "linear")["q"].dense(), total / 3, rtol=0, atol=1e-12)
-    assert_close(merge_adapters(adapters, "linear", params={"scale": 1 / 3})["q"].dense(), total / 3, rtol=0, atol=1e-12)
+    assert_close(merge_adapters(adapters, "linear", params={"scale": 1 / 3})["q"].dense(), total / 3,
+                 rtol=0, atol=1e-12)
     assert_close(merge_adapters(adapters, "cat")["q"].dense(), total, rtol=0, atol=1e-12)
 
 
@@ -322,7 +327,8 @@ def test_parameters_and_defaults_come_from_the_signature(monkeypatch):
     def toy(deltas, weights, k: int = 3, scale: float = 1.0):
         return deltas[0]
 
-    assert [(p.name, p.default, p.help) for p in registry.get("toy").params] == [("k", 3, "a knob"), ("scale", 1.0, "λ")]
+    assert ([(p.name, p.default, p.help) for p in registry.get("toy").params]
+            == [("k", 3, "a knob"), ("scale", 1.0, "λ")])
     assert registry.get("ties").resolve_params(None) == {"density": 0.2, "scale": 1.0}
     with pytest.raises(ValueError, match="needs a help"):
         registry.register("nohelp", reference_url="u", help={"scale": "λ"})(lambda d, w, k=1, scale=1.0: d)

@@ -60,12 +60,14 @@ def test_isoc_matches_dense_reference():
     expected = 0.3 * S[:k].mean() * U[:, :k] @ Vh[:k]
     got = merge_adapters(adapters, "isoc", w, {"scale": 0.3})["q"]
     assert_close(got.dense(), expected, rtol=1e-9, atol=1e-10)
-    assert_close(torch.linalg.svdvals(got.dense())[:k], torch.full((k,), 0.3 * float(S[:k].mean()), dtype=torch.float64))
+    assert_close(torch.linalg.svdvals(got.dense())[:k],
+                 torch.full((k,), 0.3 * float(S[:k].mean()), dtype=torch.float64))
 
 
 def test_isoc_of_one_rank_one_adapter_is_that_adapter():
     g = torch.Generator().manual_seed(0)
-    one = LowRank(torch.randn(12, 1, generator=g, dtype=torch.float64), torch.randn(1, 10, generator=g, dtype=torch.float64))
+    one = LowRank(torch.randn(12, 1, generator=g, dtype=torch.float64),
+                  torch.randn(1, 10, generator=g, dtype=torch.float64))
     assert_close(merge_adapters([{"m": one}], "isoc")["m"].dense(), one.dense(), rtol=1e-9, atol=1e-12)
 
 

@@ -147,7 +147,8 @@ def test_padding_to_the_group_width_leaves_the_loss_unchanged(tiny_model_and_tok
     wide = multi_lori.concat_batches([batch, padded], tok.pad_token_id)  # the same rows, 9 wider, twice
     with torch.no_grad():
         solo = model(**batch).loss
-        fused = multi_lori.adapter_losses(model(input_ids=wide["input_ids"], attention_mask=wide["attention_mask"]).logits,
+        fused = multi_lori.adapter_losses(model(input_ids=wide["input_ids"],
+                                                attention_mask=wide["attention_mask"]).logits,
                                           wide["labels"], 2)
     torch.testing.assert_close(fused, solo.expand(2), atol=1e-6, rtol=1e-6)
 
@@ -156,7 +157,8 @@ def test_bad_group_input_is_named(tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     with pytest.raises(ValueError, match="lori.target_modules"):
         multi_lori.LoRIGroup(model, LoRISection(target_modules=["qkv_proj"]), SEEDS)
-    with pytest.raises(ValueError, match="lori.mode=lora.*train.fused=false"):  # plain LoRA trains A; a group's A is frozen
+    # plain LoRA trains A; a group's A is frozen
+    with pytest.raises(ValueError, match="lori.mode=lora.*train.fused=false"):
         multi_lori.LoRIGroup(model, LoRISection(mode="lora"), SEEDS)
     a = next(data.batches(RECORDS[0], tok, 4, MAX_LENGTH, 1))
     b = next(data.batches(RECORDS[1], tok, 3, MAX_LENGTH, 1))

@@ -135,7 +135,8 @@ def _lora_a(model) -> dict[str, torch.Tensor]:
 
 FUSED_IN_RAY = pytest.mark.xfail(reason="fused groups through the Ray Train + DeepSpeed worker do not yet equal solo "
                                   "training (B values differ beyond atol 1e-6; tclora.multi_lori alone matches, "
-                                  "tests/test_multi_lori.py); train.fused is off by default until they do", strict=False)
+                                  "tests/test_multi_lori.py); train.fused is off by default until they do",
+                                 strict=False)
 
 @pytest.mark.parametrize("run", ["concurrent_run", "packed_run", pytest.param("fused_run", marks=FUSED_IN_RAY)])
 def test_adapters_are_plain_peft_dirs_with_lori_invariants(run, request, tiny_base, cluster_dir):

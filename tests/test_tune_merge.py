@@ -117,7 +117,8 @@ def test_report_shows_settings_and_the_recommended_merge():
                                "validation_score": 0.75}}
     table = report.summary_table(metrics)
     assert "λ=1.5 density=0.5 (tuned)" in table and "λ=1 (untuned)" in table
-    assert report.recommended_line(metrics).startswith("recommended merge: ties λ=1.5 density=0.5 (tuned), validation 0.750")
+    assert report.recommended_line(metrics).startswith("recommended merge: ties λ=1.5 density=0.5 (tuned), "
+                                                       "validation 0.750")
     assert "none" in report.recommended_line({"eval": evals})
 
 
