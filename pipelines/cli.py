@@ -4,6 +4,7 @@
     tclora config --config configs/demo.yaml          # print the resolved config
     tclora merge-methods                              # registered merge methods and parameters
     tclora sweep --config configs/demo.yaml --k 2,4,8 --cp-rank 2,4,8   # Ray Tune over k, R, sparsity
+    tclora route --farm runs/demo/farm "Reverse the words: box cup pen"   # which adapter serves an input
     tclora merge --adapters a/ b/ org/lora-c --method cp,ties,linear --validation val.jsonl --out merged/
 """
 
@@ -79,6 +80,24 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_route(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from tclora.farm import Farm
+
+    try:
+        farm = Farm.load(args.farm)
+    except FileNotFoundError as err:
+        print(f"tclora route: {err}", file=sys.stderr)
+        return 2
+    routes = farm.route(args.inputs, args.threshold)
+    rows = [[text[:60], r.cluster, f"{r.distance:.4f}", "merge (far from every cluster)" if r.fallback else "adapter",
+             r.adapter or "none: this farm has no recommended merge"] for text, r in zip(args.inputs, routes)]
+    print(tabulate(rows, headers=["input", "cluster", "distance", "uses", "directory"]))
+    print(f"threshold {args.threshold or farm.info['threshold']:.4f}; base model {farm.base_model}")
+    return 0
+
+
 def _cmd_demo_corpus(args: argparse.Namespace) -> int:
     from tclora.demo_corpus import build_demo_corpus
 
@@ -87,6 +106,39 @@ def _cmd_demo_corpus(args: argparse.Namespace) -> int:
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
+
+
+def _add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge PEFT LoRA adapters trained anywhere (tuned on validation rows if given)",
+                       description="Merge PEFT LoRA adapters on one base with any registered method. With "
+                       "--validation, every --method is tuned (λ and its knobs) as a run tunes them and the best "
+                       "one is written. Low-rank results are written as a PEFT adapter, dense ones (ties, dare) "
+                       "as a merged checkpoint, with merge.json (inputs, hashes, method, parameters, scores).")
+    p.add_argument("--adapters", nargs="+", required=True, metavar="DIR_OR_REPO",
+                   help="adapter directories or Hub repo ids (org/name), all on one base model")
+    p.add_argument("--method", type=session.csv_arg(str), default=["linear"],
+                   help="merge method, or several comma-separated with --validation (see tclora merge-methods)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--weights", type=session.csv_arg(float), default=None,
+                   help="per-adapter weights, comma-separated, negative allowed (write --weights=-0.5,1 when the "
+                   "first is negative); default 1 each")
+    p.add_argument("--validation", metavar="FILE", default=None,
+                   help="JSONL/Parquet rows (source, target, task_name) to tune λ and each method's knobs on")
+    p.add_argument("--base", default=None, help="base model (default: the adapters' base_model_name_or_path)")
+    session.add_config_args(p)  # merge.params / merge.cp_rank / merge.tune_grid / eval.* via --set
+    p.set_defaults(fn=_cmd_merge)
+
+
+def _add_route_parser(sub) -> None:
+    p = sub.add_parser("route", help="which adapter of a run's farm each input should use (nearest centroid)",
+                       description="Route inputs with a farm a run exported (<run.dir>/farm): the adapter of the "
+                       "nearest cluster centroid, or the recommended merge when the input is farther from every "
+                       "centroid than the training rows almost ever are (the farm's calibrated threshold).")
+    p.add_argument("--farm", required=True, help="farm directory (<run.dir>/farm)")
+    p.add_argument("--threshold", type=float, default=None, help="distance beyond which the merge is used "
+                   "(default: the farm's, the 0.99 quantile of the training rows' distances)")
+    p.add_argument("inputs", nargs="+", help="input texts, each one model prompt")
+    p.set_defaults(fn=_cmd_route)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,24 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-methods", help="list the registered merge methods and their parameters")
     p.set_defaults(fn=_cmd_merge_methods)
 
-    p = sub.add_parser("merge", help="merge PEFT LoRA adapters trained anywhere (tuned on validation rows if given)",
-                       description="Merge PEFT LoRA adapters on one base with any registered method. With "
-                       "--validation, every --method is tuned (λ and its knobs) as a run tunes them and the best "
-                       "one is written. Low-rank results are written as a PEFT adapter, dense ones (ties, dare) "
-                       "as a merged checkpoint, with merge.json (inputs, hashes, method, parameters, scores).")
-    p.add_argument("--adapters", nargs="+", required=True, metavar="DIR_OR_REPO",
-                   help="adapter directories or Hub repo ids (org/name), all on one base model")
-    p.add_argument("--method", type=session.csv_arg(str), default=["linear"],
-                   help="merge method, or several comma-separated with --validation (see tclora merge-methods)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--weights", type=session.csv_arg(float), default=None,
-                   help="per-adapter weights, comma-separated, negative allowed (write --weights=-0.5,1 when the "
-                   "first is negative); default 1 each")
-    p.add_argument("--validation", metavar="FILE", default=None,
-                   help="JSONL/Parquet rows (source, target, task_name) to tune λ and each method's knobs on")
-    p.add_argument("--base", default=None, help="base model (default: the adapters' base_model_name_or_path)")
-    session.add_config_args(p)  # merge.params / merge.cp_rank / merge.tune_grid / eval.* via --set
-    p.set_defaults(fn=_cmd_merge)
+    _add_merge_parser(sub)
+    _add_route_parser(sub)
 
     p = sub.add_parser("demo-corpus", help="write the embedded multi-task demo corpus as JSONL splits")
     p.add_argument("--out", default="demo_corpus", help="output directory")

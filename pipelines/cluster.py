@@ -7,7 +7,8 @@ Output ``<run_dir>/cluster/k<k>-<key>/`` (one directory per cluster config, so a
 every clustering and never overwrites one another trial is training on):
     clusters/cluster=<id>/*.parquet  row_id, source, target, task_name, kmeans_cluster, distance
                                      (cluster=-1 holds the rows of skipped tiny clusters)
-    centroids.npy                    (k, dim) float32; kmeans.json: id mapping, inertia, sample size
+    centroids.npy                    (k, dim) float32; kmeans.json: id mapping, inertia, sample size, and the
+                                     embed stage's template view (null for whole sources)
     report.json, cluster_sizes.png   sizes, NMI/ARI vs task_name, top tasks and examples per cluster
     cluster_report.md                the same, readable, with the plots: cluster_pca.png (2-D PCA of the fit
                                      sample by cluster, task names), cluster_k_silhouette.png (k: auto)
@@ -34,11 +35,11 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 
 from pipelines import session
+from pipelines.io import read_parquet
 from tclora import cluster as km
-from tclora import storage
+from tclora import storage, template_view
 from tclora.artifacts import (
     StageResult,
     atomic_write_json,
@@ -198,6 +199,21 @@ def finished_cluster(cfg: Config, run_dir: Path) -> Path:
     return session.require_finished(*stage_path(cfg, run_dir, embed_dir), "cluster")
 
 
+def _write_router(out: Path, model: km.KMeansModel, fraction: float, info: dict, mapping: dict[str, int],
+                  embed_dir: Path) -> dict:
+    """``centroids.npy`` and ``kmeans.json``: what routing a new row needs (``tclora.cluster.route_records``),
+    including the embed stage's fitted template view (``embed.view: template``; None for whole sources)."""
+    np.save(out / "centroids.npy", model.centroids, allow_pickle=False)
+    view = embed_dir / template_view.FILE
+    kmeans_info = {"k": model.k, "inertia_sample": model.inertia, "n_iter": model.n_iter,
+                   "sample_rows": model.n_rows, "sample_fraction": fraction,
+                   "restart_inertias": model.restart_inertias, "mapping": mapping,
+                   "silhouette": {str(k): v for k, v in info.get("silhouette", {}).items()} or None,
+                   "view": json.loads(view.read_text()) if view.is_file() else None}
+    atomic_write_json(out / "kmeans.json", kmeans_info)
+    return kmeans_info
+
+
 def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
     """Cluster the embed stage's rows into ``<run_dir>/cluster/k<k>-<key>``; skipped when already done.
 
@@ -216,7 +232,7 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
         started = time.perf_counter()
         # Ray: lazy, streamed, read by tasks on any node: from the run's store, not this driver's disk.
         store = storage.store_for(cfg, run_dir)
-        ds = ray.data.read_parquet(store.path(Path(embed_dir) / "embeddings"), filesystem=store.filesystem)
+        ds = read_parquet(store.path(Path(embed_dir) / "embeddings"), store.filesystem)
         n_rows = (read_manifest(Path(embed_dir)) or {}).get("rows") or ds.count()  # count() costs a Ray pass
         model, fraction, info = _fit_on_sample(ds, cfg, n_rows)
         fitted = time.perf_counter()
@@ -243,12 +259,7 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
         report["sizes"] = {str(i): written[i] for i in sorted(written)}  # authoritative: what was written
         report.update(k=model.k, k_auto=c.k == "auto", raw_sizes={str(i): raw_sizes.get(i, 0) for i in range(model.k)},
                       mapping={str(i): j for i, j in mapping.items()}, policy=c.small_cluster_policy)
-        np.save(tmp / "centroids.npy", model.centroids, allow_pickle=False)
-        kmeans_info = {"k": model.k, "inertia_sample": model.inertia, "n_iter": model.n_iter,
-                       "sample_rows": model.n_rows, "sample_fraction": fraction,
-                       "restart_inertias": model.restart_inertias, "mapping": report["mapping"],
-                       "silhouette": {str(k): v for k, v in info.get("silhouette", {}).items()} or None}
-        atomic_write_json(tmp / "kmeans.json", kmeans_info)
+        kmeans_info = _write_router(tmp, model, fraction, info, report["mapping"], Path(embed_dir))
         atomic_write_json(tmp / "report.json", report)
         km.plot_cluster_sizes(report, tmp / "cluster_sizes.png")
         _write_views(tmp, report, model, info)

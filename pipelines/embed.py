@@ -8,6 +8,8 @@ Output ``<run_dir>/embed/``:
     quarantine/rows.jsonl  one line per rejected row: file, line (JSONL, 1-based) or row (Parquet, 0-based),
                            reason, raw text; a file Arrow cannot read as Parquet is one line with row null;
                            rows whose embedding came out NaN/inf follow the scan's entries
+    template_view.json     embed.view: template only: the fitted TemplateMiner (copied into kmeans.json, so
+                           held-out rows are routed in the space the centroids were fitted in)
     manifest.json          key (config hash of data+embed, input digest), seconds, counts: rows (embedded),
                            quarantined (lines of rows.jsonl), duplicates (embedded rows repeating an earlier
                            source + target; kept) with a few duplicate_examples
@@ -33,8 +35,8 @@ import ray
 
 from pipelines import session
 from pipelines.io import clean_records, read_corpus, scan_corpus
-from tclora import storage
-from tclora.artifacts import StageResult, is_complete, stage_dir
+from tclora import storage, template_view
+from tclora.artifacts import StageResult, atomic_write_json, is_complete, stage_dir
 from tclora.config import Config
 from tclora.corpus import CorpusError, Fields, ScanResult, list_input_files
 
@@ -136,11 +138,13 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
         # ---- Ray touchpoint: the actor pool; each actor loads the model once -------------------------
         gpus = cfg.embed.num_gpus_per_actor
         sink = QuarantineSink.remote()
+        if (miner := _template_miner(cfg, clean_records(raw, fields), scan.rows)) is not None:
+            atomic_write_json(tmp / template_view.FILE, miner.to_json())  # held-out rows are routed through it too
         embedded = clean_records(raw, fields).map_batches(
             EmbedCallable,
             fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
                                    "num_actors": cfg.embed.num_actors, "quarantine": sink,
-                                   "miner": _template_miner(cfg, clean_records(raw, fields), scan.rows)},
+                                   "miner": miner},
             # One block at a time per actor, so a block waits for whichever actor is free rather than
             # queueing (Ray's default: 4 in flight) behind the actor that finished loading first.
             compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors, max_tasks_in_flight_per_actor=1),

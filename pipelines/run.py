@@ -29,7 +29,7 @@ from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
 from pipelines.train import run_train
-from tclora import artifacts, report, storage
+from tclora import artifacts, farm, report, storage
 from tclora.artifacts import StageResult
 from tclora.cluster import check_k
 from tclora.config import Config, ConfigError
@@ -83,8 +83,29 @@ def run(cfg: Config, until: str = session.STAGES[-1]) -> dict:
         print(f"stopped after {until}: {dirs[until]}")
         return {"stages": stages}
     metrics = assemble_metrics(dirs["embed"], dirs["cluster"], dirs["merge_eval"], stages, time.time() - started)
+    metrics["farm"] = str(export_run_farm(cfg, run_dir, dirs))
     write_outputs(metrics, cfg, run_dir)
     return metrics
+
+
+def export_run_farm(cfg: Config, run_dir: Path, dirs: dict[str, Path]) -> Path:
+    """``<run.dir>/farm``: the cluster adapters, their router and the recommended merge (``tclora.farm``),
+    published to the run's store; a no-op when already exported from the same stages."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from pipelines.merge_eval import adapter_dirs
+
+    # Calibration: every training row's distance to its own k-means centroid (squared in the cluster stage).
+    squared = pads.dataset(dirs["cluster"] / "clusters", format="parquet").to_table(columns=["distance"])
+    best = (artifacts.read_manifest(dirs["merge_eval"]) or {}).get("recommended")
+    path = farm.export_farm(
+        run_dir / "farm", cluster_dir=dirs["cluster"], adapter_dirs=adapter_dirs(dirs["train"]),
+        train_distances=np.sqrt(np.maximum(squared.column("distance").to_numpy(), 0)),
+        base_model=cfg.model.name_or_path, embed_model=cfg.embed.model, recommended=best,
+        merge_dir=dirs["merge_eval"] / "merges" / best["method"] if best else None)
+    storage.store_for(cfg, run_dir).publish(path)
+    return path
 
 
 def write_outputs(metrics: dict, cfg: Config, run_dir: Path) -> None:
@@ -102,6 +123,8 @@ def write_outputs(metrics: dict, cfg: Config, run_dir: Path) -> None:
         print(report.lm_eval_table(metrics) + "\n")
     print(report.stage_table(metrics) + "\n")
     print(f"metrics: {store.uri_of(run_dir / 'metrics.json')}\nreport:  {store.uri_of(run_dir / 'report.md')}")
+    if "farm" in metrics:
+        print(f"farm:    {store.uri_of(Path(metrics['farm']))}  (tclora route --farm ... \"some input\")")
 
 
 def assemble_metrics(embed_dir: Path, cluster_dir: Path, eval_dir: Path, stages: dict, seconds: float) -> dict:

@@ -365,23 +365,36 @@ def plot_cluster_sizes(report: Mapping, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def routing_vectors(sources: Sequence[str], kmeans_info: Mapping, embed_model: str) -> np.ndarray:
+    """Embeddings (n, dim) float32 of ``sources`` as the embed stage embedded the rows the centroids were
+    fitted on: through its template view when it used one (``kmeans_info["view"]``), else whole."""
+    from tclora.embed import Embedder
+    from tclora.template_view import TemplateMiner
+
+    view = kmeans_info.get("view")
+    texts = TemplateMiner.from_json(view).views(sources) if view else list(sources)
+    return Embedder(embed_model).encode(texts, 64)
+
+
 def route_records(records: list[dict], cluster_dir: Path, embed_model: str) -> list[dict]:
     """Held-out records with ``cluster``: the final id of their nearest centroid (embedded in this process).
 
     ``cluster_dir`` is a finished cluster stage (``centroids.npy``: (k, dim) float32; ``kmeans.json``:
-    k-means label -> final cluster id after the small-cluster rule); ``embed_model`` the embed stage's
-    model, so held-out sources land in the space the centroids were fitted in.
+    k-means label -> final cluster id after the small-cluster rule, and the embed stage's template view);
+    ``embed_model`` the embed stage's model, so held-out sources land in the space the centroids were
+    fitted in (:func:`routing_vectors`).
 
     Raises:
         ValueError: a record's embedding is not finite, naming its ``row_id`` (file:line).
     """
-    from tclora.embed import Embedder, nonfinite_rows
+    from tclora.embed import nonfinite_rows
 
     cluster_dir = Path(cluster_dir)
     centroids = np.load(cluster_dir / "centroids.npy", allow_pickle=False)
-    mapping = {int(i): j for i, j in json.loads((cluster_dir / "kmeans.json").read_text())["mapping"].items()}
+    info = json.loads((cluster_dir / "kmeans.json").read_text())
+    mapping = {int(i): j for i, j in info["mapping"].items()}
     sources = [r["source"] for r in records]
-    vectors = Embedder(embed_model).encode(sources, 64)
+    vectors = routing_vectors(sources, info, embed_model)
     # Held-out rows are not dropped (that would change the test set): name the first one, as the embed
     # stage would have quarantined it.
     _, bad = nonfinite_rows([r.get("row_id", f"record:{i}") for i, r in enumerate(records)], sources, vectors)

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+FILE = "template_view.json"  # a fitted miner, as the embed stage saves it (TemplateMiner.to_json)
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 
 
@@ -104,3 +105,13 @@ class TemplateMiner:
     def views(self, texts: Sequence[str]) -> list[str]:
         """:meth:`view` of each text, in order."""
         return [self.view(t) for t in texts]
+
+    def to_json(self) -> dict:
+        """A JSON-able dict (sorted pairs, so the same miner always writes the same bytes)."""
+        return {"head": sorted(self.head), "tail": sorted(self.tail), "mask": self.mask}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TemplateMiner":
+        """The miner :meth:`to_json` wrote."""
+        pairs = lambda key: frozenset((int(pos), str(tok)) for pos, tok in data[key])  # noqa: E731
+        return cls(pairs("head"), pairs("tail"), data["mask"])

@@ -30,7 +30,7 @@ def demo_run_config(run_dir: Path, base: Path, **sections: dict) -> dict:
         "run": {"dir": str(run_dir), "seed": 0},
         "data": {"path": "demo", "demo_train_per_task": 20, "demo_eval_per_task": 4},
         "model": {"name_or_path": str(base), "max_length": 64},
-        "embed": {"batch_size": 256},
+        "embed": {"batch_size": 256, "view": "template"},  # as configs/demo.yaml
         "cluster": {"k": 2, "min_cluster_size": 1, "n_init": 2},
         "lori": {"rank": 4, "alpha": 8.0, "sparsity": 0.8, "target_modules": ["q_proj", "v_proj"]},
         "train": {"steps": 4, "sparse_steps": 3, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 50,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.metrics import silhouette_score
@@ -54,8 +56,21 @@ def test_template_view_masks_payload_keeps_template():
     templates = ["Reverse the words: {x}", "{x} sorted A to Z?", "Count the words: {x}"]
     rows = [templates[i % 3].format(x=" ".join(rng.choice(words, rng.integers(3, 6), replace=False)))
             for i in range(300)]
-    views = set(TemplateMiner.fit(rows).views(rows))
+    miner = TemplateMiner.fit(rows)
+    views = set(miner.views(rows))
     assert views == {"Reverse the words: ...", "... sorted A to Z?", "Count the words: ..."}
+    # saved by the embed stage, read back by routing: the same masks
+    saved = json.loads(json.dumps(miner.to_json()))
+    assert TemplateMiner.from_json(saved) == miner
+    # held-out rows are routed in the space the centroids were fitted in: through the same view
+    from tclora.config import EmbedSection
+    from tclora.embed import Embedder
+
+    held_out = rows[:6]
+    model = EmbedSection().model
+    got = km.routing_vectors(held_out, {"view": saved}, model)
+    np.testing.assert_allclose(got, Embedder(model).encode(miner.views(held_out), 64), atol=1e-6)
+    assert not np.allclose(got, km.routing_vectors(held_out, {"view": None}, model), atol=1e-3)
     # free text without frequent templates is left as it is
     miner = TemplateMiner.fit(["a b c", "d e f", "g h i"], min_support=0.5)
     assert miner.view("x y z") == "x y z"

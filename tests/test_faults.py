@@ -179,6 +179,18 @@ def test_driver_killed_mid_train_resumes_on_rerun(tiny_base, tmp_path, ray_tmp):
     assert metrics["stages"]["embed"]["skipped"] and metrics["stages"]["cluster"]["skipped"]
     assert not metrics["stages"]["train"]["skipped"] and {"base", "adapters", "linear"} <= set(metrics["eval"])
     assert (run_dir / "report.md").is_file() and artifacts.read_manifest(run_dir / "merge_eval") is not None
+    # The run exported its farm; a training row routes back to its own cluster's adapter.
+    from pipelines.cluster import read_cluster
+    from tclora.farm import Farm
+
+    farm = Farm.load(metrics["farm"])
+    assert sorted(farm.info["adapters"]) == ["0", "1"] and farm.info["embed_model"]
+    assert farm.kmeans_info["view"]["head"]  # the embed stage's template view: inputs are embedded through it
+    (cluster_dir,) = (run_dir / "cluster").iterdir()
+    for cid in (0, 1):
+        rows = read_cluster(cluster_dir, cid, columns=["source"]).column("source").to_pylist()[:3]
+        assert [r.cluster for r in farm.route(rows)] == [cid] * len(rows)
+        assert (farm.adapter_dir(cid) / "adapter_model.safetensors").is_file()
 
     train = run_dir / "train"
     report = json.loads((train / "train_report.json").read_text())

@@ -297,6 +297,27 @@ def test_embedding_actors_leave_a_cpu_for_reads_and_writes():
     assert actor_cpus(1, 1) == 0.5  # a 1-CPU Ray still schedules a read beside the actor
 
 
+def test_read_parquet_sizes_the_footer_readers_to_the_files_and_reads_every_row(ray_session, tmp_path, monkeypatch):
+    import os
+
+    import pyarrow.fs as pafs
+
+    from pipelines import io
+
+    seen = []
+    real = io.ray.data.read_parquet
+    monkeypatch.setattr(io.ray.data, "read_parquet",
+                        lambda *a, **kw: seen.append(os.environ.get(io.FOOTER_ACTORS_ENV)) or real(*a, **kw))
+    for i in range(12):  # 12 files: ceil(12 / 10) = 2 footer readers, not Ray's default 32
+        pq.write_table(pa.table({"x": [i, i + 100]}), tmp_path / f"part-{i:02d}.parquet")
+    ds = io.read_parquet(str(tmp_path), pafs.LocalFileSystem())
+    assert sorted(r["x"] for r in ds.take_all()) == sorted([*range(12), *range(100, 112)])
+    assert seen == ["2"] and io.FOOTER_ACTORS_ENV not in os.environ  # set for that call only
+    monkeypatch.setenv(io.FOOTER_ACTORS_ENV, "5")  # the user's own setting wins
+    io.read_parquet(str(tmp_path), pafs.LocalFileSystem())
+    assert seen == ["2", "5"] and os.environ[io.FOOTER_ACTORS_ENV] == "5"
+
+
 def test_rows_with_non_finite_embeddings_are_quarantined(ray_session, tmp_path):
     """A model that returns NaN for some rows (here: one token's embedding row set to NaN) must not hand
     them to k-means: they are quarantined with file, line and reason, and the other rows proceed."""

@@ -1,0 +1,157 @@
+"""An adapter farm: the cluster adapters, the router that picks one per input, and the merge to fall back on.
+
+Every run exports one (``<run.dir>/farm``), so the clusters serve as a router for new inputs and not
+only in the evaluation (issue 18). The layout, owned here::
+
+    farm.json           base model, embedding model, adapters by cluster id, distance threshold,
+                        recommended merge (method, params, directory) or null
+    router/             centroids.npy (k, dim) float32 and kmeans.json (k-means label -> cluster id,
+                        the embed stage's template view): a copy of the cluster stage's router
+    adapters/cluster-<id>/   the PEFT adapters (adapter_config.json, adapter_model.safetensors)
+    merged/             the recommended merge (PEFT adapter or merged checkpoint, merge.json), if any
+    manifest.json       what it was exported from (content digests): re-export is a no-op
+
+    farm = Farm.load("runs/demo/farm")
+    for r in farm.route(["Reverse the words: box cup pen"]):
+        print(r.adapter, r.distance, r.fallback)
+
+Routing embeds the input as the rows the centroids were fitted on were embedded (same model, same
+template view; :func:`tclora.cluster.routing_vectors`) and takes the nearest centroid. An input farther
+from every centroid than the training rows almost ever are (``threshold``: the ``quantile``, 0.99 by
+default, of the training rows' distances to their own centroid) is out of every cluster: it falls back
+to the recommended merge, and the route says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from tclora import artifacts
+from tclora.cluster import assign, routing_vectors
+
+log = logging.getLogger(__name__)
+
+FARM_JSON = "farm.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one input goes: the adapter directory to apply, and why."""
+
+    cluster: int  # nearest cluster (also when falling back)
+    distance: float  # Euclidean distance of the input's embedding to that cluster's centroid
+    fallback: bool  # beyond the farm's threshold: the recommended merge is used instead
+    adapter: str | None  # adapter (or merged checkpoint) directory; None: fallback without a merge to use
+
+
+def calibrate_threshold(distances: np.ndarray, quantile: float = 0.99) -> float:
+    """The ``quantile`` of the training rows' Euclidean distances to their own centroid.
+
+    Raises:
+        ValueError: ``quantile`` not in (0, 1] or no distances.
+    """
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if len(distances) == 0:
+        raise ValueError("calibrate_threshold: no training distances")
+    return float(np.quantile(np.asarray(distances, dtype=np.float64), quantile))
+
+
+def export_farm(
+    out_dir: str | Path, *, cluster_dir: Path, adapter_dirs: Mapping[int, Path], train_distances: np.ndarray,
+    base_model: str, embed_model: str, merge_dir: Path | None = None, recommended: Mapping | None = None,
+    quantile: float = 0.99,
+) -> Path:
+    """Write a farm to ``out_dir`` (atomically, with a manifest); a no-op when it exists for the same inputs.
+
+    Args:
+        cluster_dir: a finished cluster stage (``centroids.npy``, ``kmeans.json``).
+        adapter_dirs: cluster id -> PEFT adapter directory.
+        train_distances: (n,) Euclidean distances of the training rows to their own centroid.
+        merge_dir, recommended: the recommended merge's directory and ``{"method", "params", ...}``.
+
+    Returns:
+        ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    sources = {"cluster": cluster_dir, **{f"adapter-{c}": d for c, d in adapter_dirs.items()}}
+    if merge_dir is not None:
+        sources["merged"] = merge_dir
+    key = {"version": FORMAT_VERSION, "quantile": quantile, "base_model": base_model, "embed_model": embed_model,
+           "sources": {name: artifacts.tree_digest(Path(d)) for name, d in sources.items()}}
+    if artifacts.is_complete(out_dir, key):
+        return out_dir
+    threshold = calibrate_threshold(train_distances, quantile)
+    with artifacts.stage_dir(out_dir, key) as tmp:
+        (tmp / "router").mkdir()
+        for name in ("centroids.npy", "kmeans.json"):
+            shutil.copy2(Path(cluster_dir) / name, tmp / "router" / name)
+        adapters = {}
+        for cid, src in sorted(adapter_dirs.items()):
+            adapters[str(cid)] = f"adapters/cluster-{cid}"
+            shutil.copytree(src, tmp / adapters[str(cid)])
+        if merge_dir is not None:
+            shutil.copytree(merge_dir, tmp / "merged")
+        info = {"format_version": FORMAT_VERSION, "base_model": base_model, "embed_model": embed_model,
+                "adapters": adapters, "threshold": threshold, "quantile": quantile,
+                "recommended": None if merge_dir is None else {**dict(recommended or {}), "dir": "merged"}}
+        artifacts.atomic_write_json(tmp / FARM_JSON, info)
+    log.info("farm: %d adapters, routing threshold %.4f (q%.2f of training distances) -> %s", len(adapters),
+             threshold, quantile, out_dir)
+    return out_dir
+
+
+class Farm:
+    """A loaded farm: ``route`` inputs to adapters. The embedding model loads on first use."""
+
+    def __init__(self, root: Path, info: dict, centroids: np.ndarray, kmeans_info: dict):
+        self.root, self.info, self.centroids, self.kmeans_info = root, info, centroids, kmeans_info
+        self.mapping = {int(i): int(j) for i, j in kmeans_info["mapping"].items()}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Farm":
+        """Read a farm directory written by :func:`export_farm`.
+
+        Raises:
+            FileNotFoundError: ``path`` is not a finished farm (naming it).
+        """
+        root = Path(path)
+        if artifacts.read_manifest(root) is None or not (root / FARM_JSON).is_file():
+            raise FileNotFoundError(f"{root}: not an exported tclora farm (no {FARM_JSON} with a manifest)")
+        info = json.loads((root / FARM_JSON).read_text())
+        centroids = np.load(root / "router" / "centroids.npy", allow_pickle=False)
+        return cls(root, info, centroids, json.loads((root / "router" / "kmeans.json").read_text()))
+
+    @property
+    def base_model(self) -> str:
+        return self.info["base_model"]
+
+    def adapter_dir(self, cluster: int) -> Path:
+        """The PEFT adapter directory of ``cluster``."""
+        return self.root / self.info["adapters"][str(cluster)]
+
+    @property
+    def merged_dir(self) -> Path | None:
+        """The recommended merge's directory, None when the run recommended none (an untuned run)."""
+        rec = self.info.get("recommended")
+        return None if not rec else self.root / rec["dir"]
+
+    def route(self, texts: Sequence[str], threshold: float | None = None) -> list[Route]:
+        """One :class:`Route` per input, in order (``threshold`` overrides the farm's calibrated one)."""
+        limit = self.info["threshold"] if threshold is None else threshold
+        labels, sq = assign(routing_vectors(texts, self.kmeans_info, self.info["embed_model"]), self.centroids)
+        routes = []
+        for label, d2 in zip(labels, sq):
+            cluster, distance = self.mapping[int(label)], float(np.sqrt(max(float(d2), 0.0)))
+            far = distance > limit
+            target = (self.merged_dir if far else self.adapter_dir(cluster))
+            routes.append(Route(cluster, distance, far, None if target is None else str(target)))
+        return routes

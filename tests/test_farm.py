@@ -1,0 +1,97 @@
+"""The adapter farm: export, load, route by nearest centroid, fall back to the merge beyond the threshold.
+
+Expected routes and distances are computed here with numpy from the embeddings (argmin of the
+Euclidean distance), not by the code under test.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipelines import cli
+from tclora import artifacts
+from tclora.config import EmbedSection
+from tclora.embed import Embedder
+from tclora.farm import Farm, calibrate_threshold, export_farm
+
+GROUPS = {  # cluster id -> training sources
+    0: [f"Reverse the words: {w}" for w in ("box cup pen", "arm bag dot", "fan gem hat", "jam key kit map")],
+    1: [f"How many words? {w}" for w in ("box cup pen", "arm bag dot", "fan gem hat", "jam key kit map")],
+}
+HELD_OUT = ["Reverse the words: mop mug pot", "How many words? rug sun tin van"]
+FAR = "The striker scored three goals in the championship final."
+MODEL = EmbedSection().model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("farm")
+    embed = Embedder(MODEL)
+    vectors = {c: embed.encode(texts, 64) for c, texts in GROUPS.items()}
+    centroids = np.stack([vectors[c].mean(0) for c in sorted(GROUPS)]).astype(np.float32)  # (2, 384)
+    cluster_dir = root / "cluster"
+    cluster_dir.mkdir()
+    np.save(cluster_dir / "centroids.npy", centroids)
+    # k-means label 0 is final cluster 1 and vice versa: the farm must route to final ids
+    (cluster_dir / "kmeans.json").write_text(json.dumps({"mapping": {"0": 1, "1": 0}, "view": None}))
+    adapters = {}
+    for final in (0, 1):
+        adapters[final] = root / f"adapter-{final}"
+        adapters[final].mkdir()
+        (adapters[final] / "adapter_config.json").write_text(json.dumps({"r": 4, "final": final}))
+    merged = root / "merged-src"
+    merged.mkdir()
+    (merged / "merge.json").write_text(json.dumps({"method": "ties"}))
+    distances = np.concatenate([np.linalg.norm(vectors[c] - centroids[c], axis=1) for c in sorted(GROUPS)])
+    out = export_farm(root / "farm", cluster_dir=cluster_dir, adapter_dirs=adapters, train_distances=distances,
+                      base_model="demo", embed_model=MODEL, merge_dir=merged,
+                      recommended={"method": "ties", "params": {"scale": 1.0}})
+    return out, centroids, distances, cluster_dir, adapters, merged
+
+
+def test_routes_go_to_the_nearest_centroid_with_its_distance(exported):
+    out, centroids, distances, *_ = exported
+    farm = Farm.load(out)
+    assert farm.info["threshold"] == pytest.approx(np.quantile(distances, 0.99))
+    vectors = Embedder(MODEL).encode(HELD_OUT, 64)
+    gaps = np.linalg.norm(vectors[:, None, :] - centroids[None], axis=2)  # (2 inputs, 2 centroids)
+    routes = farm.route(HELD_OUT, threshold=10.0)  # everything near: no fallback
+    for route, gap in zip(routes, gaps):
+        label = int(gap.argmin())
+        assert route.cluster == {0: 1, 1: 0}[label] and route.distance == pytest.approx(gap[label], abs=1e-4)
+        assert not route.fallback and route.adapter == str(farm.adapter_dir(route.cluster))
+        saved = json.loads((farm.adapter_dir(route.cluster) / "adapter_config.json").read_text())
+        assert saved["final"] == route.cluster
+
+
+def test_inputs_beyond_the_threshold_fall_back_to_the_recommended_merge(exported):
+    farm = Farm.load(exported[0])
+    near, far = farm.route([GROUPS[0][0], FAR])
+    assert not near.fallback and near.distance <= farm.info["threshold"]
+    assert far.fallback and far.distance > farm.info["threshold"] and far.adapter == str(farm.merged_dir)
+    assert json.loads((farm.merged_dir / "merge.json").read_text())["method"] == "ties"
+    assert farm.info["recommended"]["method"] == "ties"
+
+
+def test_export_is_idempotent_and_follows_its_inputs(exported, tmp_path):
+    out, _, distances, cluster_dir, adapters, merged = exported
+    before = (out / artifacts.MANIFEST).stat().st_mtime_ns
+    kwargs = dict(cluster_dir=cluster_dir, adapter_dirs=adapters, train_distances=distances, base_model="demo",
+                  embed_model=MODEL, merge_dir=merged, recommended={"method": "ties", "params": {"scale": 1.0}})
+    export_farm(out, **kwargs)
+    assert (out / artifacts.MANIFEST).stat().st_mtime_ns == before  # same inputs: nothing rewritten
+    without_merge = export_farm(tmp_path / "farm2", **{**kwargs, "merge_dir": None})
+    routes = Farm.load(without_merge).route([FAR])
+    assert routes[0].fallback and routes[0].adapter is None  # says so, never silently the nearest adapter
+    with pytest.raises(FileNotFoundError, match="not an exported tclora farm"):
+        Farm.load(tmp_path)
+    with pytest.raises(ValueError, match="quantile"):
+        calibrate_threshold(distances, 0)
+
+
+def test_cli_route_prints_the_adapter_and_the_fallback(exported, capsys):
+    assert cli.main(["route", "--farm", str(exported[0]), GROUPS[0][0], FAR]) == 0
+    out = capsys.readouterr().out
+    assert "adapter" in out and "merge (far from every cluster)" in out and "cluster-" in out
+    assert cli.main(["route", "--farm", "/nonexistent/farm", "x"]) == 2
