@@ -23,8 +23,10 @@ def ray_session():
 
     if not ray.is_initialized():
         # More logical CPUs than cores: Tune trials and their Train workers must not deadlock on 2 cores.
+        from pipelines.session import driver_runtime_env
+
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env=driver_runtime_env())  # what a run's driver passes (HF_HUB_OFFLINE is set above)
     yield ray
     ray.shutdown()
 

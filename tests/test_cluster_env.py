@@ -20,7 +20,10 @@ def test_a_local_run_starts_its_own_ray_unless_told_otherwise():
 
 def test_outside_a_job_the_driver_sets_its_defaults_and_forwards_hf_settings():
     env = session.driver_runtime_env({"HF_HOME": "/cache/hf", "HF_HUB_OFFLINE": "1", "UNRELATED": "x"})
-    assert env == {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HOME": "/cache/hf", "HF_HUB_OFFLINE": "1"}}
+    assert env == {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+                                "HF_HOME": "/cache/hf", "HF_HUB_OFFLINE": "1"}}
+    told = session.driver_runtime_env({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"})  # the user's value wins
+    assert told["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1"
 
 
 def test_inside_a_job_the_driver_never_sets_what_the_jobs_runtime_env_sets():
@@ -30,11 +33,13 @@ def test_inside_a_job_the_driver_never_sets_what_the_jobs_runtime_env_sets():
     environ = {session.JOB_CONFIG_ENV: json.dumps(job), "HF_HOME": "/home/ray/.cache/huggingface",
                "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}
     env = session.driver_runtime_env(environ)
-    assert env == {"env_vars": {"TRANSFORMERS_OFFLINE": "1"}}  # only what the job left out
+    # only what the job left out
+    assert env == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "TRANSFORMERS_OFFLINE": "1"}}
     assert not set(env["env_vars"]) & set(job["runtime_env"]["env_vars"])
     everything = {session.JOB_CONFIG_ENV: json.dumps(job), "TRANSFORMERS_OFFLINE": "1", "HF_TOKEN_PATH": "/t",
                   **{k: "v" for k in job["runtime_env"]["env_vars"]}}
-    job["runtime_env"]["env_vars"].update(TRANSFORMERS_OFFLINE="1", HF_TOKEN_PATH="/t")
+    job["runtime_env"]["env_vars"].update(TRANSFORMERS_OFFLINE="1", HF_TOKEN_PATH="/t",
+                                          RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="2")
     assert session.driver_runtime_env({**everything, session.JOB_CONFIG_ENV: json.dumps(job)}) is None
 
 
