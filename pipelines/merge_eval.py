@@ -14,6 +14,7 @@ nothing of the killed attempt reaches the stage, which only appears once the who
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -29,7 +30,7 @@ import torch
 from pipelines import session
 from tclora import adapters, artifacts, compare, report, storage
 from tclora.artifacts import StageResult
-from tclora.cluster import route_records
+from tclora.cluster import route_records, routing_accuracy
 from tclora.config import Config, validate
 from tclora.corpus import read_records
 
@@ -91,10 +92,12 @@ class MergeEvalActor:
         for cid, d in dirs.items():  # an adapter trained on another base fails here, naming itself and the module
             adapters.check_fits(self.model, factors[cid], d)
 
-        splits = {}
+        splits, routing = {}, {}
+        top_tasks = json.loads((Path(cluster_dir) / "report.json").read_text()).get("top_tasks", {})
         for path in cfg.data.eval_paths:
             records = compare.cap_per_task(read_records(path, cfg.data, cfg.run.storage_options), cfg.eval.max_per_task)
             splits[Path(path).stem] = route_records(records, Path(cluster_dir), cfg.embed.model)
+            routing[Path(path).stem] = routing_accuracy(splits[Path(path).stem], top_tasks)
             log.info("evaluating %d examples of %s", len(splits[Path(path).stem]), path)
         validation = None
         if cfg.data.validation_path:  # selection only (tuning, the sweep's objective): never a reported result
@@ -111,13 +114,14 @@ class MergeEvalActor:
 
         started = time.time()
         result = compare.compare_merges(self.model, self.tokenizer, factors, splits, cfg.merge, cfg.eval, validation,
-                                        on_merged=save)
+                                        on_merged=save, arrow_dirs=list(dirs.values()))
         merged = result["merged"]
         headline = next(iter(splits))
         summary = {"eval": report.combine_splits(result["eval"], headline), "eval_split": headline, "merge": merge_info,
                    "tuning": {"tuned": bool(result["recommended"]), "compare_seconds": round(time.time() - started, 2),
                               "trials": {m: s["trials"] for m, s in result["settings"].items()}},
                    "recommended": result["recommended"],
+                   "routing": {"centroid": {split: acc for split, acc in routing.items() if acc is not None}},
                    "validation": None if result["validation"] is None else
                    {m: {"mean": v["mean"], "n": v["n"]} for m, v in result["validation"].items()}}
         if cfg.eval.lm_eval_tasks:

@@ -118,7 +118,8 @@ def write_outputs(metrics: dict, cfg: Config, run_dir: Path) -> None:
     for name in ("metrics.json", "report.md", "merge_comparison.png"):
         store.publish(run_dir / name)
     print("\n" + report.summary_table(metrics) + "\n")
-    print(report.recommended_line(metrics) + "\n")
+    print(report.recommended_line(metrics))
+    print(report.routing_line(metrics) + "\n")
     if "lm_eval" in metrics:
         print(report.lm_eval_table(metrics) + "\n")
     print(report.stage_table(metrics) + "\n")
@@ -140,7 +141,7 @@ def assemble_metrics(embed_dir: Path, cluster_dir: Path, eval_dir: Path, stages:
         "merge": evaluation["merge"],
         **({"lm_eval": evaluation["lm_eval"]} if "lm_eval" in evaluation else {}),
         # merge settings chosen on validation (absent from manifests of runs before tuning existed)
-        **{k: evaluation[k] for k in ("tuning", "recommended") if k in evaluation},
+        **{k: evaluation[k] for k in ("tuning", "recommended", "routing") if k in evaluation},
         "stages": stages,
         "total_seconds": round(seconds, 2),
     }

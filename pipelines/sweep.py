@@ -61,11 +61,13 @@ def _tag(*parts) -> str:
 
 
 def point_config(cfg: Config, k: int | None = None, sparsity: float | None = None, cp_rank: int | None = None,
-                 methods: list[str] | None = None, max_per_task: int | None | str = "keep") -> Config:
+                 methods: list[str] | None = None, max_per_task: int | None | str = "keep",
+                 arrow_top_k: int | None = None) -> Config:
     """``cfg`` at one sweep point (validated again, so a bad value names its field)."""
     raw = cfg.model_dump(mode="json")
     for section, field, value in (("cluster", "k", k), ("lori", "sparsity", sparsity),
-                                  ("merge", "cp_rank", cp_rank), ("merge", "methods", methods)):
+                                  ("merge", "cp_rank", cp_rank), ("merge", "methods", methods),
+                                  ("eval", "arrow_top_k", arrow_top_k)):
         if value is not None:
             raw[section][field] = value
     if max_per_task != "keep":
@@ -117,7 +119,9 @@ def _trial(config: dict, *, cfg_json: dict, sweep_dir: str, sets: dict, metric: 
     k, s, r = int(config["k"]), float(config["sparsity"]), int(config["cp_rank"])
     entry = sets[f"k{k}-s{s:g}"]
     for rung, cap in enumerate(rungs):
-        cfg = point_config(validate(cfg_json), k, s, r, methods=entry["trial_methods"], max_per_task=cap)
+        # Arrow routing does not depend on R: it is scored once per (k, s), with the baselines.
+        cfg = point_config(validate(cfg_json), k, s, r, methods=entry["trial_methods"], max_per_task=cap,
+                           arrow_top_k=0)
         out = eval_dir(Path(sweep_dir), "trials", cfg, Path(entry["adapters"]))
         out.mkdir(parents=True, exist_ok=True)
         with FileLock(str(out / ".lock")):  # Optuna can run one point twice at once: one evaluates, one reuses

@@ -376,6 +376,26 @@ def routing_vectors(sources: Sequence[str], kmeans_info: Mapping, embed_model: s
     return Embedder(embed_model).encode(texts, 64)
 
 
+def routing_accuracy(records: Sequence[Mapping], top_tasks: Mapping[str, Mapping[str, int]]) -> dict | None:
+    """How often a record went to the right adapter: the cluster holding most of its task's training rows.
+
+    ``top_tasks`` is the cluster report's ``{cluster id: {task: training rows}}``. Records whose task no
+    training row had (out-of-domain tasks) have no right adapter and are not counted.
+
+    Returns:
+        ``{"accuracy": fraction, "n": records counted}``, or None when no record has such a task.
+    """
+    best: dict[str, tuple[int, int]] = {}  # task -> (rows, cluster)
+    for cluster, tasks in top_tasks.items():
+        for task, rows in tasks.items():
+            best[task] = max(best.get(task, (-1, -1)), (rows, int(cluster)))
+    counted = [r for r in records if r.get("task_name") in best]
+    if not counted:
+        return None
+    hits = sum(int(r["cluster"]) == best[r["task_name"]][1] for r in counted)
+    return {"accuracy": hits / len(counted), "n": len(counted)}
+
+
 def route_records(records: list[dict], cluster_dir: Path, embed_model: str) -> list[dict]:
     """Held-out records with ``cluster``: the final id of their nearest centroid (embedded in this process).
 

@@ -29,7 +29,7 @@ import yaml
 from tclora import adapters, evaluate, tune_merge
 from tclora.config import EvalSection, MergeSection
 from tclora.merge import Delta, LowRank, merge_adapters, registry
-from tclora.report import BASE, ORACLE
+from tclora.report import ARROW, BASE, ORACLE
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,10 @@ def score_records(model, tokenizer, records: Sequence[Mapping], cfg: EvalSection
 
 def evaluate_all(
     model, tokenizer, records: Sequence[Mapping], cluster_adapters: Mapping[int, Mapping[str, LowRank]],
-    merges: Mapping[str, Mapping[str, Delta]], cfg: EvalSection,
+    merges: Mapping[str, Mapping[str, Delta]], cfg: EvalSection, arrow_dirs: Sequence[Path] = (),
 ) -> dict[str, dict[str, Any]]:
-    """Scores (:func:`score_predictions`) of base, oracle-routed adapters and every merge on ``records``.
+    """Scores (:func:`score_predictions`) of base, oracle-routed adapters, every merge and, with
+    ``arrow_dirs`` (the adapters' directories) and ``eval.arrow_top_k`` > 0, Arrow routing on ``records``.
 
     Each record carries ``cluster`` (its nearest centroid); a record whose cluster has no adapter
     (a skipped tiny cluster) is answered by the base model in the oracle row.
@@ -150,6 +151,11 @@ def evaluate_all(
             for i, a in zip(idx, predict(model, tokenizer, [records[i] for i in idx], cfg)):
                 answers[i] = a
     results[ORACLE] = score_predictions(records, answers, cfg)
+    if arrow_dirs and cfg.arrow_top_k > 0:
+        from tclora.farm import arrow_applied
+
+        with arrow_applied(model, arrow_dirs, cfg.arrow_top_k) as routed:
+            results[ARROW] = score_records(routed, tokenizer, records, cfg)
     for method, deltas in merges.items():
         with adapters.deltas_applied(model, deltas):
             results[method] = score_records(model, tokenizer, records, cfg)
@@ -210,6 +216,7 @@ def compare_merges(
     model, tokenizer, cluster_adapters: Mapping[int, Mapping[str, LowRank]], splits: Mapping[str, Sequence[Mapping]],
     merge_cfg: MergeSection, eval_cfg: EvalSection, validation: Sequence[Mapping] | None = None,
     on_merged: Callable[[str, Mapping[str, Delta], Mapping[str, Any]], Any] | None = None,
+    arrow_dirs: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """The whole comparison: tune each method on ``validation`` (when given and ``merge.tune`` allows),
     merge at the chosen (or configured) setting, then score base, oracle and every merge on ``splits``.
@@ -224,6 +231,7 @@ def compare_merges(
         validation: selection records; capped here to ``merge.tune_max_per_task`` per task.
         on_merged: called as ``on_merged(method, deltas, setting)`` as soon as a method's final merge
             exists, before any evaluation (the pipeline saves it there, so a crash mid-eval leaves it saved).
+        arrow_dirs: the cluster adapters' directories, for the ``routed-arrow`` row (:func:`evaluate_all`).
 
     Returns:
         ``{"eval": {split: {method: scores}}, "validation": {method: scores} (on the capped validation
@@ -264,7 +272,7 @@ def compare_merges(
     if validation:
         val = cap_per_task(validation, merge_cfg.tune_max_per_task)
         val_scores = evaluate_all(model, tokenizer, val, cluster_adapters, merged, eval_cfg)
-    evals = {name: evaluate_all(model, tokenizer, records, cluster_adapters, merged, eval_cfg)
+    evals = {name: evaluate_all(model, tokenizer, records, cluster_adapters, merged, eval_cfg, arrow_dirs)
              for name, records in splits.items()}
     best = tune_merge.recommend(tuned) if tuned else None
     recommended = None if best is None else {"method": best.method, "params": best.params,

@@ -255,6 +255,10 @@ class EvalSection(_Section):
         True, description="Report Rouge-L (rouge-score, stemmed F-measure) beside exact match for generative "
         "splits; exact match alone scores free-form answers of real models near zero.",
     )
+    arrow_top_k: int = Field(
+        2, ge=0, description="The routed-arrow row: the cluster adapters mixed per token by Arrow routing "
+        "(tclora.farm.arrow_applied), this many per token; 0 leaves the row out.",
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs of the merge/eval actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the merge/eval actor.")
     resources: dict[str, float] = Field(

@@ -14,6 +14,8 @@ only in the evaluation (issue 18). The layout, owned here::
     farm = Farm.load("runs/demo/farm")
     for r in farm.route(["Reverse the words: box cup pen"]):
         print(r.adapter, r.distance, r.fallback)
+    with farm.arrow(model) as routed:          # or: no embedding model, Arrow routing per token
+        routed.generate(...)
 
 Routing embeds the input as the rows the centroids were fitted on were embedded (same model, same
 template view; :func:`tclora.cluster.routing_vectors`) and takes the nearest centroid. An input farther
@@ -27,9 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -109,6 +112,30 @@ def export_farm(
     return out_dir
 
 
+@contextmanager
+def arrow_applied(model, adapter_dirs: Sequence[str | Path], top_k: int = 2, temperature: float = 1.0) -> Iterator:
+    """``model`` with the adapters mixed per token by **Arrow** routing, for the duration of the block.
+
+    Arrow (Ostapenko et al., 2024, "Towards Modular LLMs by Building and Reusing a Library of LoRAs"):
+    in each adapted module, a token's hidden state ``h`` scores adapter ``t`` by ``|<h, v_t>|``, with
+    ``v_t`` the top right singular vector of ``B_t A_t``; the ``top_k`` best are mixed with softmax
+    weights. No embedding model and no training: PEFT's own implementation
+    (``peft.create_arrow_model``), which needs one rank for every adapter.
+
+    Yields the PEFT model to generate with; afterwards the LoRA layers are removed again (``unload``),
+    leaving ``model``'s own modules and weights as they were.
+    """
+    from peft import ArrowConfig, create_arrow_model
+
+    dirs = [str(d) for d in adapter_dirs]
+    routed = create_arrow_model(model, dirs, ArrowConfig(top_k=min(top_k, len(dirs)),
+                                                         router_temperature=temperature))
+    try:
+        yield routed
+    finally:
+        routed.unload()
+
+
 class Farm:
     """A loaded farm: ``route`` inputs to adapters. The embedding model loads on first use."""
 
@@ -143,6 +170,10 @@ class Farm:
         """The recommended merge's directory, None when the run recommended none (an untuned run)."""
         rec = self.info.get("recommended")
         return None if not rec else self.root / rec["dir"]
+
+    def arrow(self, model, top_k: int = 2):
+        """:func:`arrow_applied` over this farm's adapters on ``model`` (the farm's base model, loaded)."""
+        return arrow_applied(model, [self.adapter_dir(int(c)) for c in sorted(self.info["adapters"], key=int)], top_k)
 
     def route(self, texts: Sequence[str], threshold: float | None = None) -> list[Route]:
         """One :class:`Route` per input, in order (``threshold`` overrides the farm's calibrated one)."""

@@ -15,6 +15,7 @@ from tclora.plots import pyplot, save_figure
 # Row names beside the merge methods in every score table: the base model alone, and the oracle (each
 # example answered by its own cluster's adapter). Here, not in compare.py, so tables need no torch.
 BASE, ORACLE = "base", "adapters"
+ARROW = "routed-arrow"  # the cluster adapters mixed per token by Arrow routing (tclora.farm.arrow_applied)
 
 
 def combine_splits(per_split: Mapping[str, Mapping[str, Mapping[str, Any]]], headline: str) -> dict[str, dict]:
@@ -42,9 +43,10 @@ def combine_splits(per_split: Mapping[str, Mapping[str, Mapping[str, Any]]], hea
 
 
 def _ordered(metrics: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """Methods with base and oracle first; splits with the headline split first (JSON sorts keys)."""
+    """Methods with base, oracle and Arrow routing first; splits with the headline split first (JSON sorts keys)."""
     evals = metrics["eval"]
-    methods = [m for m in (BASE, ORACLE) if m in evals] + sorted(m for m in evals if m not in (BASE, ORACLE))
+    first = (BASE, ORACLE, ARROW)  # the references, then the merges by name
+    methods = [m for m in first if m in evals] + sorted(m for m in evals if m not in first)
     headline = metrics.get("eval_split")
     splits = sorted(next(iter(evals.values()))["splits"], key=lambda s: (s != headline, s))
     return methods, splits
@@ -89,6 +91,15 @@ def recommended_line(metrics: Mapping[str, Any]) -> str:
             f"{best['validation_score']:.3f}; test: {scores}  (best_merge.yaml)")
 
 
+def routing_line(metrics: Mapping[str, Any]) -> str:
+    """Centroid routing accuracy per split: the share of rows sent to their task's majority cluster."""
+    centroid = (metrics.get("routing") or {}).get("centroid") or {}
+    if not centroid:
+        return "routing accuracy: n/a (no task_name on the evaluation rows)"
+    parts = ", ".join(f"{split} {v['accuracy']:.3f} ({v['n']} rows)" for split, v in centroid.items())
+    return f"routing accuracy (nearest centroid -> the cluster holding most of the row's task): {parts}"
+
+
 def summary_table(metrics: Mapping[str, Any], fmt: str = "github") -> str:
     headers, rows = summary_rows(metrics)
     return tabulate(rows, headers=headers, tablefmt=fmt)
@@ -115,6 +126,8 @@ def write_report_md(metrics: Mapping[str, Any], path: Path) -> None:
         summary_table(metrics),
         "",
         recommended_line(metrics),
+        "",
+        routing_line(metrics),
         "",
         "Merge settings marked *tuned* were chosen on the validation split (λ and each method's knobs, "
         "tclora.tune_merge); *untuned* ones are the configured settings.",
@@ -197,7 +210,8 @@ def plot_sweep_scores(results: dict, x: str, path: Path) -> None:
     for method in rows[0]["scores"]:
         ys = [max(r["scores"][method] for r in rows if r[x] == v) for v in xs]
         main = method == metric
-        label = {ORACLE: "oracle: own-cluster adapter", BASE: "base model"}.get(method, method)
+        label = {ORACLE: "oracle: own-cluster adapter", BASE: "base model",
+                 ARROW: "routed-arrow: adapters mixed per token"}.get(method, method)
         ax.plot(xs, ys, marker="o", linewidth=2.5 if main else 1.2, linestyle="-" if main else "--",
                 zorder=3 if main else 2, label=f"{label} (objective)" if main else label)
     ax.set_xticks(xs)

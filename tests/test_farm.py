@@ -95,3 +95,44 @@ def test_cli_route_prints_the_adapter_and_the_fallback(exported, capsys):
     out = capsys.readouterr().out
     assert "adapter" in out and "merge (far from every cluster)" in out and "cluster-" in out
     assert cli.main(["route", "--farm", "/nonexistent/farm", "x"]) == 2
+
+
+def test_arrow_routing_matches_peft_and_leaves_the_model_as_it_was(tmp_path):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tclora.farm import arrow_applied
+    from tests.helpers import tiny_llama
+
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    dirs = []
+    for seed in (1, 2):
+        base_model = tiny_llama()  # seeds torch itself: seed the adapter's initialisation after it
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(base_model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                             target_modules=["q_proj", "v_proj"]))
+        peft_model.save_pretrained(tmp_path / f"a{seed}")
+        dirs.append(tmp_path / f"a{seed}")
+    model = tiny_llama()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        alone = PeftModel.from_pretrained(tiny_llama(), str(dirs[0]))(input_ids=ids).logits
+        # One adapter, or the same adapter twice (softmax weights 1/2 + 1/2): exactly that adapter.
+        for routed_dirs, k in (([dirs[0]], 1), ([dirs[0], dirs[0]], 2)):
+            with arrow_applied(model, routed_dirs, top_k=k) as routed:
+                torch.testing.assert_close(routed(input_ids=ids).logits, alone, atol=1e-5, rtol=1e-5)
+        with arrow_applied(model, dirs, top_k=2) as routed:  # two different adapters: a per-token mixture
+            mixed = routed(input_ids=ids).logits
+        assert not torch.allclose(mixed, base, atol=1e-4) and not torch.allclose(mixed, alone, atol=1e-4)
+        torch.testing.assert_close(model(input_ids=ids).logits, base)  # unloaded: the base again
+    assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def test_routing_accuracy_counts_rows_sent_to_their_tasks_majority_cluster():
+    from tclora.cluster import routing_accuracy
+
+    top_tasks = {"0": {"a": 30, "b": 2}, "1": {"b": 20, "a": 5}}  # a lives in cluster 0, b in cluster 1
+    records = [{"task_name": "a", "cluster": 0}, {"task_name": "a", "cluster": 1}, {"task_name": "b", "cluster": 1},
+               {"task_name": "ood", "cluster": 0}, {"cluster": 1}]  # no right adapter: not counted
+    assert routing_accuracy(records, top_tasks) == {"accuracy": pytest.approx(2 / 3), "n": 3}
+    assert routing_accuracy([{"task_name": "ood", "cluster": 0}], top_tasks) is None

@@ -62,7 +62,7 @@ def test_sweep_embeds_once_and_trains_one_adapter_set_per_k(first):
     assert [p.name for p in run_dir.iterdir() if p.name.startswith("embed")] == ["embed"]
     assert not results["embed"]["reused"]
     assert sorted(p.name.split("-")[0] for p in (run_dir / "cluster").iterdir()) == ["k1", "k2"]
-    assert len(list((sweep_dir / "baselines").iterdir())) == 2  # linear, base, oracle: once per (k, s)
+    assert len(list((sweep_dir / "baselines").iterdir())) == 2  # linear, base, oracle, arrow: once per (k, s)
     assert len(list((sweep_dir / "trials").iterdir())) == 4  # cp: once per (k, s, R)
     assert not results["failed"]
 
@@ -73,7 +73,7 @@ def test_sweep_results_cover_the_grid_with_baselines(first):
     rows = results["rows"]
     assert [(r["k"], r["cp_rank"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     for r in rows:
-        assert set(r["scores"]) == {"base", "adapters", "cp", "linear"}
+        assert set(r["scores"]) == {"base", "adapters", "routed-arrow", "cp", "linear"}
         manifest = artifacts.read_manifest(Path(r["dir"]))
         assert r["objective"] == pytest.approx(manifest["validation"]["cp"]["mean"], abs=1e-4)  # selected on validation
         assert r["test"] == pytest.approx(r["scores"]["cp"], abs=1e-4)  # reported on the headline test split
