@@ -67,9 +67,12 @@ def _clean_answer(text: str) -> str:
 
 def generate_answers(
     model, tokenizer, sources: Sequence[str], *, batch_size: int = 32, max_new_tokens: int = 24,
-    chat_template: bool = False,
+    chat_template: bool = False, adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy answers for ``sources``, in order.
+
+    ``adapter_names`` (one per source; a PEFT model holding those adapters): each row generates with its
+    own adapter in a mixed batch (PEFT's ``generate(adapter_names=...)``; ``"__base__"``: no adapter).
 
     Batches are left-padded by hand (prompts end where generation starts), so the caller's tokenizer,
     including its ``padding_side``, is left untouched. Sources are sorted by length first so a batch
@@ -91,9 +94,10 @@ def generate_answers(
             for row, i in enumerate(picked):
                 ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]) :] = 1
+            per_row = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in picked]}
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                do_sample=False, num_beams=1, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **per_row,
             )  # (B, T + new)
             for row, i in enumerate(picked):
                 text = tokenizer.decode(out[row, width:], skip_special_tokens=True)

@@ -175,6 +175,42 @@ class Farm:
         """:func:`arrow_applied` over this farm's adapters on ``model`` (the farm's base model, loaded)."""
         return arrow_applied(model, [self.adapter_dir(int(c)) for c in sorted(self.info["adapters"], key=int)], top_k)
 
+    def peft_model(self, model):
+        """``model`` (the farm's base, loaded) as a PEFT model holding every cluster adapter as
+        ``cluster-<id>``, and the recommended merge as ``merged`` when it is a PEFT adapter: what
+        :meth:`generate` serves mixed batches from (vLLM: ``--lora-modules cluster-0=<dir> ...``)."""
+        from peft import PeftModel
+
+        names = {f"cluster-{c}": self.adapter_dir(int(c)) for c in sorted(self.info["adapters"], key=int)}
+        if self.merged_dir is not None and (self.merged_dir / "adapter_config.json").is_file():
+            names["merged"] = self.merged_dir
+        (first, path), *rest = names.items()
+        peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
+        for name, path in rest:
+            peft_model.load_adapter(str(path), adapter_name=name)
+        return peft_model.eval()
+
+    def generate(self, peft_model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24,
+                 batch_size: int = 32) -> list[tuple[Route, str, str]]:
+        """Route ``prompts`` and answer each with its own adapter, in mixed batches (PEFT ``adapter_names``).
+
+        ``peft_model`` comes from :meth:`peft_model`. A row that falls back uses ``merged``; when the
+        recommended merge is a dense checkpoint (not an adapter) or there is none, it uses the base
+        model (``"__base__"``) and the adapter name says so.
+
+        Returns:
+            ``(route, adapter name, answer)`` per prompt, in order.
+        """
+        from tclora.evaluate import generate_answers
+
+        routes = self.route(prompts)
+        loaded = set(peft_model.peft_config)
+        names = [("merged" if "merged" in loaded else "__base__") if r.fallback else f"cluster-{r.cluster}"
+                 for r in routes]
+        answers = generate_answers(peft_model, tokenizer, prompts, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, adapter_names=names)
+        return list(zip(routes, names, answers))
+
     def route(self, texts: Sequence[str], threshold: float | None = None) -> list[Route]:
         """One :class:`Route` per input, in order (``threshold`` overrides the farm's calibrated one)."""
         limit = self.info["threshold"] if threshold is None else threshold

@@ -5,6 +5,7 @@ Euclidean distance), not by the code under test.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +137,60 @@ def test_routing_accuracy_counts_rows_sent_to_their_tasks_majority_cluster():
                {"task_name": "ood", "cluster": 0}, {"cluster": 1}]  # no right adapter: not counted
     assert routing_accuracy(records, top_tasks) == {"accuracy": pytest.approx(2 / 3), "n": 3}
     assert routing_accuracy([{"task_name": "ood", "cluster": 0}], top_tasks) is None
+
+
+@pytest.fixture(scope="module")
+def served_farm(tiny_base, tmp_path_factory):
+    """A farm of two adapters saved by plain PEFT on the tiny demo base, with a linear merge to fall back on."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tclora.peft_merge import merge_peft_adapters
+
+    root = tmp_path_factory.mktemp("served")
+    adapters = {}
+    for cid in (0, 1):
+        model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        torch.manual_seed(20 + cid)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, init_lora_weights=False,
+                                                      target_modules=["q_proj", "v_proj"]))
+        adapters[cid] = root / f"adapter-{cid}"
+        peft_model.save_pretrained(adapters[cid])
+    merge_peft_adapters(list(adapters.values()), root / "merged", ["linear"])
+    vectors = {c: Embedder(MODEL).encode(texts, 64) for c, texts in GROUPS.items()}
+    cluster_dir = root / "cluster"
+    cluster_dir.mkdir()
+    np.save(cluster_dir / "centroids.npy", np.stack([vectors[c].mean(0) for c in (0, 1)]).astype(np.float32))
+    (cluster_dir / "kmeans.json").write_text(json.dumps({"mapping": {"0": 0, "1": 1}, "view": None}))
+    distances = np.concatenate([np.linalg.norm(vectors[c] - vectors[c].mean(0), axis=1) for c in (0, 1)])
+    return export_farm(root / "farm", cluster_dir=cluster_dir, adapter_dirs=adapters, train_distances=distances,
+                       base_model=str(tiny_base), embed_model=MODEL, merge_dir=root / "merged",
+                       recommended={"method": "linear"}, quantile=1.0)  # every training row is inside
+
+
+def test_mixed_batches_answer_each_row_as_its_adapter_alone(served_farm):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tclora.evaluate import generate_answers
+    from tclora.models import load_base
+
+    farm = Farm.load(served_farm)
+    model, tok = load_base(farm.base_model)
+    prompts = [GROUPS[0][1], GROUPS[1][2], FAR, GROUPS[0][3]]
+    served = farm.generate(farm.peft_model(model), tok, prompts, max_new_tokens=6)
+    assert [name for _, name, _ in served] == ["cluster-0", "cluster-1", "merged", "cluster-0"]
+    assert len({answer for *_, answer in served}) > 1  # the adapters answer differently: a real check
+    for prompt, (route, name, answer) in zip(prompts, served):
+        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(farm.base_model),
+                                          str(farm.merged_dir if route.fallback else farm.adapter_dir(route.cluster)))
+        assert answer == generate_answers(alone, tok, [prompt], max_new_tokens=6)[0]
+
+
+def test_the_serving_example_runs_on_the_farm(served_farm, capsys):
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "route_and_generate.py"))
+    served = example["main"](["--farm", str(served_farm), "--max-new-tokens", "4", GROUPS[1][0], FAR])
+    assert [name for _, name, _ in served] == ["cluster-1", "merged"] and "cluster-1" in capsys.readouterr().out
