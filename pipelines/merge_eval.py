@@ -33,6 +33,7 @@ from tclora.artifacts import StageResult
 from tclora.cluster import route_records, routing_accuracy
 from tclora.config import Config, validate
 from tclora.corpus import read_records
+from tclora.farm import arrow_applied, arrow_choices
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,10 @@ class MergeEvalActor:
         for cid, d in dirs.items():  # an adapter trained on another base fails here, naming itself and the module
             adapters.check_fits(self.model, factors[cid], d)
 
-        splits, routing = {}, {}
-        top_tasks = json.loads((Path(cluster_dir) / "report.json").read_text()).get("top_tasks", {})
+        splits = {}
         for path in cfg.data.eval_paths:
             records = compare.cap_per_task(read_records(path, cfg.data, cfg.run.storage_options), cfg.eval.max_per_task)
             splits[Path(path).stem] = route_records(records, Path(cluster_dir), cfg.embed.model)
-            routing[Path(path).stem] = routing_accuracy(splits[Path(path).stem], top_tasks)
             log.info("evaluating %d examples of %s", len(splits[Path(path).stem]), path)
         validation = None
         if cfg.data.validation_path:  # selection only (tuning, the sweep's objective): never a reported result
@@ -121,7 +120,7 @@ class MergeEvalActor:
                    "tuning": {"tuned": bool(result["recommended"]), "compare_seconds": round(time.time() - started, 2),
                               "trials": {m: s["trials"] for m, s in result["settings"].items()}},
                    "recommended": result["recommended"],
-                   "routing": {"centroid": {split: acc for split, acc in routing.items() if acc is not None}},
+                   "routing": self._routing(splits, dirs, Path(cluster_dir)),
                    "validation": None if result["validation"] is None else
                    {m: {"mean": v["mean"], "n": v["n"]} for m, v in result["validation"].items()}}
         if cfg.eval.lm_eval_tasks:
@@ -130,6 +129,21 @@ class MergeEvalActor:
         artifacts.atomic_write_json(out / "eval.json", summary)
         return {**summary, "adapters": {str(c): d.name for c, d in dirs.items()}, "actor_restarted": restarted,
                 "node_id": ray.get_runtime_context().get_node_id()}
+
+
+    def _routing(self, splits: dict[str, list[dict]], dirs: dict[int, Path], cluster_dir: Path) -> dict:
+        """Routing accuracy per split (``tclora.cluster.routing_accuracy``): nearest centroid, and Arrow's
+        most-weighted adapter per row (``tclora.farm.arrow_choices``) when ``eval.arrow_top_k`` > 0."""
+        top_tasks = json.loads((cluster_dir / "report.json").read_text()).get("top_tasks", {})
+        out = {"centroid": {split: routing_accuracy(records, top_tasks) for split, records in splits.items()}}
+        if self.cfg.eval.arrow_top_k > 0:
+            ids = list(dirs)
+            with arrow_applied(self.model, list(dirs.values()), self.cfg.eval.arrow_top_k) as routed:
+                out["arrow"] = {
+                    split: routing_accuracy([{**r, "cluster": ids[c]} for r, c in zip(records, arrow_choices(
+                        routed, self.tokenizer, [r["source"] for r in records], self.cfg.eval.chat_template))],
+                        top_tasks) for split, records in splits.items()}
+        return {router: {s: acc for s, acc in by_split.items() if acc is not None} for router, by_split in out.items()}
 
 
 def _digest(path: str, storage_options: dict) -> str:

@@ -38,7 +38,7 @@ def uses_chat_template(tokenizer, chat_template: bool) -> bool:
     return bool(chat_template and getattr(tokenizer, "chat_template", None))
 
 
-def _prompt_ids(tokenizer, source: str, max_tokens: int | None, chat_template: bool = False) -> list[int]:
+def prompt_ids(tokenizer, source: str, max_tokens: int | None, chat_template: bool = False) -> list[int]:
     """BOS + prompt ids, as ``tokenize_example`` builds them; over-long prompts lose their left end.
 
     With ``chat_template`` (and a tokenizer that has one) the source is the user turn of a one-message
@@ -77,12 +77,12 @@ def generate_answers(
     Batches are left-padded by hand (prompts end where generation starts), so the caller's tokenizer,
     including its ``padding_side``, is left untouched. Sources are sorted by length first so a batch
     carries little padding. Generation stops at EOS; the text is stripped and cut at its first newline.
-    ``chat_template``: prompts through the tokenizer's chat template when it has one (:func:`_prompt_ids`).
+    ``chat_template``: prompts through the tokenizer's chat template when it has one (:func:`prompt_ids`).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_pos = getattr(model.config, "max_position_embeddings", None)
     max_prompt = max(max_pos - max_new_tokens, 2) if max_pos else None  # room for the answer
-    prompts = [_prompt_ids(tokenizer, s, max_prompt, chat_template) for s in sources]
+    prompts = [prompt_ids(tokenizer, s, max_prompt, chat_template) for s in sources]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     with _evaluating(model) as device:

@@ -136,6 +136,43 @@ def arrow_applied(model, adapter_dirs: Sequence[str | Path], top_k: int = 2, tem
         routed.unload()
 
 
+def arrow_choices(routed, tokenizer, sources: Sequence[str], chat_template: bool = False) -> list[int]:
+    """Per source, the adapter Arrow relies on most: the index (in the order given to :func:`arrow_applied`)
+    of the largest routing weight summed over the prompt's tokens and every adapted module.
+
+    One forward pass per prompt over exactly the ids generation starts from (``evaluate.prompt_ids``). The
+    weights are recomputed in a forward hook with PEFT's formula (``ArrowLoraLinearLayer.forward``:
+    softmax over the top-k of ``|h · v_t|``, divided by the router temperature); PEFT keeps no copy.
+    """
+    import torch
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    from tclora.evaluate import prompt_ids
+
+    total: list = []
+
+    def weights(layer, args, output) -> None:
+        tok = args[0].reshape(-1, args[0].shape[-1]).to(layer.prototypes.dtype)  # (tokens, d_in)
+        sim = (tok @ layer.prototypes.T).abs()  # (tokens, adapters)
+        top, idx = sim.topk(layer.top_k, dim=1)
+        coeff = torch.full_like(sim, float("-inf")).scatter(1, idx, top).div(layer.temperature).softmax(1)
+        total.append(coeff.sum(0))  # (adapters,)
+
+    hooks = [m.register_forward_hook(weights) for m in routed.modules() if isinstance(m, ArrowLoraLinearLayer)]
+    choices = []
+    try:
+        device = next(routed.parameters()).device
+        with torch.inference_mode():
+            for source in sources:
+                total.clear()
+                routed(input_ids=torch.tensor([prompt_ids(tokenizer, source, None, chat_template)], device=device))
+                choices.append(int(torch.stack(total).sum(0).argmax()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return choices
+
+
 class Farm:
     """A loaded farm: ``route`` inputs to adapters. The embedding model loads on first use."""
 

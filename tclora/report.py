@@ -92,12 +92,13 @@ def recommended_line(metrics: Mapping[str, Any]) -> str:
 
 
 def routing_line(metrics: Mapping[str, Any]) -> str:
-    """Centroid routing accuracy per split: the share of rows sent to their task's majority cluster."""
-    centroid = (metrics.get("routing") or {}).get("centroid") or {}
-    if not centroid:
+    """Routing accuracy per router and split: the share of rows sent to their task's majority cluster."""
+    routers = {name: by_split for name, by_split in (metrics.get("routing") or {}).items() if by_split}
+    if not routers:
         return "routing accuracy: n/a (no task_name on the evaluation rows)"
-    parts = ", ".join(f"{split} {v['accuracy']:.3f} ({v['n']} rows)" for split, v in centroid.items())
-    return f"routing accuracy (nearest centroid -> the cluster holding most of the row's task): {parts}"
+    parts = "; ".join(f"{name}: " + ", ".join(f"{split} {v['accuracy']:.3f}" for split, v in by_split.items())
+                      for name, by_split in routers.items())
+    return f"routing accuracy (share of rows sent to the cluster holding most of their task): {parts}"
 
 
 def summary_table(metrics: Mapping[str, Any], fmt: str = "github") -> str:

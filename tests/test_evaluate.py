@@ -156,15 +156,15 @@ def _word_tokenizer(chat_template=None):
 def test_chat_template_switch_builds_prompts_through_the_template():
     template = "{% for m in messages %}USER: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} =>{% endif %}"
     tok = _word_tokenizer(template)
-    ids = evaluate._prompt_ids(tok, "hello world", None, chat_template=True)
+    ids = evaluate.prompt_ids(tok, "hello world", None, chat_template=True)
     assert tok.convert_ids_to_tokens(ids) == ["USER:", "hello", "world", "=>"]  # the template's rendering
-    plain = evaluate._prompt_ids(tok, "hello world", None, chat_template=False)
+    plain = evaluate.prompt_ids(tok, "hello world", None, chat_template=False)
     assert plain[0] == tok.bos_token_id and plain[1:] == tok(evaluate.format_prompt("hello world"),
                                                              add_special_tokens=False)["input_ids"]
     # Asked for, but the tokenizer has no template (the demo base): the plain prompt.
     no_template = _word_tokenizer()
-    assert evaluate._prompt_ids(no_template, "hello", None, chat_template=True) == \
-        evaluate._prompt_ids(no_template, "hello", None, chat_template=False)
+    assert evaluate.prompt_ids(no_template, "hello", None, chat_template=True) == \
+        evaluate.prompt_ids(no_template, "hello", None, chat_template=False)
 
 
 def test_multiple_choice_rows_score_by_likelihood_beside_generated_ones(tiny_model_and_tokenizer):

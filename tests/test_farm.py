@@ -139,6 +139,24 @@ def test_routing_accuracy_counts_rows_sent_to_their_tasks_majority_cluster():
     assert routing_accuracy([{"task_name": "ood", "cluster": 0}], top_tasks) is None
 
 
+def test_arrow_choices_follow_the_adapters_not_their_order(served_farm):
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    from tclora.farm import arrow_applied, arrow_choices
+    from tclora.models import load_base
+
+    farm = Farm.load(served_farm)
+    model, tok = load_base(farm.base_model)
+    dirs = [farm.adapter_dir(0), farm.adapter_dir(1)]
+    prompts = [*GROUPS[0], *GROUPS[1], FAR]
+    with arrow_applied(model, dirs, top_k=1) as routed:
+        forward = arrow_choices(routed, tok, prompts)
+        assert not any(m._forward_hooks for m in routed.modules() if isinstance(m, ArrowLoraLinearLayer))
+    with arrow_applied(model, dirs[::-1], top_k=1) as routed:
+        backward = arrow_choices(routed, tok, prompts)
+    assert set(forward) <= {0, 1} and backward == [1 - c for c in forward]  # the same adapter, renumbered
+
+
 @pytest.fixture(scope="module")
 def served_farm(tiny_base, tmp_path_factory):
     """A farm of two adapters saved by plain PEFT on the tiny demo base, with a linear merge to fall back on."""
