@@ -61,7 +61,8 @@ def summary_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]
     for method in methods:
         scores = evals[method]
         retention = f"{scores['mean'] / oracle:.0%}" if oracle and method not in (BASE, ORACLE) else ""
-        rows.append([method, *(f"{scores['splits'][s]:.3f}" for s in splits), retention,
+        name = "adapters (routed-centroid)" if method == ORACLE else method  # each row: its nearest centroid's adapter
+        rows.append([name, *(f"{scores['splits'][s]:.3f}" for s in splits), retention,
                      merge_setting(metrics.get("merge", {}).get(method))])
     return headers, rows
 
