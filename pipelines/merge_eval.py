@@ -134,7 +134,10 @@ class MergeEvalActor:
     def _routing(self, splits: dict[str, list[dict]], dirs: dict[int, Path], cluster_dir: Path) -> dict:
         """Routing accuracy per split (``tclora.cluster.routing_accuracy``): nearest centroid, and Arrow's
         most-weighted adapter per row (``tclora.farm.arrow_choices``) when ``eval.arrow_top_k`` > 0."""
-        top_tasks = json.loads((cluster_dir / "report.json").read_text()).get("top_tasks", {})
+        report_file = cluster_dir / "report.json"  # the tasks per cluster; absent: no task names to score
+        top_tasks = json.loads(report_file.read_text()).get("top_tasks", {}) if report_file.is_file() else {}
+        if not top_tasks:
+            return {}
         out = {"centroid": {split: routing_accuracy(records, top_tasks) for split, records in splits.items()}}
         if self.cfg.eval.arrow_top_k > 0:
             ids = list(dirs)
