@@ -118,7 +118,8 @@ def export_farm(
 
 
 @contextmanager
-def arrow_applied(model, adapter_dirs: Sequence[str | Path], top_k: int = 2, temperature: float = 1.0) -> Iterator:
+def arrow_applied(model, adapter_dirs: Sequence[str | Path], top_k: int = 2, temperature: float = 1.0,
+                  seed: int = 0) -> Iterator:
     """``model`` with the adapters mixed per token by **Arrow** routing, for the duration of the block.
 
     Arrow (Ostapenko et al., 2024, "Towards Modular LLMs by Building and Reusing a Library of LoRAs"):
@@ -128,13 +129,14 @@ def arrow_applied(model, adapter_dirs: Sequence[str | Path], top_k: int = 2, tem
     (``peft.create_arrow_model``), which needs one rank for every adapter.
 
     Yields the PEFT model to generate with; afterwards the LoRA layers are removed again (``unload``),
-    leaving ``model``'s own modules and weights as they were.
+    leaving ``model``'s own modules and weights as they were. ``seed`` seeds PEFT's power iteration for
+    the prototypes: unseeded, two runs scored Arrow 0.100 and 0.119 on the demo's test split.
     """
     from peft import ArrowConfig, create_arrow_model
 
     dirs = [str(d) for d in adapter_dirs]
     routed = create_arrow_model(model, dirs, ArrowConfig(top_k=min(top_k, len(dirs)),
-                                                         router_temperature=temperature))
+                                                         router_temperature=temperature, rng_seed=seed))
     try:
         yield routed
     finally:

@@ -127,6 +127,8 @@ def test_arrow_routing_matches_peft_and_leaves_the_model_as_it_was(tmp_path):
                 torch.testing.assert_close(routed(input_ids=ids).logits, alone, atol=1e-5, rtol=1e-5)
         with arrow_applied(model, dirs, top_k=2) as routed:  # two different adapters: a per-token mixture
             mixed = routed(input_ids=ids).logits
+        with arrow_applied(model, dirs, top_k=2) as routed:  # seeded prototypes: the same mixture every time
+            torch.testing.assert_close(routed(input_ids=ids).logits, mixed, atol=0, rtol=0)
         assert not torch.allclose(mixed, base, atol=1e-4) and not torch.allclose(mixed, alone, atol=1e-4)
         torch.testing.assert_close(model(input_ids=ids).logits, base)  # unloaded: the base again
     assert not any("lora" in name for name, _ in model.named_modules())
