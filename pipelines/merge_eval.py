@@ -130,7 +130,6 @@ class MergeEvalActor:
         return {**summary, "adapters": {str(c): d.name for c, d in dirs.items()}, "actor_restarted": restarted,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-
     def _routing(self, splits: dict[str, list[dict]], dirs: dict[int, Path], cluster_dir: Path) -> dict:
         """Routing accuracy per split (``tclora.cluster.routing_accuracy``): nearest centroid, and Arrow's
         most-weighted adapter per row (``tclora.farm.arrow_choices``) when ``eval.arrow_top_k`` > 0."""
