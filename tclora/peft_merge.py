@@ -21,7 +21,6 @@ method, its parameters and the validation scores.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from tclora import adapters, compare, tune_merge
 from tclora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+from tclora.artifacts import sha256_file
 from tclora.config import DataSection, EvalSection, MergeSection
 from tclora.merge import LowRank
 
@@ -43,7 +43,7 @@ class AdapterInput:
 
     name: str  # as given: a directory or a Hub repo id
     path: str  # the resolved local directory
-    sha256: str  # of adapter_config.json then adapter_model.safetensors: which bytes were merged
+    sha256: dict[str, str]  # file name -> sha256 (as the stage manifests record files): which bytes were merged
     base_model: str | None  # base_model_name_or_path from its config
 
 
@@ -69,16 +69,6 @@ def resolve_adapter(name_or_path: str | Path) -> Path:
                            f"({type(err).__name__}: {err})") from None
 
 
-def content_hash(adapter_dir: Path) -> str:
-    """sha256 over the adapter's config and weights files (in that order)."""
-    digest = hashlib.sha256()
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        with open(adapter_dir / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_adapters(names: Sequence[str | Path]) -> tuple[list[AdapterInput], list[dict[str, LowRank]]]:
     """Resolve and read every adapter; modules some adapters lack are zero updates of rank 1 there.
 
@@ -96,7 +86,8 @@ def load_adapters(names: Sequence[str | Path]) -> tuple[list[AdapterInput], list
     for name in names:
         path = resolve_adapter(name)
         factors.append(adapters.load_factors(path))  # validates the files before they are hashed
-        inputs.append(AdapterInput(str(name), str(path), content_hash(path),
+        hashes = {f: sha256_file(path / f) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+        inputs.append(AdapterInput(str(name), str(path), hashes,
                                    adapters.read_adapter_config(path).get("base_model_name_or_path")))
     shapes: dict[str, tuple[tuple[int, int], str]] = {}
     for given, f in zip(inputs, factors):

@@ -66,8 +66,8 @@ def test_linear_of_plain_peft_adapters_is_the_exact_weighted_sum_of_their_deltas
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=module)
     saved = json.loads((tmp_path / "out" / "merge.json").read_text())
     for given, path in zip(saved["inputs"], [dir_a, dir_b]):
-        files = (path / "adapter_config.json").read_bytes() + (path / "adapter_model.safetensors").read_bytes()
-        assert given["sha256"] == hashlib.sha256(files).hexdigest()
+        assert given["sha256"] == {f: hashlib.sha256((path / f).read_bytes()).hexdigest()
+                                   for f in ("adapter_config.json", "adapter_model.safetensors")}
     assert saved["weights"] == weights and saved["base_model"] == str(tiny_base)
 
 
