@@ -94,7 +94,8 @@ def _cmd_route(args: argparse.Namespace) -> int:
     rows = [[text[:60], r.cluster, f"{r.distance:.4f}", "merge (far from every cluster)" if r.fallback else "adapter",
              r.adapter or "none: this farm has no recommended merge"] for text, r in zip(args.inputs, routes)]
     print(tabulate(rows, headers=["input", "cluster", "distance", "uses", "directory"]))
-    print(f"threshold {args.threshold or farm.info['threshold']:.4f}; base model {farm.base_model}")
+    threshold = farm.info["threshold"] if args.threshold is None else args.threshold  # --threshold 0 is a value
+    print(f"threshold {threshold:.4f}; base model {farm.base_model}")
     return 0
 
 

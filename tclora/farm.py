@@ -215,9 +215,14 @@ class Farm:
         rec = self.info.get("recommended")
         return None if not rec else self.root / rec["dir"]
 
+    @property
+    def adapter_dirs(self) -> dict[int, Path]:
+        """cluster id -> PEFT adapter directory, by id."""
+        return {int(c): self.root / d for c, d in sorted(self.info["adapters"].items(), key=lambda kv: int(kv[0]))}
+
     def arrow(self, model, top_k: int = 2):
         """:func:`arrow_applied` over this farm's adapters on ``model`` (the farm's base model, loaded)."""
-        return arrow_applied(model, [self.adapter_dir(int(c)) for c in sorted(self.info["adapters"], key=int)], top_k)
+        return arrow_applied(model, list(self.adapter_dirs.values()), top_k)
 
     def peft_model(self, model):
         """``model`` (the farm's base, loaded) as a PEFT model holding every cluster adapter as
@@ -225,7 +230,7 @@ class Farm:
         :meth:`generate` serves mixed batches from (vLLM: ``--lora-modules cluster-0=<dir> ...``)."""
         from peft import PeftModel
 
-        names = {f"cluster-{c}": self.adapter_dir(int(c)) for c in sorted(self.info["adapters"], key=int)}
+        names = {f"cluster-{c}": path for c, path in self.adapter_dirs.items()}
         if self.merged_dir is not None and (self.merged_dir / "adapter_config.json").is_file():
             names["merged"] = self.merged_dir
         (first, path), *rest = names.items()
