@@ -33,7 +33,6 @@ from tclora.artifacts import StageResult
 from tclora.cluster import route_records, routing_accuracy
 from tclora.config import Config, validate
 from tclora.corpus import read_records
-from tclora.farm import arrow_applied, arrow_choices
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ class MergeEvalActor:
                    "tuning": {"tuned": bool(result["recommended"]), "compare_seconds": round(time.time() - started, 2),
                               "trials": {m: s["trials"] for m, s in result["settings"].items()}},
                    "recommended": result["recommended"],
-                   "routing": self._routing(splits, dirs, Path(cluster_dir)),
+                   "routing": routing(splits, result["arrow_choices"], list(dirs), Path(cluster_dir)),
                    "validation": None if result["validation"] is None else
                    {m: {"mean": v["mean"], "n": v["n"]} for m, v in result["validation"].items()}}
         if cfg.eval.lm_eval_tasks:
@@ -130,22 +129,22 @@ class MergeEvalActor:
         return {**summary, "adapters": {str(c): d.name for c, d in dirs.items()}, "actor_restarted": restarted,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    def _routing(self, splits: dict[str, list[dict]], dirs: dict[int, Path], cluster_dir: Path) -> dict:
-        """Routing accuracy per split (``tclora.cluster.routing_accuracy``): nearest centroid, and Arrow's
-        most-weighted adapter per row (``tclora.farm.arrow_choices``) when ``eval.arrow_top_k`` > 0."""
-        report_file = cluster_dir / "report.json"  # the tasks per cluster; absent: no task names to score
-        top_tasks = json.loads(report_file.read_text()).get("top_tasks", {}) if report_file.is_file() else {}
-        if not top_tasks:
-            return {}
-        out = {"centroid": {split: routing_accuracy(records, top_tasks) for split, records in splits.items()}}
-        if self.cfg.eval.arrow_top_k > 0:
-            ids = list(dirs)
-            with arrow_applied(self.model, list(dirs.values()), self.cfg.eval.arrow_top_k) as routed:
-                out["arrow"] = {
-                    split: routing_accuracy([{**r, "cluster": ids[c]} for r, c in zip(records, arrow_choices(
-                        routed, self.tokenizer, [r["source"] for r in records], self.cfg.eval.chat_template))],
-                        top_tasks) for split, records in splits.items()}
-        return {router: {s: acc for s, acc in by_split.items() if acc is not None} for router, by_split in out.items()}
+
+def routing(splits: dict[str, list[dict]], arrow_choices: dict[str, list[int]] | None, cluster_ids: list[int],
+            cluster_dir: Path) -> dict:
+    """Routing accuracy per router and split (``tclora.cluster.routing_accuracy``): nearest centroid (each
+    record's ``cluster``), and Arrow's most-weighted adapter per record when it was scored."""
+    report_file = cluster_dir / "report.json"  # the tasks per cluster; absent: no task names to score
+    top_tasks = json.loads(report_file.read_text()).get("top_tasks", {}) if report_file.is_file() else {}
+    if not top_tasks:
+        return {}
+    routed = {"centroid": splits}
+    if arrow_choices is not None:
+        routed["arrow"] = {split: [{**r, "cluster": cluster_ids[c]} for r, c in zip(records, arrow_choices[split])]
+                           for split, records in splits.items()}
+    accuracy = {router: {split: routing_accuracy(records, top_tasks) for split, records in by_split.items()}
+                for router, by_split in routed.items()}
+    return {router: {s: acc for s, acc in by_split.items() if acc is not None} for router, by_split in accuracy.items()}
 
 
 def _digest(path: str, storage_options: dict) -> str:

@@ -133,10 +133,9 @@ def score_records(model, tokenizer, records: Sequence[Mapping], cfg: EvalSection
 
 def evaluate_all(
     model, tokenizer, records: Sequence[Mapping], cluster_adapters: Mapping[int, Mapping[str, LowRank]],
-    merges: Mapping[str, Mapping[str, Delta]], cfg: EvalSection, arrow_dirs: Sequence[Path] = (),
+    merges: Mapping[str, Mapping[str, Delta]], cfg: EvalSection,
 ) -> dict[str, dict[str, Any]]:
-    """Scores (:func:`score_predictions`) of base, oracle-routed adapters, every merge and, with
-    ``arrow_dirs`` (the adapters' directories) and ``eval.arrow_top_k`` > 0, Arrow routing on ``records``.
+    """Scores (:func:`score_predictions`) of base, oracle-routed adapters and every merge on ``records``.
 
     Each record carries ``cluster`` (its nearest centroid); a record whose cluster has no adapter
     (a skipped tiny cluster) is answered by the base model in the oracle row.
@@ -151,11 +150,6 @@ def evaluate_all(
             for i, a in zip(idx, predict(model, tokenizer, [records[i] for i in idx], cfg)):
                 answers[i] = a
     results[ORACLE] = score_predictions(records, answers, cfg)
-    if arrow_dirs and cfg.arrow_top_k > 0:
-        from tclora.farm import arrow_applied
-
-        with arrow_applied(model, arrow_dirs, cfg.arrow_top_k) as routed:
-            results[ARROW] = score_records(routed, tokenizer, records, cfg)
     for method, deltas in merges.items():
         with adapters.deltas_applied(model, deltas):
             results[method] = score_records(model, tokenizer, records, cfg)
@@ -231,13 +225,15 @@ def compare_merges(
         validation: selection records; capped here to ``merge.tune_max_per_task`` per task.
         on_merged: called as ``on_merged(method, deltas, setting)`` as soon as a method's final merge
             exists, before any evaluation (the pipeline saves it there, so a crash mid-eval leaves it saved).
-        arrow_dirs: the cluster adapters' directories, for the ``routed-arrow`` row (:func:`evaluate_all`).
+        arrow_dirs: the cluster adapters' directories, in cluster-id order, for the ``routed-arrow`` row
+            (:func:`score_arrow`).
 
     Returns:
         ``{"eval": {split: {method: scores}}, "validation": {method: scores} (on the capped validation
         subset; None without one), "merged": {method: module -> delta}, "settings": {method:
         {"params", "knobs", "tuned", "validation_score", "trials", "seconds"}}, "recommended": {"method",
-        "params", "knobs", "validation_score"} or None (untuned)}``.
+        "params", "knobs", "validation_score"} or None (untuned), "arrow_choices": {split: [adapter index
+        per record]} or None}``.
     """
     factors = list(cluster_adapters.values())
     tune = merge_cfg.tune if merge_cfg.tune is not None else bool(validation)
@@ -272,12 +268,34 @@ def compare_merges(
     if validation:
         val = cap_per_task(validation, merge_cfg.tune_max_per_task)
         val_scores = evaluate_all(model, tokenizer, val, cluster_adapters, merged, eval_cfg)
-    evals = {name: evaluate_all(model, tokenizer, records, cluster_adapters, merged, eval_cfg, arrow_dirs)
+    evals = {name: evaluate_all(model, tokenizer, records, cluster_adapters, merged, eval_cfg)
              for name, records in splits.items()}
+    arrow = score_arrow(model, tokenizer, splits, arrow_dirs, eval_cfg, evals) if arrow_dirs else None
     best = tune_merge.recommend(tuned) if tuned else None
     recommended = None if best is None else {"method": best.method, "params": best.params,
                                              "knobs": settings[best.method]["knobs"], "validation_score": best.score}
-    return {"eval": evals, "validation": val_scores, "merged": merged, "settings": settings, "recommended": recommended}
+    return {"eval": evals, "validation": val_scores, "merged": merged, "settings": settings, "recommended": recommended,
+            "arrow_choices": arrow}
+
+
+def score_arrow(model, tokenizer, splits: Mapping[str, Sequence[Mapping]], adapter_dirs: Sequence[Path],
+                cfg: EvalSection, evals: dict[str, dict[str, Any]]) -> dict[str, list[int]] | None:
+    """The ``routed-arrow`` row of every split, added to ``evals[split]``, with ``eval.arrow_top_k`` > 0.
+
+    One Arrow model (:func:`tclora.farm.arrow_applied`) serves every split: PEFT loads the adapters and
+    builds the prototypes once. Returns ``{split: each record's most-weighted adapter index}``
+    (:func:`tclora.farm.arrow_choices`, for routing accuracy), or None when the row is off.
+    """
+    if cfg.arrow_top_k <= 0:
+        return None
+    from tclora.farm import arrow_applied, arrow_choices
+
+    choices = {}
+    with arrow_applied(model, adapter_dirs, cfg.arrow_top_k) as routed:
+        for name, records in splits.items():
+            evals[name][ARROW] = score_records(routed, tokenizer, records, cfg)
+            choices[name] = arrow_choices(routed, tokenizer, [r["source"] for r in records], cfg.chat_template)
+    return choices
 
 
 def best_merge_yaml(recommended: Mapping[str, Any], test_scores: Mapping[str, float], merge_dir: str) -> str:
