@@ -124,7 +124,10 @@ def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) ->
     validation subset): returns (chosen params, merged deltas at them, every trial)."""
     name, _, combine = method.partition(":")  # "cp:shared": CP with that combine rule, λ still tuned
     grid = {**({"scale": args.lambdas} if args.lambdas else {}), **({"combine": [combine]} if combine else {})}
-    merge_cfg = MergeSection(methods=[name], cp_rank=args.cp_rank, cp_iters=args.cp_iters, tune_grid={name: grid})
+    # The rule is the start point as well as the only value tried: in the grid alone, coordinate search
+    # starts from the default rule and keeps it unless the named one scores strictly better.
+    merge_cfg = MergeSection(methods=[name], cp_rank=args.cp_rank, cp_iters=args.cp_iters, tune_grid={name: grid},
+                             params={name: {"combine": combine}} if combine else {})
     eval_cfg = EvalSection(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens, rouge=False)
     result = compare.tune_all(model, tok, factors, val, merge_cfg, eval_cfg)[name]
     return result.params, merge_adapters(factors, name, None, result.params), result.trials
