@@ -9,11 +9,11 @@
 Both modes run the real train stage path (``pipelines.train.train_clusters``: a Tune function trainable per
 cluster, each a ``TorchTrainer`` with one DeepSpeed worker on CPU) on the same k synthetic clusters, in one
 process and one local Ray instance, back to back: ``sequential`` with ``train.max_concurrent=1``,
-``concurrent`` with ``train.max_concurrent=k``, ``packed``: ``--clusters-per-run`` clusters share one
-Train run (``train.clusters_per_run``), trained one after another (``train.fused=false``), as many runs at a
-time as there are CPUs, and ``fused``: the same runs, each training its clusters' adapters together in one
-forward/backward pass (``train.fused=true``, :mod:`tclora.multi_lori`; issue 16's target: >= 3x
-``sequential``). Each worker reserves
+``concurrent`` with ``train.max_concurrent=k``, ``packed``: ``--clusters-per-run`` clusters (default: all k)
+share one Train run (``train.clusters_per_run``), trained one after another (``train.fused=false``), as
+many runs at a time as there are CPUs, and ``fused``: the same runs, each training its clusters' adapters
+together in one forward/backward pass on one base copy (``train.fused=true``, :mod:`tclora.multi_lori`;
+issue 16's target: >= 3x ``sequential``). Each worker reserves
 ``num_cpus / k - 0.1`` CPUs (at most 1) so k trials fit at once; every mode uses the same reservation.
 At demo sizes a Train run is mostly fixed cost (trial and worker processes, imports, DeepSpeed
 start-up, reading the cluster), which packing pays once per run; ``cluster_worker_seconds`` (inside
@@ -126,11 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="steps per LoRI phase (default 60; smoke 4)")
     p.add_argument("--rows", type=int, default=None, help="rows per cluster (default 64; smoke 24)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2])
+    p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
+                   help="DeepSpeed ZeRO stage of every mode (fused needs 0: one worker, nothing to shard)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--repeats", type=int, default=1, help="runs per mode, alternating which goes first")
     p.add_argument("--clusters-per-run", type=int, default=None,
-                   help="clusters per Train run in the packed and fused modes (default: k / CPUs, rounded up)")
+                   help="clusters per Train run in the packed and fused modes (default: all k in one run)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
                    help="modes to time (sequential is always included: speed-ups are against it)")
     args = p.parse_args(argv)
@@ -165,10 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
             warm = make_config(base, args, cpus_per_worker, 1).model_copy(deep=True)
             warm.train.steps = warm.train.sparse_steps = 2
             time_mode("warmup", [ids[:1]], warm, cluster_dir, Path(tmp) / "warmup")
-        per_run = args.clusters_per_run or -(-k // num_cpus)
+        per_run = args.clusters_per_run or k  # one run, one base copy: start-up paid once
         packed = [ids[i : i + per_run] for i in range(0, k, per_run)]
+        at_once = min(num_cpus, len(packed))
         every = {"sequential": ([[c] for c in ids], 1), "concurrent": ([[c] for c in ids], k),
-                 "packed": (packed, num_cpus), "fused": (packed, num_cpus)}
+                 "packed": (packed, at_once), "fused": (packed, at_once)}
         modes = [(name, *every[name]) for name in MODES if name == "sequential" or name in args.modes]
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in modes}
         for rep in range(args.repeats):
@@ -184,8 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     seq = by_mode["sequential"]
     result["speedup"] = {name: round(seq["seconds"] / m["seconds"], 2) for name, m in by_mode.items()
                          if name != "sequential"}
-    what = {"fused": (f"{len(packed)} runs of {per_run} fused adapters, {num_cpus} at a time", ">= 3x", 3.0),
-            "packed": (f"{len(packed)} packed runs {num_cpus} at a time", ">= 1.6x", 1.6),
+    runs_of = f"{len(packed)} run{'s' * (len(packed) > 1)} of {per_run}"
+    what = {"fused": (f"{runs_of} fused adapters, {at_once} at a time", ">= 3x", 3.0),
+            "packed": (f"{runs_of} packed adapters, {at_once} at a time", ">= 1.6x", 1.6),
             "concurrent": (f"{k} unpacked runs at once", None, None)}
     result["headline"] = [
         headline(f"parallel train: {k} adapters, {what[name][0]} vs one after another", x,

@@ -199,12 +199,18 @@ def _batches(examples, batch_size: int, pad_id: int):
 
 
 def _make_engine(deepspeed, model, cfg: Config, lr: float, use_gpu: bool):
-    """A fresh DeepSpeed engine + AdamW over the trainable B's (one per LoRI phase)."""
+    """A fresh DeepSpeed engine + AdamW over the trainable B's (one per LoRI phase).
+
+    Gradient clipping: under ZeRO-1/2 DeepSpeed clips (its global norm is the one adapter's: a fused
+    group needs ZeRO-0); under ZeRO-0 ``train_loop`` clips each adapter on its own, so DeepSpeed's own
+    (default 1.0, on the *group's* norm, which would couple fused adapters) is switched off.
+    """
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=cfg.train.weight_decay)
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.train.max_grad_norm if cfg.train.zero_stage else 0.0,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: ZeRO-1/2 partition its state fine
         "bf16": {"enabled": use_gpu and cfg.model.dtype == "bfloat16"},
@@ -309,7 +315,9 @@ class LoRIRecipe:
         self.phase_index = index
         self.history = self.state.losses[phase.name] = self.state.losses.get(phase.name, [])[: self.state.step]
         train_loop(self.engine, self.stream, phase.steps, masked=masked, start_step=self.state.step,
-                   on_step=self.on_step, desc=f"clusters {self.group} LoRI {phase.name}", loss_fn=self.loss_fn)
+                   on_step=self.on_step, desc=f"clusters {self.group} LoRI {phase.name}", loss_fn=self.loss_fn,
+                   max_grad_norm=0.0 if self.cfg.train.zero_stage else self.cfg.train.max_grad_norm,
+                   n_adapters=len(self.group))
         self.engine.destroy()  # drops ZeRO's grad hooks: the next phase's engine installs its own
         self.engine = None
 

@@ -158,6 +158,11 @@ class TrainSection(_Section):
     lr: float = Field(1e-3, gt=0, description="LoRI-D learning rate.")
     sparse_lr_multiplier: float = Field(10.0, gt=0, description="LoRI-S lr = lr x this (10 in the LoRI paper).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (masked entries stay zero anyway).")
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="Clip each adapter's gradient to this L2 norm before every step; 0: off. Per "
+        "adapter, so a fused group clips as each adapter would alone (1.0: DeepSpeed's gradient_clipping and HF "
+        "Trainer's max_grad_norm default).",
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers per cluster adapter.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each Train worker.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Train worker (0 trains on CPU with gloo).")
@@ -188,10 +193,11 @@ class TrainSection(_Section):
         "base loaded from its cache): amortises worker start-up over hundreds of clusters. Needs num_workers=1.",
     )
     fused: bool = Field(
-        False, description="A run's packed clusters (clusters_per_run > 1) train together in one forward/backward "
-        "pass, each row through its own cluster's LoRI factors (tclora.multi_lori, equal to solo training under "
-        "plain AdamW); off by default until the Ray/DeepSpeed path matches solo training too (its B values differ "
-        "beyond float tolerance today); false trains them one after another.",
+        True, description="A run's packed clusters (clusters_per_run > 1) train together in one forward/backward "
+        "pass, each row through its own cluster's LoRI factors (tclora.multi_lori; each adapter equals the one "
+        "trained alone on the same batches, to float rounding); false trains them one after another. With "
+        "clusters_per_run > 1 it needs zero_stage 0 (one worker: ZeRO has nothing to shard, and per-adapter "
+        "gradient clipping reads each adapter's gradient). Plain LoRA (lori.mode: lora) trains A: never fused.",
     )
 
     @field_validator("zero_stage")
@@ -209,6 +215,11 @@ class TrainSection(_Section):
         if self.clusters_per_run > 1 and self.num_workers > 1:
             raise ValueError(f"clusters_per_run={self.clusters_per_run} needs num_workers=1 (got "
                              f"{self.num_workers}): packed clusters are small, one worker each")
+        if self.fused and self.clusters_per_run > 1 and self.zero_stage:
+            raise ValueError(f"fused=true with clusters_per_run={self.clusters_per_run} needs zero_stage=0 (got "
+                             f"{self.zero_stage}): a fused group trains on one worker, where ZeRO shards nothing, and "
+                             "its per-adapter gradient clipping reads each adapter's gradient, which ZeRO-1/2 move "
+                             "into their own buffers (or set fused=false)")
         return self
 
 

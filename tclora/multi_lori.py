@@ -316,7 +316,8 @@ def train_lori_group(
                    for r, s in zip(record_sets, seeds)]
         fused = (concat_batches(step, tokenizer.pad_token_id) for step in zip(*streams))
         losses = train_loop(make_engine(group.model, phase.lr), fused, phase.steps, masked=masked,
-                            loss_fn=routed_loss(len(group)), desc=f"LoRI {phase.name} x{len(group)}")
+                            loss_fn=routed_loss(len(group)), desc=f"LoRI {phase.name} x{len(group)}",
+                            max_grad_norm=train_cfg.max_grad_norm, n_adapters=len(group))
         for t, meta in enumerate(metas):
             mine = [step[t] for step in losses]
             meta[f"{phase.name}_loss_first"], meta[f"{phase.name}_loss_last"] = (mine[0],

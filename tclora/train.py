@@ -31,6 +31,27 @@ class Engine(Protocol):
     def step(self) -> None: ...
 
 
+def clip_grad_norm_per_adapter_(params: Sequence[nn.Parameter], max_norm: float, n_adapters: int = 1) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for each adapter on its own: scale adapter t's gradient by
+    ``min(1, max_norm / (‖g_t‖₂ + 1e-6))``, the norm taken over all of its parameters.
+
+    A fused group stacks its T adapters along dim 0 of every parameter (B: (T, d_out, r)); one adapter
+    (``n_adapters=1``) owns the whole of each parameter. Clipping the group's global norm instead would
+    make each adapter's step depend on the others' gradients.
+
+    Returns:
+        (T,) the adapters' gradient norms before clipping.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(n_adapters)
+    norms = torch.stack([g.reshape(n_adapters, -1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (T,)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype).view(n_adapters, *[1] * (g.dim() - 1)))
+    return norms
+
+
 class TorchEngine:
     """DeepSpeed's engine interface over a plain AdamW, for single-process training."""
 
@@ -152,15 +173,20 @@ def train_loop(
     on_step: Callable[[int, Any], None] | None = None,
     desc: str = "train",
     loss_fn: Callable[[Engine, dict[str, torch.Tensor]], tuple[torch.Tensor, Any]] = causal_lm_loss,
+    max_grad_norm: float = 0.0,
+    n_adapters: int = 1,
 ) -> list:
     """Run optimizer steps ``start_step .. steps-1``; returns the recorded losses.
 
     ``loss_fn(engine, batch)`` gives the loss to backpropagate and the value recorded per step (a float;
     a fused group of adapters records one loss per adapter: :func:`tclora.multi_lori.routed_loss`).
+    ``max_grad_norm``: clip each of the engine's ``n_adapters`` adapters before every step
+    (:func:`clip_grad_norm_per_adapter_`; 0: off, e.g. when a DeepSpeed engine clips itself).
     ``on_step(step, recorded)`` runs after each step (the Ray worker reports and checkpoints there).
     """
     engine.module.train()
     device = next(engine.module.parameters()).device
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
     losses = []
     it: Iterator = iter(batches)
     bar = tqdm(range(start_step, steps), desc=desc, leave=False, disable=None)
@@ -168,6 +194,8 @@ def train_loop(
         batch = {k: v.to(device) for k, v in next(it).items()}
         loss, recorded = loss_fn(engine, batch)
         engine.backward(loss)
+        if max_grad_norm:
+            clip_grad_norm_per_adapter_(trainable, max_grad_norm, n_adapters)
         engine.step()
         if masked is not None:
             masked.project_()
@@ -205,7 +233,7 @@ def train_lori_adapter(
     def run_phase(index: int, phase: Phase, masked: lori.MaskedB | None) -> None:
         stream = data.batches(records, tokenizer, train_cfg.batch_size, max_length, phase.steps, seed=seed)
         losses[phase.name] = train_loop(make_engine(peft_model, phase.lr), stream, phase.steps, masked=masked,
-                                        desc=f"LoRI {phase.name}")
+                                        desc=f"LoRI {phase.name}", max_grad_norm=train_cfg.max_grad_norm)
         log.info("LoRI %s: %d steps, loss %.3f -> %.3f", phase.name, phase.steps, losses[phase.name][0],
                  sum(losses[phase.name][-10:]) / len(losses[phase.name][-10:]))
 

@@ -75,3 +75,11 @@ def test_tclora_never_imports_ray():
         "assert 'ray' not in sys.modules, sorted(k for k in sys.modules if k.startswith('ray'))[:5]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_fused_training_needs_zero_stage_0():
+    # A fused group trains on one worker and clips each adapter's gradient itself (tclora.train).
+    with pytest.raises(ConfigError, match=r"fused=true with clusters_per_run=2 needs zero_stage=0 \(got 2\)"):
+        load_config(None, ["train.clusters_per_run=2", "train.fused=true", "train.zero_stage=2"])
+    assert load_config(None, ["train.clusters_per_run=2", "train.fused=true", "train.zero_stage=0"]).train.fused
+    assert load_config(None, ["train.clusters_per_run=1", "train.fused=true", "train.zero_stage=2"])  # nothing to fuse

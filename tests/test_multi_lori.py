@@ -153,6 +153,51 @@ def test_padding_to_the_group_width_leaves_the_loss_unchanged(tiny_model_and_tok
     torch.testing.assert_close(fused, solo.expand(2), atol=1e-6, rtol=1e-6)
 
 
+def test_per_adapter_clipping_is_torch_clipping_of_each_adapter_alone():
+    """A fused parameter stacks T adapters on dim 0; each is clipped as torch.nn.utils.clip_grad_norm_
+    clips that adapter's own parameters, whatever the others' norms (a global clip would couple them)."""
+    from tclora.train import clip_grad_norm_per_adapter_
+
+    gen = torch.Generator().manual_seed(0)
+    shapes, scales = [(3, 8, 4), (3, 5, 4)], torch.tensor([0.01, 1.0, 30.0])  # norms below, near, above 1
+    stacked = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in stacked:
+        p.grad = torch.randn(p.shape, generator=gen) * scales.view(3, 1, 1)
+    alone = [[torch.nn.Parameter(torch.zeros(s[1:])) for s in shapes] for _ in range(3)]
+    for t, params in enumerate(alone):
+        for p, q in zip(params, stacked):
+            p.grad = q.grad[t].clone()
+    norms = clip_grad_norm_per_adapter_(stacked, 1.0, n_adapters=3)
+    for t, params in enumerate(alone):
+        want_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.testing.assert_close(norms[t], want_norm)
+        for p, q in zip(params, stacked):
+            torch.testing.assert_close(q.grad[t], p.grad, atol=0, rtol=1e-6)
+    assert norms[0] < 1 < norms[2]  # the grid above covered both sides of the threshold
+    solo = [torch.nn.Parameter(torch.zeros(8, 4))]
+    solo[0].grad = torch.full((8, 4), 2.0)  # one adapter: the whole gradient is its own
+    clip_grad_norm_per_adapter_(solo, 1.0)
+    torch.testing.assert_close(solo[0].grad.norm(), torch.tensor(1.0), atol=1e-5, rtol=0)
+
+
+def test_fused_equals_solo_when_clipping_binds(tiny_base, tmp_path):
+    """max_grad_norm small enough to clip every step: still each adapter's own step, so fused == solo."""
+    from tclora.models import load_base
+
+    train = TRAIN.model_copy(update={"steps": 4, "sparse_steps": 3, "max_grad_norm": 1e-3})
+    for t in range(2):
+        model, tok = load_base(str(tiny_base))
+        train_lori_adapter(model, tok, RECORDS[t], LORI, train, seed=SEEDS[t], out_dir=tmp_path / f"solo-{t}",
+                           max_length=MAX_LENGTH)
+    model, tok = load_base(str(tiny_base))
+    multi_lori.train_lori_group(model, tok, RECORDS[:2], LORI, train, seeds=SEEDS[:2], max_length=MAX_LENGTH,
+                                out_dirs=[tmp_path / f"fused-{t}" for t in range(2)])
+    for t in range(2):
+        want, got = (load_file(str(tmp_path / f"{k}-{t}" / "adapter_model.safetensors")) for k in ("solo", "fused"))
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=RTOL, msg=key)
+
+
 def test_bad_group_input_is_named(tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     with pytest.raises(ValueError, match="lori.target_modules"):

@@ -133,12 +133,7 @@ def _lora_a(model) -> dict[str, torch.Tensor]:
             for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
 
 
-FUSED_IN_RAY = pytest.mark.xfail(reason="fused groups through the Ray Train + DeepSpeed worker do not yet equal solo "
-                                  "training (B values differ beyond atol 1e-6; tclora.multi_lori alone matches, "
-                                  "tests/test_multi_lori.py); train.fused is off by default until they do",
-                                 strict=False)
-
-@pytest.mark.parametrize("run", ["concurrent_run", "packed_run", pytest.param("fused_run", marks=FUSED_IN_RAY)])
+@pytest.mark.parametrize("run", ["concurrent_run", "packed_run", "fused_run"])
 def test_adapters_are_plain_peft_dirs_with_lori_invariants(run, request, tiny_base, cluster_dir):
     from pipelines.train_worker import lori_seed
 
@@ -171,7 +166,6 @@ def test_adapters_are_plain_peft_dirs_with_lori_invariants(run, request, tiny_ba
     assert not (Path(cfg.run.dir) / ".train_work").exists() or not any((Path(cfg.run.dir) / ".train_work").iterdir())
 
 
-@FUSED_IN_RAY
 def test_fused_adapters_equal_the_ones_trained_one_after_another(packed_run, fused_run):
     """The same DeepSpeed engine, the same per-cluster batch streams: fusing changes only float rounding
     (tolerance as in tests/test_multi_lori.py)."""
