@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines import session
+from pipelines import session, tracking
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
@@ -85,6 +85,7 @@ def run(cfg: Config, until: str = session.STAGES[-1]) -> dict:
     metrics = assemble_metrics(dirs["embed"], dirs["cluster"], dirs["merge_eval"], stages, time.time() - started)
     metrics["farm"] = str(export_run_farm(cfg, run_dir, dirs))
     write_outputs(metrics, cfg, run_dir)
+    tracking.log_merge_eval(cfg, metrics)  # MLflow, when run.mlflow_tracking_uri is set
     return metrics
 
 

@@ -95,9 +95,12 @@ def preflight(cfg: Config) -> None:
 
     Raises:
         ConfigError: ``lori.target_modules`` names modules the model does not have (the message lists
-            the missing names and the linear modules the model does have), or ``eval.lm_eval_tasks``
-            names a task lm-eval does not know.
+            the missing names and the linear modules the model does have), ``eval.lm_eval_tasks``
+            names a task lm-eval does not know, or ``run.mlflow_tracking_uri`` is set without MLflow.
     """
+    from pipelines import tracking
+
+    tracking.check(cfg)
     from tclora.lori import check_target_modules
     from tclora.models import module_skeleton
 

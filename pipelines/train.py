@@ -33,7 +33,7 @@ import ray.tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines import session
+from pipelines import session, tracking
 from pipelines.cluster import finished_cluster, list_clusters, read_cluster
 from pipelines.session import TRIAL_CPUS
 from pipelines.train_worker import CACHE_ROWS, TrainCheckpoint, train_fn_per_worker
@@ -211,7 +211,8 @@ def train_clusters(groups: list[list[int]], cfg: Config, cluster_dir: Path, work
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=name,
                                         trial_dirname_creator=name),
         run_config=ray.tune.RunConfig(name="train", storage_path=tune_path, storage_filesystem=tune_fs, verbose=1,
-                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.train.trial_max_failures)),
+                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.train.trial_max_failures),
+                                      callbacks=tracking.tune_callbacks(cfg, "train")),  # MLflow, when configured
     )
     failed = {tuple(r.config.get("cluster_ids", ())): r.error for r in tuner.fit() if r.error}
     if failed:

@@ -340,11 +340,14 @@ class LoRIRecipe:
 
     def report(self, step: int, engine=None, done: bool = False) -> None:
         self._lap()
-        recent = [sum(x) / len(x) if isinstance(x, list) else x for x in self.history[-10:]]  # fused: mean of adapters
+        window = [x if isinstance(x, list) else [x] for x in self.history[-10:]]  # steps x adapters (fused: T)
+        per_adapter = [sum(col) / len(col) for col in zip(*window)] if window else []
         metrics = {"cluster_id": self.group[-1], "phase": self.phases[self.phase_index].name, "step": step,
                    "finished": done and self.state.position == len(self.cluster_ids),
-                   "clusters_done": self.state.position, "loss": sum(recent) / len(recent),
-                   "resumes": len(self.state.resumes)}
+                   "clusters_done": self.state.position, "resumes": len(self.state.resumes),
+                   "loss": sum(per_adapter) / len(per_adapter) if per_adapter else float("nan"),
+                   # each adapter's own (MLflow, Tune): mean of its last 10 steps in this phase
+                   **{f"loss/cluster-{c}": v for c, v in zip(self.group, per_adapter)}}
         self.checkpoint.save(metrics, self.state, engine, self.masks)
 
     def _lap(self) -> None:

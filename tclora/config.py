@@ -46,6 +46,12 @@ class RunSection(_Section):
         None, description="The driver's working copy of a run whose run.dir is an object-store URI; None uses "
         "~/.cache/tclora/runs/<scheme>/<path>. Ignored for a local run.dir (the working copy is run.dir).",
     )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (sqlite:////abs/path/mlflow.db, or http://server:5000 on a "
+        "cluster): each Train run's losses through Ray Tune's MLflowLoggerCallback, the merge/eval scores as run "
+        "'merge_eval' (pipelines/tracking.py). Needs pip install 'tclora[mlflow]'. None: no tracking.",
+    )
+    mlflow_experiment: str = Field("tclora", description="MLflow experiment the run's MLflow runs go to.")
 
 
 class DataSection(_Section):

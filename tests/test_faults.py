@@ -46,9 +46,11 @@ STEPS, SPARSE_STEPS = 16, 8
 
 
 def driver_config(run_dir: Path, base: Path) -> dict:
-    """The demo at smoke size: 66 rows, k=2, clusters trained one at a time (a kill lands between them)."""
+    """The demo at smoke size: 66 rows, k=2, clusters trained one at a time (a kill lands between them),
+    tracked in a local MLflow store beside the run."""
     return demo_run_config(
         run_dir, base,
+        run={"mlflow_tracking_uri": f"sqlite:///{run_dir.parent}/mlflow.db"},
         data={"demo_train_per_task": 6, "demo_eval_per_task": 2},
         train={"steps": STEPS, "sparse_steps": SPARSE_STEPS, "checkpoint_every": 4, "max_concurrent": 1},
         merge={"methods": ["linear"]},
@@ -209,6 +211,21 @@ def test_driver_killed_mid_train_resumes_on_rerun(tiny_base, tmp_path, ray_tmp):
         assert len(summary["losses"]["dense"]) == STEPS and len(summary["losses"]["sparse"]) == SPARSE_STEPS
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]  # no partial stage of either run
     assert not (run_dir / ".train_work").exists() or not any((run_dir / ".train_work").iterdir())
+    _check_mlflow(f"sqlite:///{run_dir.parent}/mlflow.db", metrics, unfinished)
+
+
+def _check_mlflow(uri: str, metrics: dict, resumed: list[int]) -> None:
+    """The rerun's merge/eval scores are those of metrics.json; the resumed cluster's Train run logged its loss."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tclora").experiment_id])
+    (merge_eval,) = [r for r in runs if r.info.run_name == "merge_eval"]  # only the rerun got that far
+    assert merge_eval.data.metrics["linear/test"] == metrics["eval"]["linear"]["splits"]["test"]
+    assert merge_eval.data.params["recommended"] == metrics["recommended"]["method"]
+    train_runs = [r for r in runs if r.data.tags.get("tclora.stage") == "train"]
+    for cid in resumed:
+        assert any(f"loss/cluster-{cid}" in r.data.metrics for r in train_runs), cid
 
 
 # ------------------------------------------------------------------------------------------------

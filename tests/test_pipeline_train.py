@@ -54,9 +54,9 @@ def write_clusters(root: Path, clusters: dict[int, list[dict]]) -> Path:
     return final
 
 
-def small_cfg(run_dir: Path, base: Path, **train):
+def small_cfg(run_dir: Path, base: Path, run: dict | None = None, **train):
     return validate({
-        "run": {"dir": str(run_dir), "seed": 3},
+        "run": {"dir": str(run_dir), "seed": 3, **(run or {})},
         "model": {"name_or_path": str(base), "max_length": 32},
         "lori": {"rank": 4, "alpha": 8.0, "sparsity": 0.8,
                  "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
@@ -87,15 +87,17 @@ def packed_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fused_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
-    """Both clusters in one Train run *and* one forward/backward pass per step (train.fused), ZeRO-0."""
-    return _timed_train(tiny_base, cluster_dir, tmp_path_factory.mktemp("fused"), zero_stage=0, clusters_per_run=2,
-                        fused=True)
+    """Both clusters in one Train run *and* one forward/backward pass per step (train.fused), ZeRO-0; tracked
+    in a local MLflow store."""
+    run_dir = tmp_path_factory.mktemp("fused")
+    return _timed_train(tiny_base, cluster_dir, run_dir, zero_stage=0, clusters_per_run=2, fused=True,
+                        run={"mlflow_tracking_uri": f"sqlite:///{run_dir}/mlflow.db"})
 
 
-def _timed_train(tiny_base, cluster_dir, run_dir, **train):
+def _timed_train(tiny_base, cluster_dir, run_dir, run: dict | None = None, **train):
     from pipelines.train import run_train
 
-    cfg = small_cfg(run_dir, tiny_base, **train)
+    cfg = small_cfg(run_dir, tiny_base, run, **train)
     started = time.time()
     out = run_train(cfg, run_dir, cluster_dir).dir
     return cfg, out, time.time() - started
@@ -182,6 +184,23 @@ def test_fused_adapters_equal_the_ones_trained_one_after_another(packed_run, fus
         assert all(torch.equal(want_masks[k], got_masks[k]) for k in want_masks)
         fused_meta = json.loads((fused / lori.LORI_FILE).read_text())
         assert fused_meta["fused"] == 2 and len(fused_meta["losses"]["dense"]) == 16
+
+
+def test_fused_run_logs_each_adapters_losses_to_mlflow(fused_run):
+    """Ray Tune's MLflowLoggerCallback: one MLflow run per Train run, a loss curve per adapter whose last
+    point is the adapter's final loss as lori.json records it (mean of its last 10 LoRI-S steps)."""
+    import mlflow
+
+    cfg, out, _ = fused_run
+    client = mlflow.MlflowClient(tracking_uri=cfg.run.mlflow_tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.run.mlflow_experiment).experiment_id])
+    assert run.data.tags["tclora.stage"] == "train" and run.info.run_name == "clusters-0-1"
+    for cid in (0, 1):
+        history = sorted(client.get_metric_history(run.info.run_id, f"loss/cluster-{cid}"), key=lambda m: m.step)
+        # Reports: dense step 8, end of dense (16), sparse step 8, done (checkpoint_every=8).
+        assert len(history) == 4
+        meta = json.loads((out / f"cluster-{cid}" / lori.LORI_FILE).read_text())
+        assert history[-1].value == pytest.approx(meta["sparse_loss_last"], rel=1e-6)
 
 
 @pytest.mark.parametrize("run", ["concurrent_run", "packed_run"])
