@@ -10,7 +10,7 @@
   each split as ``<row>/<split>``, each method's validation score as ``<method>/validation``, the
   recommended method and its settings as parameters, and ``metrics.json`` as an artifact.
 
-Stores: ``sqlite:///abs/path/mlflow.db`` (MLflow's local store since its file store went into maintenance
+Stores: ``sqlite:////abs/path/mlflow.db`` (MLflow's local store since its file store went into maintenance
 in 3.10; artifacts then go to ``mlflow-artifacts/`` beside the database, not the working directory) or
 ``http(s)://`` a tracking server, which places artifacts itself.
 """
