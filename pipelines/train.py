@@ -88,7 +88,7 @@ def _run_dataset(cluster_dir: Path, cluster_ids: list[int], store: storage.RunSt
 
 
 def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_path: str | Path,
-             store: storage.RunStore, report_to_tune: bool) -> TorchTrainer:
+             store: storage.RunStore, report_to_tune: bool, rows: int) -> TorchTrainer:
     """The group's ``TorchTrainer``: ``train.num_workers`` workers running :func:`train_fn_per_worker`,
     a run name without timestamp (a restart resumes it), the run's rows split evenly across the workers."""
     t = cfg.train
@@ -102,7 +102,7 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
     storage_path, storage_fs = store.ray_storage(storage_path)
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids), "rows": rows},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -141,7 +141,8 @@ def train_group(cluster_ids: list[int], cfg: Config, cluster_dir: Path, out_dir:
     for c in cluster_ids:
         if sizes[c] < t.num_workers:
             raise ValueError(f"cluster {c} has {sizes[c]} rows, fewer than train.num_workers={t.num_workers}")
-    trainer = _trainer(cluster_ids, cfg, cluster_dir, storage_path, store, report_to_tune)
+    trainer = _trainer(cluster_ids, cfg, cluster_dir, storage_path, store, report_to_tune,
+                       rows=sum(sizes[c] for c in cluster_ids))
     summaries = {}
     with trainer.fit().checkpoint.as_directory() as ckpt:
         wall = round(time.time() - started, 2)

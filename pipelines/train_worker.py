@@ -9,8 +9,10 @@
               phase one DeepSpeed engine and one step loop (:func:`tclora.train.train_loop`); then save
     cleanup   drop the temporary adapter directory (every adapter is in the last checkpoint)
 
-It is plain DeepSpeed training plus a few Ray touchpoints, each marked "Ray:". Packed runs
-(``train.clusters_per_run``) read the shard once and replay each cluster's rows from memory.
+It is plain DeepSpeed training plus a few Ray touchpoints, each marked "Ray:". A run whose rows one
+worker holds and ``CACHE_ROWS`` fits (every packed run, ``train.clusters_per_run``) reads its shard once
+and replays each cluster's rows from memory, reshuffled per epoch by a seed of the cluster: an adapter
+sees the same batches whether its cluster trains alone, packed or fused.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def _replay(cache: list, seed: int, first_epoch: int = 0):
 
 
 def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
-    """Endless tokenised examples from this worker's shard, epoch after epoch.
+    """Endless tokenised examples from this worker's shard, epoch after epoch: a run split across
+    workers, or too big to read up front (else :func:`_by_cluster` and :func:`_replay`).
 
     The first epoch streams through Ray Data. A shard of at most ``CACHE_ROWS`` rows is then replayed
     from memory, reshuffled per epoch: a Ray Data epoch costs a fixed 0.2-30 s on 2 cores (split
@@ -181,12 +184,13 @@ def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
         stats["shard_rows"] = rows
 
 
-def _by_cluster(shard, tokenizer, cfg: Config) -> dict[int, list]:
-    """Packed clusters: this worker's shard read once, tokenised examples per cluster id (they fit:
-    ``pack_clusters`` caps a group at ``CACHE_ROWS`` rows)."""
+def _by_cluster(shard, tokenizer, cfg: Config, cluster_ids: list[int]) -> dict[int, list]:
+    """This worker's shard read once, tokenised examples per cluster id (they fit: ``pack_clusters`` caps
+    a group at ``CACHE_ROWS`` rows). A one-cluster run's rows carry no ``cluster_id`` column."""
     buckets: dict[int, list] = {}
     for chunk in shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy"):  # Ray: one pass
-        for cluster_id, source, target in zip(chunk["cluster_id"], chunk["source"], chunk["target"]):
+        ids = chunk["cluster_id"] if "cluster_id" in chunk else [cluster_ids[0]] * len(chunk["source"])
+        for cluster_id, source, target in zip(ids, chunk["source"], chunk["target"]):
             example = data.tokenize_example(tokenizer, str(source), str(target), cfg.model.max_length)
             buckets.setdefault(int(cluster_id), []).append(example)
     return buckets
@@ -224,8 +228,8 @@ def _make_engine(deepspeed, model, cfg: Config, lr: float, use_gpu: bool):
 class LoRIRecipe:
     """One rank of one Train run over ``cluster_ids`` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, cluster_ids: list[int]):
-        self.cfg, self.cluster_ids = cfg, cluster_ids
+    def __init__(self, cfg: Config, cluster_ids: list[int], rows: int | None = None):
+        self.cfg, self.cluster_ids, self.rows = cfg, cluster_ids, rows  # rows: the run's, from the driver
         self.use_gpu = cfg.train.gpus_per_worker > 0
         context = ray.train.get_context()  # Ray: this rank's place in the run
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -253,7 +257,11 @@ class LoRIRecipe:
         if self.use_gpu:
             torch.cuda.set_device(ray.train.torch.get_device())
         self.shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the run's rows
-        self.packed = _by_cluster(self.shard, self.tokenizer, self.cfg) if len(self.cluster_ids) > 1 else None
+        # In memory whenever one worker holds a run's rows and they fit: a cluster then sees the same batches
+        # trained alone, packed or fused (the same replay); a larger shard streams through Ray Data per epoch.
+        fits = self.world == 1 and self.rows is not None and self.rows <= CACHE_ROWS
+        self.packed = (_by_cluster(self.shard, self.tokenizer, self.cfg, self.cluster_ids)
+                       if len(self.cluster_ids) > 1 or fits else None)
         return True
 
     def train(self) -> None:
@@ -374,7 +382,8 @@ class LoRIRecipe:
 
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train's worker function: ``config`` is ``{"cfg": Config as JSON, "cluster_ids": [int, ...]}``."""
-    recipe = LoRIRecipe(Config.model_validate(config["cfg"]), [int(c) for c in config["cluster_ids"]])
+    recipe = LoRIRecipe(Config.model_validate(config["cfg"]), [int(c) for c in config["cluster_ids"]],
+                        rows=config.get("rows"))
     try:
         if recipe.setup():
             recipe.train()
