@@ -43,9 +43,9 @@ def check(cfg: Config) -> None:
         _mlflow()
 
 
-def experiment_id(cfg: Config) -> str:
-    """The id of ``run.mlflow_experiment``, created if missing (artifacts beside a sqlite database)."""
-    client = _mlflow().MlflowClient(tracking_uri=cfg.run.mlflow_tracking_uri)
+def experiment_id(client, cfg: Config) -> str:
+    """The id of ``run.mlflow_experiment`` in ``client``'s store, created if missing (artifacts beside a
+    sqlite database)."""
     experiment = client.get_experiment_by_name(cfg.run.mlflow_experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -59,7 +59,8 @@ def tune_callbacks(cfg: Config, stage: str) -> list:
     """``[MLflowLoggerCallback]`` for a Tuner's ``RunConfig(callbacks=...)``, or ``[]`` when tracking is off."""
     if not cfg.run.mlflow_tracking_uri:
         return []
-    experiment_id(cfg)  # created here, so its artifact location is ours and not the callback's default
+    # Created here, so its artifact location is ours and not the callback's default.
+    experiment_id(_mlflow().MlflowClient(tracking_uri=cfg.run.mlflow_tracking_uri), cfg)
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     return [MLflowLoggerCallback(tracking_uri=cfg.run.mlflow_tracking_uri, experiment_name=cfg.run.mlflow_experiment,
@@ -87,7 +88,7 @@ def log_merge_eval(cfg: Config, metrics: Mapping[str, Any]) -> str | None:
     from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient(tracking_uri=cfg.run.mlflow_tracking_uri)
-    run = client.create_run(experiment_id(cfg), run_name="merge_eval",
+    run = client.create_run(experiment_id(client, cfg), run_name="merge_eval",
                             tags={"tclora.stage": "merge_eval", "tclora.run_dir": cfg.run.dir})
     now = int(time.time() * 1000)
     best = metrics.get("recommended") or {}

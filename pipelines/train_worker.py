@@ -202,19 +202,25 @@ def _batches(examples, batch_size: int, pad_id: int):
         yield data.collate([next(examples) for _ in range(batch_size)], pad_id)
 
 
-def _make_engine(deepspeed, model, cfg: Config, lr: float, use_gpu: bool):
-    """A fresh DeepSpeed engine + AdamW over the trainable B's (one per LoRI phase).
+def _clip_norms(cfg: Config) -> tuple[float, float]:
+    """``train.max_grad_norm`` as (DeepSpeed's ``gradient_clipping``, ``train_loop``'s ``max_grad_norm``).
 
-    Gradient clipping: under ZeRO-1/2 DeepSpeed clips (its global norm is the one adapter's: a fused
-    group needs ZeRO-0); under ZeRO-0 ``train_loop`` clips each adapter on its own, so DeepSpeed's own
-    (default 1.0, on the *group's* norm, which would couple fused adapters) is switched off.
+    Under ZeRO-1/2 DeepSpeed clips (its global norm is the one adapter's: a fused group needs ZeRO-0);
+    under ZeRO-0 ``train_loop`` clips each adapter on its own, so DeepSpeed's own (default 1.0, on the
+    *group's* norm, which would couple fused adapters) is switched off.
     """
+    norm = cfg.train.max_grad_norm
+    return (norm, 0.0) if cfg.train.zero_stage else (0.0, norm)
+
+
+def _make_engine(deepspeed, model, cfg: Config, lr: float, use_gpu: bool):
+    """A fresh DeepSpeed engine + AdamW over the trainable B's (one per LoRI phase)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=cfg.train.weight_decay)
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.train.max_grad_norm if cfg.train.zero_stage else 0.0,
+        "gradient_clipping": _clip_norms(cfg)[0],
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: ZeRO-1/2 partition its state fine
         "bf16": {"enabled": use_gpu and cfg.model.dtype == "bfloat16"},
@@ -260,7 +266,7 @@ class LoRIRecipe:
         # In memory whenever one worker holds a run's rows and they fit: a cluster then sees the same batches
         # trained alone, packed or fused (the same replay); a larger shard streams through Ray Data per epoch.
         fits = self.world == 1 and self.rows is not None and self.rows <= CACHE_ROWS
-        self.packed = (_by_cluster(self.shard, self.tokenizer, self.cfg, self.cluster_ids)
+        self.in_memory = (_by_cluster(self.shard, self.tokenizer, self.cfg, self.cluster_ids)
                        if len(self.cluster_ids) > 1 or fits else None)
         return True
 
@@ -311,10 +317,10 @@ class LoRIRecipe:
 
     def _examples(self, cluster_id: int, seed: int):
         example_seed = seed * 1000 + 100 * len(self.state.resumes) + self.rank
-        if self.packed is None:
+        if self.in_memory is None:
             return _examples(self.shard, self.tokenizer, self.cfg, example_seed, self.stats[cluster_id])
-        self.stats[cluster_id]["shard_rows"] = len(self.packed[cluster_id])
-        return _replay(self.packed[cluster_id], example_seed)
+        self.stats[cluster_id]["shard_rows"] = len(self.in_memory[cluster_id])
+        return _replay(self.in_memory[cluster_id], example_seed)
 
     def run_phase(self, index: int, phase, masked) -> None:
         """One phase: a fresh engine (resumed once after a restore), the step loop from ``state.step``."""
@@ -324,7 +330,7 @@ class LoRIRecipe:
         self.history = self.state.losses[phase.name] = self.state.losses.get(phase.name, [])[: self.state.step]
         train_loop(self.engine, self.stream, phase.steps, masked=masked, start_step=self.state.step,
                    on_step=self.on_step, desc=f"clusters {self.group} LoRI {phase.name}", loss_fn=self.loss_fn,
-                   max_grad_norm=0.0 if self.cfg.train.zero_stage else self.cfg.train.max_grad_norm,
+                   max_grad_norm=_clip_norms(self.cfg)[1],
                    n_adapters=len(self.group))
         self.engine.destroy()  # drops ZeRO's grad hooks: the next phase's engine installs its own
         self.engine = None
@@ -381,7 +387,8 @@ class LoRIRecipe:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """Ray Train's worker function: ``config`` is ``{"cfg": Config as JSON, "cluster_ids": [int, ...]}``."""
+    """Ray Train's worker function: ``config`` is ``{"cfg": Config as JSON, "cluster_ids": [int, ...],
+    "rows": the run's row count}``."""
     recipe = LoRIRecipe(Config.model_validate(config["cfg"]), [int(c) for c in config["cluster_ids"]],
                         rows=config.get("rows"))
     try:
