@@ -234,7 +234,7 @@ def _make_engine(deepspeed, model, cfg: Config, lr: float, use_gpu: bool):
 class LoRIRecipe:
     """One rank of one Train run over ``cluster_ids`` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, cluster_ids: list[int], rows: int | None = None):
+    def __init__(self, cfg: Config, cluster_ids: list[int], rows: int):
         self.cfg, self.cluster_ids, self.rows = cfg, cluster_ids, rows  # rows: the run's, from the driver
         self.use_gpu = cfg.train.gpus_per_worker > 0
         context = ray.train.get_context()  # Ray: this rank's place in the run
@@ -265,7 +265,7 @@ class LoRIRecipe:
         self.shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the run's rows
         # In memory whenever one worker holds a run's rows and they fit: a cluster then sees the same batches
         # trained alone, packed or fused (the same replay); a larger shard streams through Ray Data per epoch.
-        fits = self.world == 1 and self.rows is not None and self.rows <= CACHE_ROWS
+        fits = self.world == 1 and self.rows <= CACHE_ROWS
         self.in_memory = (_by_cluster(self.shard, self.tokenizer, self.cfg, self.cluster_ids)
                        if len(self.cluster_ids) > 1 or fits else None)
         return True
@@ -390,7 +390,7 @@ def train_fn_per_worker(config: dict) -> None:
     """Ray Train's worker function: ``config`` is ``{"cfg": Config as JSON, "cluster_ids": [int, ...],
     "rows": the run's row count}``."""
     recipe = LoRIRecipe(Config.model_validate(config["cfg"]), [int(c) for c in config["cluster_ids"]],
-                        rows=config.get("rows"))
+                        rows=int(config["rows"]))
     try:
         if recipe.setup():
             recipe.train()
