@@ -12,10 +12,12 @@ Corpora (task_name is the ground truth; k = the number of tasks):
 
 Per corpus, view (``plain``: the source; ``template``: :class:`tclora.template_view.TemplateMiner`
 view fitted on the fit sample) and seed:
-  - ``pipeline``: :func:`tclora.cluster.fit_kmeans` on a ``--sample-fraction`` sample (what
-    pipelines/cluster.py runs), every row assigned;
-  - ``pipeline_all``: the same fitted on all rows;
-  - ``sklearn``: ``sklearn.cluster.KMeans(k, n_init=10)`` on the same sample, ``predict`` on all rows;
+  - ``pipeline``: :func:`tclora.cluster.fit_kmeans` on the rows pipelines/cluster.py fits on
+    (:func:`tclora.cluster.fit_fraction`: every row up to ``--min-fit-rows``, else a
+    ``--sample-fraction`` sample), every row assigned;
+  - ``sample_only``: the same on a plain ``--sample-fraction`` sample (the rule before issue 17's
+    ``cluster.min_fit_rows``);
+  - ``sklearn``: ``sklearn.cluster.KMeans(k, n_init=10)`` on the pipeline's fit rows, ``predict`` on all rows;
   - ``auto``: :func:`tclora.cluster_quality.choose_k` over ``[2, 2 k]`` on the sample, then as pipeline.
 Writes ``bench_cluster_quality.json`` and ``.png`` (NMI per corpus/view/method, mean over seeds).
 """
@@ -32,8 +34,9 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from benchmarks.common import arg_parser, headline, machine_info, result_stem, setup_logging, write_result
 from tclora import demo_corpus
-from tclora.cluster import assign, fit_kmeans
+from tclora.cluster import assign, fit_fraction, fit_kmeans
 from tclora.cluster_quality import choose_k
+from tclora.config import ClusterSection
 from tclora.embed import Embedder
 from tclora.template_view import TemplateMiner
 
@@ -94,28 +97,32 @@ def scores(truth: list[str], labels: np.ndarray) -> dict:
             "ari": round(float(adjusted_rand_score(truth, labels)), 4), "k": int(len(np.unique(labels)))}
 
 
-def run_corpus(embedder: Embedder, rows: list[dict], seeds: int, fraction: float) -> dict:
+METHODS = ("pipeline", "sample_only", "sklearn", "auto")
+
+
+def run_corpus(embedder: Embedder, rows: list[dict], seeds: int, fraction: float, min_fit_rows: int) -> dict:
     sources, truth = [r["source"] for r in rows], [r["task_name"] for r in rows]
     k, n = len(set(truth)), len(rows)
     plain = embed_unique(embedder, sources)
-    out: dict = {"rows": n, "k": k, "runs": []}
+    out: dict = {"rows": n, "k": k, "fit_rows": int(fit_fraction(n, k, fraction, min_fit_rows) * n), "runs": []}
     for seed in range(seeds):
-        sample = np.random.default_rng(seed).permutation(n)[: max(int(fraction * n), 50 * k)]
-        views = {"plain": plain,
+        order = np.random.default_rng(seed).permutation(n)
+        sample, fit = order[: max(int(fraction * n), 50 * k)], order[: out["fit_rows"]]
+        views = {"plain": plain,  # the embed stage fits the template miner on its own sample (not all rows)
                  "template": embed_unique(embedder, TemplateMiner.fit([sources[i] for i in sample]).views(sources))}
         for view, x in views.items():
             run = {"seed": seed, "view": view}
-            run["pipeline"] = scores(truth, assign(x, fit_kmeans(x[sample], k, seed=seed).centroids)[0])
-            run["pipeline_all"] = scores(truth, assign(x, fit_kmeans(x, k, seed=seed).centroids)[0])
-            run["sklearn"] = scores(truth, KMeans(k, n_init=10, random_state=seed).fit(x[sample]).predict(x))
-            auto_k, crit = choose_k(x[sample], 2, 2 * k, seed=seed)
-            run["auto"] = {**scores(truth, assign(x, fit_kmeans(x[sample], auto_k, seed=seed).centroids)[0]),
+            run["pipeline"] = scores(truth, assign(x, fit_kmeans(x[fit], k, seed=seed).centroids)[0])
+            run["sample_only"] = scores(truth, assign(x, fit_kmeans(x[sample], k, seed=seed).centroids)[0])
+            run["sklearn"] = scores(truth, KMeans(k, n_init=10, random_state=seed).fit(x[fit]).predict(x))
+            auto_k, crit = choose_k(x[fit], 2, 2 * k, seed=seed)
+            run["auto"] = {**scores(truth, assign(x, fit_kmeans(x[fit], auto_k, seed=seed).centroids)[0]),
                            "chosen_k": auto_k, "silhouette": {str(j): round(v, 4) for j, v in crit.items()}}
             log.info("seed %d %s: %s", seed, view,
-                     {m: run[m]["nmi"] for m in ("pipeline", "pipeline_all", "sklearn", "auto")})
+                     {m: run[m]["nmi"] for m in METHODS})
             out["runs"].append(run)
     out["mean"] = {view: {m: {s: round(float(np.mean([r[m][s] for r in out["runs"] if r["view"] == view])), 4)
-                              for s in ("nmi", "ari")} for m in ("pipeline", "pipeline_all", "sklearn", "auto")}
+                              for s in ("nmi", "ari")} for m in METHODS}
                    for view in ("plain", "template")}
     return out
 
@@ -124,7 +131,7 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["corpora"])
-    methods = ("pipeline", "pipeline_all", "sklearn", "auto")
+    methods = METHODS
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         mean = result["corpora"][name]["mean"]
@@ -144,18 +151,23 @@ def plot(result: dict, path) -> None:
 def main() -> None:
     p = arg_parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--sample-fraction", type=float, default=0.2, help="cluster.sample_fraction (default 0.2)")
+    defaults = ClusterSection()
+    p.add_argument("--sample-fraction", type=float, default=defaults.sample_fraction,
+                   help=f"cluster.sample_fraction (default {defaults.sample_fraction})")
+    p.add_argument("--min-fit-rows", type=int, default=defaults.min_fit_rows,
+                   help=f"cluster.min_fit_rows (default {defaults.min_fit_rows})")
     args = p.parse_args()
     setup_logging()
     seeds = 1 if args.smoke else args.seeds
     started = time.perf_counter()
     embedder = Embedder()
     result = {"benchmark": "cluster_quality", "smoke": args.smoke, "machine": machine_info(),
-              "config": {"seeds": seeds, "sample_fraction": args.sample_fraction, "embed_model": embedder.name},
+              "config": {"seeds": seeds, "sample_fraction": args.sample_fraction, "min_fit_rows": args.min_fit_rows,
+                         "embed_model": embedder.name},
               "corpora": {}}
     for name, rows in corpora(args.smoke).items():
         log.info("corpus %s: %d rows", name, len(rows))
-        result["corpora"][name] = run_corpus(embedder, rows, seeds, args.sample_fraction)
+        result["corpora"][name] = run_corpus(embedder, rows, seeds, args.sample_fraction, args.min_fit_rows)
     demo = result["corpora"]["demo"]
     best = max(("plain", "template"), key=lambda v: demo["mean"][v]["pipeline"]["nmi"])
     nmi = demo["mean"][best]["pipeline"]["nmi"]

@@ -55,7 +55,6 @@ from tclora.config import Config
 log = logging.getLogger(__name__)
 
 PROJECTION_ROWS = 3000  # rows of the fit sample drawn in cluster_pca.png
-MIN_ROWS_PER_CLUSTER_IN_SAMPLE = 50  # tiny corpora: the sample grows until k-means sees this many per cluster
 N_EXAMPLES = 3
 
 
@@ -107,7 +106,8 @@ def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -
 
 # ---- driver ---------------------------------------------------------------------------------------
 def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float, dict]:
-    """k-means on a hash sample (``cluster.k`` or, for ``auto``, the silhouette's choice in ``k_range``).
+    """k-means on a hash sample (:func:`tclora.cluster.fit_fraction`: every row of a corpus up to
+    ``cluster.min_fit_rows``), for ``cluster.k`` or, for ``auto``, the silhouette's choice in ``k_range``.
 
     Returns ``(model, fraction, info)``; info holds the sample's embeddings and task names (for the
     projection plot) and, for ``auto``, the silhouette per k.
@@ -115,7 +115,7 @@ def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float,
     c = cfg.cluster
     km.check_k(c.k, n_rows)
     k_for_size = c.k_range[1] if c.k == "auto" else c.k
-    fraction = min(1.0, max(c.sample_fraction, MIN_ROWS_PER_CLUSTER_IN_SAMPLE * k_for_size / n_rows))
+    fraction = km.fit_fraction(n_rows, k_for_size, c.sample_fraction, c.min_fit_rows)
     sampled = ds.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": cfg.run.seed},
                              batch_format="pyarrow", batch_size=None)  # Ray: only the sample's vectors travel
     hashes, chunks, tasks = [], [], []

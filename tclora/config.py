@@ -118,7 +118,14 @@ class ClusterSection(_Section):
         "mean silhouette of k-means on the fit sample (tclora.cluster_quality.choose_k).",
     )
     k_range: tuple[int, int] = Field((2, 16), description="[min, max] k tried when k is 'auto' (min >= 2).")
-    sample_fraction: float = Field(0.2, gt=0, le=1, description="Fraction of rows k-means is fitted on.")
+    sample_fraction: float = Field(
+        0.2, gt=0, le=1, description="Fraction of rows k-means is fitted on (a seeded hash sample), once the "
+        "corpus has more than min_fit_rows rows; every row is then assigned to its nearest centroid."
+    )
+    min_fit_rows: int = Field(
+        50_000, ge=1, description="k-means is fitted on at least this many rows: a corpus this size or smaller "
+        "is fitted on every row (a small sample can cluster differently: tclora.cluster.fit_fraction)."
+    )
     n_init: int = Field(10, ge=1, description="k-means++ restarts; the best inertia wins.")
     max_iter: int = Field(100, ge=1, description="Lloyd iterations per restart.")
     min_cluster_size: int = Field(

@@ -45,6 +45,20 @@ def test_subsampled_restarts_then_refine_on_all_rows():
     assert model.n_rows == len(x) and float(dists.sum()) == pytest.approx(model.inertia, rel=1e-4)
 
 
+@pytest.mark.parametrize("n_rows, k, expected", [
+    (1_200, 4, 1.0),          # the demo: below min_fit_rows, every row (a 20% sample clustered it wrongly)
+    (50_000, 8, 1.0),         # exactly min_fit_rows
+    (1_000_000, 8, 0.2),      # large: sample_fraction
+    (100_000, 8, 0.5),        # the floor: 50,000 of 100,000 rows
+    (10_000_000, 2_000, 0.2), # 50 x k = 100,000 rows < 20%
+])
+def test_fit_fraction_fits_small_corpora_on_every_row(n_rows, k, expected):
+    assert km.fit_fraction(n_rows, k, sample_fraction=0.2, min_fit_rows=50_000) == pytest.approx(expected)
+    assert km.fit_fraction(1_000, 40, 0.2, min_fit_rows=10) == 1.0  # 50 rows per cluster: 2,000 > 1,000
+    with pytest.raises(ValueError, match="sample_fraction"):
+        km.fit_fraction(100, 2, 0.0, 10)
+
+
 def test_assign_is_chunk_invariant_and_nearest():
     rng = np.random.default_rng(0)
     x, c = rng.standard_normal((1000, 8)).astype(np.float32), rng.standard_normal((6, 8)).astype(np.float32)
