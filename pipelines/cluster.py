@@ -50,7 +50,7 @@ from tclora.artifacts import (
     tree_digest,
 )
 from tclora.cluster_quality import choose_k, plot_criterion, plot_projection, report_markdown
-from tclora.config import Config
+from tclora.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ PROJECTION_ROWS = 3000  # rows of the fit sample drawn in cluster_pca.png
 N_EXAMPLES = 3
 
 
-def _vectors(batch: pa.Table) -> np.ndarray:
+def embedding_matrix(batch: pa.Table) -> np.ndarray:
     """The ``embedding`` column (fixed_size_list<float32>[d]) as an (n, d) array, without copies."""
     col = batch.column("embedding").combine_chunks()
     return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
@@ -84,7 +84,7 @@ def sample_batch(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
 
 def count_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
     """One row per batch: JSON of (k-means label, task) counts and the first few sources per label."""
-    labels, _ = km.assign(_vectors(batch), centroids)
+    labels, _ = km.assign(embedding_matrix(batch), centroids)
     tasks = batch.column("task_name").to_pylist()
     counts = km.contingency_counts(labels, tasks)
     examples: dict[int, list[str]] = {}
@@ -97,7 +97,7 @@ def count_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
 
 def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -> pa.Table:
     """Rows with their k-means label, final cluster id (after the small-cluster rule) and distance."""
-    labels, dists = km.assign(_vectors(batch), centroids)
+    labels, dists = km.assign(embedding_matrix(batch), centroids)
     out = batch.drop_columns(["embedding"])
     out = out.append_column("kmeans_cluster", pa.array(labels, pa.int32()))
     out = out.append_column("distance", pa.array(dists, pa.float32()))
@@ -122,7 +122,7 @@ def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float,
     for b in sampled.iter_batches(batch_format="pyarrow", batch_size=None):
         if b.num_rows:
             hashes.append(b.column("hash").to_numpy())
-            chunks.append(_vectors(b))
+            chunks.append(embedding_matrix(b))
             tasks += b.column("task_name").to_pylist()
     # Blocks arrive in any order: sorting by hash makes the fit input, hence the clustering, reproducible.
     order = np.argsort(np.concatenate(hashes)) if chunks else np.zeros(0, np.int64)
@@ -182,10 +182,30 @@ def _relabel(counts: Counter, examples: dict[int, list[str]], mapping: dict[int,
     return final_counts, final_examples
 
 
+def write_by_cluster(labelled, tmp: Path, store: storage.RunStore, n_rows: int) -> dict[int, int]:
+    """Write a labelled dataset (a ``cluster`` column) to ``<tmp>/clusters/cluster=<id>/`` through the run's
+    store (Ray: pass 3); returns rows written per cluster id.
+
+    Raises:
+        RuntimeError: the rows written are not ``n_rows``.
+    """
+    with store.remote_output(tmp / "clusters") as out:  # Ray: write by cluster, to the store
+        labelled.write_parquet(out, filesystem=store.filesystem, partition_cols=["cluster"])
+    written = {int(d.name.split("=", 1)[1]): sum(pq.read_metadata(f).num_rows for f in d.glob("*.parquet"))
+               for d in (tmp / "clusters").glob("cluster=*")}
+    if sum(written.values()) != n_rows:
+        raise RuntimeError(f"cluster: wrote {sum(written.values())} rows, expected {n_rows}")
+    return written
+
+
 def stage_path(cfg: Config, run_dir: Path, embed_dir: Path) -> tuple[Path, dict]:
-    """``(<run_dir>/cluster/k<k>-<hash of key>, key)``: key = embeddings digest, cluster section, seed."""
+    """``(<run_dir>/cluster/k<k>-<hash of key>, key)``: key = embeddings digest, cluster section, seed;
+    ``mbc-k<k>-...`` for ``cluster.by: adapters``, whose key adds the sections its short adapters train with."""
     key = {"stage": "cluster", "embed": tree_digest(Path(embed_dir)), "config": cfg.section_hash("cluster"),
            "seed": cfg.run.seed}
+    if cfg.cluster.by == "adapters":  # model-based clustering (pipelines/mbc.py) also trains short adapters
+        key["short_adapters"] = cfg.section_hash("model", "lori", "train")
+        return Path(run_dir) / "cluster" / f"mbc-k{cfg.cluster.k}-{short_hash(key, 8)}", key
     return Path(run_dir) / "cluster" / f"k{cfg.cluster.k}-{short_hash(key, 8)}", key
 
 
@@ -199,7 +219,7 @@ def finished_cluster(cfg: Config, run_dir: Path) -> Path:
     return session.require_finished(*stage_path(cfg, run_dir, embed_dir), "cluster")
 
 
-def _write_router(out: Path, model: km.KMeansModel, fraction: float, info: dict, mapping: dict[str, int],
+def write_router(out: Path, model: km.KMeansModel, fraction: float, info: dict, mapping: dict[str, int],
                   embed_dir: Path) -> dict:
     """``centroids.npy`` and ``kmeans.json``: what routing a new row needs (``tclora.cluster.route_records``),
     including the embed stage's fitted template view (``embed.view: template``; None for whole sources)."""
@@ -218,8 +238,14 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
     """Cluster the embed stage's rows into ``<run_dir>/cluster/k<k>-<key>``; skipped when already done.
 
     Changing ``cluster.*`` (or ``run.seed``) re-clusters; the embed stage is only read.
+
+    Raises:
+        ConfigError: ``cluster.by: adapters``, whose stage (:func:`pipelines.mbc.run_mbc`) trains adapters.
     """
     c = cfg.cluster
+    if c.by == "adapters":
+        raise ConfigError("cluster.by=adapters trains a short adapter per task: run it with "
+                          "`tclora run --config ... --set cluster.by=adapters --until cluster`")
     if (rows := (read_manifest(Path(embed_dir)) or {}).get("rows")) is not None:
         km.check_k(c.k, rows)  # before any Ray work or output directory
     final, key = stage_path(cfg, run_dir, embed_dir)
@@ -248,18 +274,13 @@ def run_cluster(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
         final_ids = np.array([mapping[i] for i in range(model.k)], dtype=np.int32)
         labelled = ds.map_batches(label_batch, fn_kwargs={"centroids": model.centroids, "final_ids": final_ids},
                                   batch_format="pyarrow", batch_size=None)
-        with store.remote_output(tmp / "clusters") as out:  # Ray: write by cluster, to the store
-            labelled.write_parquet(out, filesystem=store.filesystem, partition_cols=["cluster"])
-        written = {int(d.name.split("=", 1)[1]): sum(pq.read_metadata(f).num_rows for f in d.glob("*.parquet"))
-                   for d in (tmp / "clusters").glob("cluster=*")}
-        if sum(written.values()) != n_rows:
-            raise RuntimeError(f"cluster: wrote {sum(written.values())} rows, expected {n_rows}")
+        written = write_by_cluster(labelled, tmp, store, n_rows)
 
         report = km.report_from_counts(final_counts, final_examples, N_EXAMPLES)
         report["sizes"] = {str(i): written[i] for i in sorted(written)}  # authoritative: what was written
         report.update(k=model.k, k_auto=c.k == "auto", raw_sizes={str(i): raw_sizes.get(i, 0) for i in range(model.k)},
                       mapping={str(i): j for i, j in mapping.items()}, policy=c.small_cluster_policy)
-        kmeans_info = _write_router(tmp, model, fraction, info, report["mapping"], Path(embed_dir))
+        kmeans_info = write_router(tmp, model, fraction, info, report["mapping"], Path(embed_dir))
         atomic_write_json(tmp / "report.json", report)
         km.plot_cluster_sizes(report, tmp / "cluster_sizes.png")
         _write_views(tmp, report, model, info)

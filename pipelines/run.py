@@ -27,6 +27,7 @@ from pathlib import Path
 from pipelines import session, tracking
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
+from pipelines.mbc import run_mbc
 from pipelines.merge_eval import run_merge_eval
 from pipelines.train import run_train
 from tclora import artifacts, farm, report, storage
@@ -46,6 +47,8 @@ def _cluster(cfg: Config, run_dir: Path, dirs: dict[str, Path]) -> StageResult:
     # before embedding costs little (k > rows means a tiny corpus), and the embeddings are cached, so the
     # rerun with a smaller k goes straight to clustering.
     check_k(cfg.cluster.k, artifacts.read_manifest(dirs["embed"])["rows"])
+    if cfg.cluster.by == "adapters":  # model-based clustering: short per-task adapters (issue 17)
+        return run_mbc(cfg, run_dir, dirs["embed"])
     return run_cluster(cfg, run_dir, dirs["embed"])
 
 

@@ -223,8 +223,11 @@ def train_clusters(groups: list[list[int]], cfg: Config, cluster_dir: Path, work
     return concurrent
 
 
-def run_train(cfg: Config, run_dir: Path, cluster_dir: Path) -> StageResult:
+def run_train(cfg: Config, run_dir: Path, cluster_dir: Path, final: Path | None = None) -> StageResult:
     """Stage driver: ``<run_dir>/train/cluster-<id>/`` PEFT adapters + ``train_report.json`` + manifest.
+
+    ``final`` puts the stage elsewhere in the run (model-based clustering trains its short per-task
+    adapters into the cluster stage's area, ``pipelines/mbc.py``).
 
     A no-op when the manifest matches; after a crash, finished clusters are reused and unfinished ones
     resume from their Ray Train checkpoints. Clusters the cluster stage skipped (id -1) get no adapter.
@@ -233,7 +236,7 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path) -> StageResult:
         ValueError: the cluster stage produced no cluster to train.
     """
     run_dir, cluster_dir = Path(run_dir).resolve(), Path(cluster_dir).resolve()
-    final, key = run_dir / "train", stage_key(cfg, cluster_dir)
+    final, key = Path(final or run_dir / "train").resolve(), stage_key(cfg, cluster_dir)
     if artifacts.is_complete(final, key):
         log.info("train: reusing %s", final)
         return StageResult(final, reused=True)

@@ -118,6 +118,12 @@ class ClusterSection(_Section):
         "mean silhouette of k-means on the fit sample (tclora.cluster_quality.choose_k).",
     )
     k_range: tuple[int, int] = Field((2, 16), description="[min, max] k tried when k is 'auto' (min >= 2).")
+    by: Literal["text", "adapters"] = Field(
+        "text", description="'text': k-means on the sentence embeddings (TC-LoRA). 'adapters': model-based "
+        "clustering (MBC, Ostapenko et al. 2024): a short LoRA per task_name, tasks grouped by the cosine "
+        "similarity of their updates (tclora.mbc, pipelines/mbc.py); needs task_name on every row.",
+    )
+    mbc_steps: int = Field(30, ge=1, description="Steps of each task's short LoRA when by is 'adapters'.")
     sample_fraction: float = Field(
         0.2, gt=0, le=1, description="Fraction of rows k-means is fitted on (a seeded hash sample), once the "
         "corpus has more than min_fit_rows rows; every row is then assigned to its nearest centroid."
@@ -140,6 +146,8 @@ class ClusterSection(_Section):
         lo, hi = self.k_range
         if not 2 <= lo <= hi:
             raise ValueError(f"k_range must be [min, max] with 2 <= min <= max, got {list(self.k_range)}")
+        if self.by == "adapters" and self.k == "auto":
+            raise ValueError("k 'auto' chooses k from the embeddings; with by 'adapters' give k as a number")
         return self
 
 

@@ -1,0 +1,116 @@
+"""``cluster.by: adapters`` (model-based clustering) through the real pipeline on a local Ray: embed,
+one short LoRA per task through the train stage (Ray Train + DeepSpeed), tasks grouped by their updates.
+
+The corpus is the demo's four families, each split into two task names (``<family>-0``, ``<family>-1``):
+eight tasks whose halves ask the same thing, so grouping them into k=4 must pair the halves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from peft import PeftModel
+
+from tclora.config import ConfigError, validate
+from tclora.data import write_jsonl
+from tclora.demo_corpus import generate_split
+from tests.helpers import demo_run_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+MBC_STEPS = 6
+
+
+def _raw(run_dir: Path, base: Path, corpus: Path) -> dict:
+    return demo_run_config(run_dir, base, data={"path": str(corpus)}, embed={"view": "source"},
+                           cluster={"k": 4, "by": "adapters", "mbc_steps": MBC_STEPS},
+                           lori={"target_modules": ["q_proj", "v_proj", "down_proj"]},
+                           train={"clusters_per_run": 8, "lr": 1e-2})
+
+
+@pytest.fixture(scope="module")
+def mbc_run(ray_session, tiny_base, tmp_path_factory):
+    from pipelines.run import run
+
+    root = tmp_path_factory.mktemp("mbc")
+    rows = generate_split("train", 24, 0)
+    for i, r in enumerate(rows):
+        r["task_name"] = f"{r['task_name']}-{i % 2}"
+    write_jsonl(root / "corpus.jsonl", rows)
+    raw = _raw(root / "run", tiny_base, root / "corpus.jsonl")
+    stages = run(validate(raw), until="cluster")["stages"]
+    return root, raw, stages
+
+
+def test_mbc_pairs_the_halves_of_each_family_and_writes_a_cluster_stage(mbc_run):
+    root, _, _ = mbc_run
+    final = next((root / "run" / "cluster").glob("mbc-k4-*"))
+    report = json.loads((final / "report.json").read_text())
+    info = json.loads((final / "mbc.json").read_text())
+    families = {t: t.rsplit("-", 1)[0] for t in info["tasks"]}
+    pairs = {}
+    for task, cluster in info["cluster_of"].items():
+        pairs.setdefault(cluster, set()).add(families[task])
+    assert sorted(len(f) for f in pairs.values()) == [1, 1, 1, 1], info["cluster_of"]  # halves together
+    assert report["by"] == "adapters" and report["k"] == 4 and report["n_rows"] == 4 * 24
+    # Every row once, whole tasks: each task's rows are all in its cluster's partition.
+    for cid in range(4):
+        part = pq.read_table(final / "clusters" / f"cluster={cid}", partitioning=None)
+        assert {info["cluster_of"][t] for t in part.column("task_name").to_pylist()} == {cid}
+    assert (final / "centroids.npy").is_file() and (final / "mbc_similarity.png").is_file()
+    assert "mbc_similarity.png" in (final / "cluster_report.md").read_text()
+
+
+def test_mbc_similarity_is_the_cosine_of_peft_deltas_of_plain_lora_adapters(mbc_run, tiny_base):
+    from sklearn.cluster import KMeans
+
+    from tclora.models import load_base
+
+    root, raw, _ = mbc_run
+    final = next((root / "run" / "cluster").glob("mbc-k4-*"))
+    info = json.loads((final / "mbc.json").read_text())
+    short = next(p for p in (root / "run" / "cluster").glob("tasks-*-adapters"))
+    flat = []
+    for i, _ in enumerate(info["tasks"]):
+        adapter = short / f"cluster-{i}"
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        lori_meta = json.loads((adapter / "lori.json").read_text())
+        assert lori_meta["mode"] == "lora" and lori_meta["steps"] == {"dense": MBC_STEPS}  # short, plain LoRA
+        model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(adapter))
+        deltas = [m.get_delta_weight("default").flatten() for name, m in sorted(model.named_modules())
+                  if hasattr(m, "get_delta_weight") and "default" in getattr(m, "lora_A", {})]
+        assert len(deltas) == 2 * len(cfg["target_modules"])  # 2 layers x 3 modules: PEFT's own deltas
+        flat.append(torch.cat(deltas).double())
+    flat = torch.stack(flat)
+    unit = flat / flat.norm(dim=1, keepdim=True)
+    np.testing.assert_allclose(info["similarity"], (unit @ unit.T).numpy(), atol=1e-5)
+    expected = KMeans(4, n_init=10, random_state=raw["run"]["seed"]).fit_predict(np.array(info["similarity"]))
+    got = [info["cluster_of"][t] for t in info["tasks"]]
+    assert len({(e, g) for e, g in zip(expected, got)}) == 4  # the same partition as scikit-learn's
+
+
+def test_mbc_rerun_is_a_no_op(mbc_run):
+    from pipelines.run import run
+
+    root, raw, _ = mbc_run
+    final = next((root / "run" / "cluster").glob("mbc-k4-*"))
+    before = (final / "manifest.json").read_bytes()
+    stages = run(validate(raw), until="cluster")["stages"]
+    assert stages["cluster"]["skipped"] and (final / "manifest.json").read_bytes() == before
+
+
+def test_mbc_needs_a_task_name_on_every_row_and_k_at_most_the_tasks(mbc_run, tiny_base, tmp_path):
+    from pipelines.run import run
+
+    rows = generate_split("train", 4, 0)
+    rows[5].pop("task_name")
+    write_jsonl(tmp_path / "corpus.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"task_name, but 1 rows have none \(first: corpus.jsonl:6\)"):
+        run(validate(_raw(tmp_path / "run", tiny_base, tmp_path / "corpus.jsonl")), until="cluster")
+    with pytest.raises(ConfigError, match="k 'auto'.*by 'adapters'"):
+        validate({"cluster": {"k": "auto", "by": "adapters"}})
