@@ -50,6 +50,15 @@ def test_report_markdown_and_plots(tmp_path):
     assert plot_criterion({2: 0.1, 3: 0.5}, 3, tmp_path / "c.png").stat().st_size > 0
 
 
+def test_template_view_of_a_small_demo_corpus_is_its_twelve_templates():
+    from tclora import demo_corpus
+
+    rows = [r["source"] for r in demo_corpus.generate_split("train", 40, 0)]  # 480 rows, 40 per template
+    expected = {t.replace(" {x}", " ...").replace("{x} ", "... ").replace("{x}", "...")
+                for f in demo_corpus.FAMILIES.values() for t in f.templates}
+    assert set(TemplateMiner.fit(rows).views(rows)) == {e.replace("... -", "...-") for e in expected}
+
+
 def test_template_view_masks_payload_keeps_template():
     rng = np.random.default_rng(0)
     words = "arm bag box cup dot fan gem hat jam key".split()
