@@ -220,7 +220,7 @@ def finished_cluster(cfg: Config, run_dir: Path) -> Path:
 
 
 def write_router(out: Path, model: km.KMeansModel, fraction: float, info: dict, mapping: dict[str, int],
-                  embed_dir: Path) -> dict:
+                 embed_dir: Path) -> dict:
     """``centroids.npy`` and ``kmeans.json``: what routing a new row needs (``tclora.cluster.route_records``),
     including the embed stage's fitted template view (``embed.view: template``; None for whole sources)."""
     np.save(out / "centroids.npy", model.centroids, allow_pickle=False)

@@ -169,6 +169,8 @@ def run_mbc(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
     _write_partition(ds, tasks_dir, tasks_key, cfg, run_dir, embed_dir, summary, {t: i for i, t in enumerate(names)})
     log.info("cluster (by adapters): a %d-step LoRA for each of %d tasks", cfg.cluster.mbc_steps, len(names))
     short = run_train(short_adapter_config(cfg), run_dir, tasks_dir, final=Path(f"{tasks_dir}-adapters")).dir
+    for done in (tasks_dir, short):  # on an object-store run.dir, a restarted driver finds them there
+        store.publish(done)
     adapters = read_manifest(short)["adapters"]
 
     # [3] tasks grouped by their adapters' similarity
@@ -176,7 +178,7 @@ def run_mbc(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
                                                        for i in range(len(names))]))
     labels = mbc.cluster_tasks(similarity, cfg.cluster.k, seed=cfg.run.seed)
     cluster_of = {t: int(c) for t, c in zip(names, labels)}
-    log.info("cluster (by adapters): %s", {c: [t for t in names if cluster_of[t] == c] for c in sorted(set(labels))})
+    log.info("cluster (by adapters): %s", {c: [t for t in names if cluster_of[t] == c] for c in range(cfg.cluster.k)})
 
     def mbc_files(tmp: Path) -> list[str]:
         atomic_write_json(tmp / "mbc.json", {"tasks": names, "cluster_of": cluster_of, "steps": cfg.cluster.mbc_steps,
