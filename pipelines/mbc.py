@@ -93,7 +93,7 @@ def _task_summary(ds) -> dict[str, dict]:
             e["examples"] = (e["examples"] + examples)[:N_EXAMPLES]
     if None in tasks:
         raise ConfigError(f"cluster.by=adapters groups rows by task_name, but {tasks[None]['n']} rows have none "
-                          f"(first: {tasks[None]['first_row']}); add task_name or use cluster.by=text")
+                          f"(e.g. {tasks[None]['first_row']}); add task_name or use cluster.by=text")
     if len(tasks) < 2:
         raise ConfigError(f"cluster.by=adapters needs at least 2 tasks, the corpus has {len(tasks)}")
     return {t: {**e, "mean": (e["sum"] / e["n"]).astype(np.float32)} for t, e in sorted(tasks.items())}

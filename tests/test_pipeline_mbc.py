@@ -104,13 +104,27 @@ def test_mbc_rerun_is_a_no_op(mbc_run):
     assert stages["cluster"]["skipped"] and (final / "manifest.json").read_bytes() == before
 
 
-def test_mbc_needs_a_task_name_on_every_row_and_k_at_most_the_tasks(mbc_run, tiny_base, tmp_path):
-    from pipelines.run import run
+def _embedded(tasks: list[str | None]):
+    """A dataset laid out as the embed stage writes it: row i has task ``tasks[i]`` and embedding [i] * 4."""
+    import pyarrow as pa
+    import ray.data
 
-    rows = generate_split("train", 4, 0)
-    rows[5].pop("task_name")
-    write_jsonl(tmp_path / "corpus.jsonl", rows)
-    with pytest.raises(ConfigError, match=r"task_name, but 1 rows have none \(first: corpus.jsonl:6\)"):
-        run(validate(_raw(tmp_path / "run", tiny_base, tmp_path / "corpus.jsonl")), until="cluster")
+    n = len(tasks)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.repeat(np.arange(n), 4), pa.float32()), 4)
+    return ray.data.from_arrow(pa.table({"row_id": [f"corpus.jsonl:{i + 1}" for i in range(n)],
+                                         "source": [f"s{i}" for i in range(n)],
+                                         "task_name": pa.array(tasks, pa.string()), "embedding": vectors}))
+
+
+def test_mbc_task_summary_needs_a_task_name_on_every_row(ray_session):
+    from pipelines.mbc import _task_summary
+
+    summary = _task_summary(_embedded(["b", "a"] * 3))
+    assert {t: e["n"] for t, e in summary.items()} == {"a": 3, "b": 3}
+    np.testing.assert_allclose(summary["a"]["mean"], np.full(4, 3.0))  # rows 1, 3, 5
+    with pytest.raises(ConfigError, match=r"task_name, but 1 rows have none \(e.g. corpus.jsonl:5\)"):
+        _task_summary(_embedded(["b", "a", "b", "a", None, "a"]))
+    with pytest.raises(ConfigError, match="at least 2 tasks"):
+        _task_summary(_embedded(["a"] * 6))
     with pytest.raises(ConfigError, match="k 'auto'.*by 'adapters'"):
         validate({"cluster": {"k": "auto", "by": "adapters"}})
