@@ -210,3 +210,71 @@ def ray_cluster(tmp_path_factory, seaweedfs):
         _stop(_pids_with(str(temp)) + _pids_with(str(temp2)))
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(temp2, ignore_errors=True)
+
+
+FAKE_GPU = "tclora_fake_gpu"  # stands in for "GPU" on the autoscaled worker type (this machine has none)
+IDLE_TIMEOUT_MINUTES = 0.25
+
+
+def autoscaling_config(gcs_address: str) -> dict:
+    """An autoscaler config for Ray's ``fake_multinode`` provider (raylets on this machine launched and
+    removed as if they were VMs), shaped like ``cluster_configs/aws.yaml``: a CPU-only head and an
+    accelerator worker type with ``min_workers: 0``. Fields as in Ray's own
+    ``autoscaler/_private/fake_multi_node/example.yaml``, which the wheel does not ship."""
+    return {
+        "cluster_name": "tclora-fake", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": 2, FAKE_GPU: 1}, "node_config": {}, "min_workers": 0,
+                           "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
+        "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+        "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+@pytest.fixture(scope="session")
+def autoscaling_cluster(tmp_path_factory):
+    """A head whose autoscaler (Ray's ``fake_multinode`` provider, ``RAY_FAKE_CLUSTER=1``) adds and removes
+    ``gpu_worker`` nodes on demand. What ``ray.cluster_utils.AutoscalingCluster`` sets up, without its
+    ``ray stop --force`` (which would stop every Ray on the machine): everything is stopped by process id,
+    the worker raylets the autoscaler launched included (they are the monitor's children).
+
+    Yields ``{"address", "env", "temp", "base"}``.
+    """
+    base = tmp_path_factory.mktemp("autoscaling")
+    temp = Path(tempfile.mkdtemp(prefix="tclora-fake-", dir="/tmp"))
+    gcs = free_port()
+    config = base / "autoscaling.yaml"
+    config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{gcs}")))
+    # RAY_TMPDIR: the raylets the autoscaler launches (Ray's Node objects, no --temp-dir of their own) and
+    # the head's "current cluster" address file go under our temp dir too, not /tmp/ray.
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_TMPDIR": str(temp),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    log = base / "ray_start.log"
+    head_pids: list[int] = []
+    try:
+        _ray_start(["--head", f"--port={gcs}", f"--autoscaling-config={config}", f"--temp-dir={temp}",
+                    "--num-cpus=2", "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                    f"--dashboard-agent-listen-port={free_port()}"], env, log)
+        head_pids = _pids_with(str(temp))
+        yield {"address": f"127.0.0.1:{gcs}", "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, "temp": temp,
+               "base": base}
+    finally:
+        import psutil
+
+        tree = set(head_pids) | set(_pids_with(str(temp)))
+        for pid in list(tree):
+            try:
+                tree |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                pass
+        _stop(sorted(tree))
+        shutil.rmtree(temp, ignore_errors=True)

@@ -4,7 +4,9 @@
   written to a local directory named ``s3:``;
 - a two-node Ray cluster whose second node cannot see the driver's working copy, the merge/eval actor
   forced onto that node: same adapters and scores as the single-node run (1e-6);
-- ``ray job submit --runtime-env cluster_configs/runtime_env.yaml -- tclora run ...`` against that head.
+- ``ray job submit --runtime-env cluster_configs/runtime_env.yaml -- tclora run ...`` against that head;
+- autoscaling, simulated: Ray's ``fake_multinode`` provider adds accelerator workers (min 0) for the train
+  stage and the merge/eval actor, and removes them when idle.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ import pytest
 import yaml
 from safetensors.numpy import load as load_safetensors
 
-from tests.cluster_fixtures import BIN, EVAL_NODE_RESOURCE
+from tests.cluster_fixtures import BIN, EVAL_NODE_RESOURCE, FAKE_GPU, IDLE_TIMEOUT_MINUTES
 from tests.helpers import demo_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.multinode]
@@ -131,3 +135,39 @@ def test_ray_job_submit_with_the_shipped_runtime_env(tmp_path, tiny_base, seawee
     assert "Failed to merge the Job's runtime env" not in out.stdout
     metrics = json.loads(_read(seaweedfs["filesystem"], "tclora/runs/job/metrics.json"))
     assert "cp" in metrics["eval"] and metrics["data"]["rows"] > 0
+
+
+def _nodes(env: dict) -> list[dict]:
+    """The cluster's node table, dead nodes included, from a short client process (this test process keeps
+    the suite's own local Ray)."""
+    code = ("import json, ray; ray.init(log_to_driver=False); print(json.dumps([{'alive': n['Alive'], "
+            "'resources': n['Resources']} for n in ray.nodes()]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _accelerator_nodes(env: dict) -> list[dict]:
+    return [n for n in _nodes(env) if FAKE_GPU in n["resources"]]
+
+
+def test_autoscaler_adds_accelerator_workers_for_the_run_and_removes_them_when_idle(tmp_path, tiny_base,
+                                                                                    autoscaling_cluster):
+    env = autoscaling_cluster["env"]
+    assert _accelerator_nodes(env) == []  # min_workers 0: the run starts on a head alone
+    # Training and the merge/eval actor ask for the accelerator only the autoscaled worker type has, as
+    # train.gpus_per_worker / eval.num_gpus do on cluster_configs/aws.yaml.
+    raw = demo_run_config(tmp_path / "run", tiny_base, train={"resources": {FAKE_GPU: 1}, "clusters_per_run": 2},
+                          eval={"resources": {FAKE_GPU: 1}})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    started = time.time()
+    _tclora_run(config, env, cwd=tmp_path)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "cp" in metrics["eval"] and len(list((tmp_path / "run" / "train").glob("cluster-*"))) == 2
+    launched = _accelerator_nodes(env)
+    assert launched, "the autoscaler launched no accelerator worker, yet the run trained and merged"
+    deadline = time.time() + IDLE_TIMEOUT_MINUTES * 60 + 180
+    while any(n["alive"] for n in _accelerator_nodes(env)):  # idle_timeout_minutes: removed again
+        assert time.time() < deadline, f"idle workers still up {time.time() - started:.0f} s after the run started"
+        time.sleep(5)
