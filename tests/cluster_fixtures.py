@@ -254,7 +254,10 @@ def autoscaling_cluster(tmp_path_factory):
     config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{gcs}")))
     # RAY_TMPDIR: the raylets the autoscaler launches (Ray's Node objects, no --temp-dir of their own) and
     # the head's "current cluster" address file go under our temp dir too, not /tmp/ray.
+    token = base / "auth_token"  # token auth, as Ray 2.60's `ray start --head` runs (see ray_cluster)
+    token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_TMPDIR": str(temp),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
