@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # ---- worker functions (map_batches) -----------------------------------------------------------------
 def task_summary_batch(batch: pa.Table) -> pa.Table:
-    """One row per task in the batch: its row count, embedding sum, first sources, and the rows with no task."""
+    """One row per task in the batch (None: rows without a task_name): row count, embedding sum, first sources."""
     tasks = batch.column("task_name").to_pylist()
     vectors = embedding_matrix(batch)
     sources = batch.column("source").to_pylist()
@@ -124,7 +124,7 @@ def _write_partition(ds, final: Path, key: dict, cfg: Config, run_dir: Path, emb
         mapping = {str(i): i for i in range(k)}
         report.update(k=k, k_auto=False, by="adapters", raw_sizes=dict(report["sizes"]), mapping=mapping,
                       policy=None)
-        model = km.KMeansModel(centroids, inertia=float("nan"), n_rows=n_rows)
+        model = km.KMeansModel(centroids, inertia=None, n_rows=n_rows)  # no k-means objective: whole tasks
         kmeans_info = write_router(tmp, model, 1.0, {}, mapping, Path(embed_dir))
         atomic_write_json(tmp / "report.json", report)
         km.plot_cluster_sizes(report, tmp / "cluster_sizes.png")

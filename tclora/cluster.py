@@ -77,7 +77,7 @@ class KMeansModel:
     of the rows it was fitted on."""
 
     centroids: np.ndarray
-    inertia: float
+    inertia: float | None  # None when the clusters did not come from k-means (cluster.by: adapters)
     n_iter: int = 0
     n_rows: int = 0
     restart_inertias: list[float] = field(default_factory=list)
