@@ -91,7 +91,7 @@ class ModelSection(_Section):
     cache_dir: str | None = Field(
         None, description="Where the demo base is built and cached; None uses ~/.cache/tclora."
     )
-    demo_pretrain_steps: int = Field(2000, ge=0, description="Demo base: pre-training steps (tclora.demo_base).")
+    demo_pretrain_steps: int = Field(3000, ge=0, description="Demo base: pre-training steps (tclora.demo_base).")
 
 
 class EmbedSection(_Section):

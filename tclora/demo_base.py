@@ -76,12 +76,10 @@ class DemoBaseSpec:
     layers: int = 4
     heads: int = 4
     intermediate: int = 256
-    # 2,000 steps learn all 11 skills with demo_corpus.SKILL_WEIGHTS (29-30 of 30 unseen payloads each, 217 s
-    # on a quiet 2-core machine; 3,000 steps: the same); with equal weights 3,000 steps left sort at 0/30.
     # 3,000 steps at lr 1e-3 learnt all six skills of issue 12's prototype (205 s, quiet 2-core machine);
     # 800 steps at 2e-3 with 3 layers learnt the answer format and counting but not copying (copy, reverse,
     # sort and upper 0/10 in notation): the model had not yet learnt to attend to the words it repeats.
-    pretrain_steps: int = 2000
+    pretrain_steps: int = 3000
     batch: int = 32
     seq_len: int = 64  # tokens per packed pre-training row
     lr: float = 1e-3
