@@ -48,7 +48,9 @@ def template_tasks(rows: list[dict]) -> list[dict]:
                        for t in family.templates] for name, family in demo_corpus.FAMILIES.items()}
     out = []
     for r in rows:
-        index = next(i for i, p in enumerate(patterns[r["task_name"]]) if p.match(r["source"]))
+        index = next((i for i, p in enumerate(patterns[r["task_name"]]) if p.match(r["source"])), None)
+        if index is None:
+            raise ValueError(f"{r['source']!r} matches no template of {r['task_name']}")
         out.append({**r, "family": r["task_name"], "task_name": f"{r['task_name']}/t{index}"})
     return out
 

@@ -51,6 +51,7 @@ from tclora.artifacts import (
 )
 from tclora.cluster_quality import choose_k, plot_criterion, plot_projection, report_markdown
 from tclora.config import Config, ConfigError
+from tclora.mbc import short_adapter_config
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,9 @@ def stage_path(cfg: Config, run_dir: Path, embed_dir: Path) -> tuple[Path, dict]
     key = {"stage": "cluster", "embed": tree_digest(Path(embed_dir)), "config": cfg.section_hash("cluster"),
            "seed": cfg.run.seed}
     if cfg.cluster.by == "adapters":  # model-based clustering (pipelines/mbc.py) also trains short adapters
-        key["short_adapters"] = cfg.section_hash("model", "lori", "train")
+        c = cfg.cluster  # only what MBC reads, and the config its short adapters really train with
+        key["config"] = {"k": c.k, "mbc_steps": c.mbc_steps, "n_init": c.n_init}
+        key["short_adapters"] = short_adapter_config(cfg).section_hash("model", "lori", "train")
         return Path(run_dir) / "cluster" / f"mbc-k{cfg.cluster.k}-{short_hash(key, 8)}", key
     return Path(run_dir) / "cluster" / f"k{cfg.cluster.k}-{short_hash(key, 8)}", key
 

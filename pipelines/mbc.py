@@ -13,8 +13,9 @@ In place of k-means on the embeddings (:mod:`pipelines.cluster`), the cluster st
       cluster's mean embedding, so routing held-out rows works as for text clusters), ``report.json``
       with NMI/ARI against ``task_name`` and, beside them, ``mbc.json`` (the similarity matrix and each
       task's cluster) and ``mbc_similarity.png``.
-Every step is a stage with a manifest: a rerun reuses what finished, a killed run resumes its short
-adapters from their checkpoints. Whole tasks move together, so the small-cluster rule does not apply.
+Every step is a stage with a manifest: a rerun reuses what finished, and a killed run keeps the short
+adapters that had finished (the train stage's staged adapters). Whole tasks move together, so the
+small-cluster rule does not apply.
 """
 
 from __future__ import annotations
@@ -51,15 +52,15 @@ def task_summary_batch(batch: pa.Table) -> pa.Table:
     """One row per task in the batch (None: rows without a task_name): row count, embedding sum, first sources."""
     tasks = batch.column("task_name").to_pylist()
     vectors = embedding_matrix(batch)
-    sources = batch.column("source").to_pylist()
+    sources, row_ids = batch.column("source").to_pylist(), batch.column("row_id").to_pylist()
     out: dict[str | None, dict] = {}
     for i, task in enumerate(tasks):
-        entry = out.setdefault(task, {"n": 0, "sum": np.zeros(vectors.shape[1]), "examples": [], "first": None})
+        entry = out.setdefault(task, {"n": 0, "sum": np.zeros(vectors.shape[1]), "examples": [],
+                                      "first": row_ids[i]})
         entry["n"] += 1
         entry["sum"] += vectors[i]
         if len(entry["examples"]) < N_EXAMPLES:
             entry["examples"].append(sources[i][:200])
-        entry["first"] = entry["first"] or batch.column("row_id")[i].as_py()
     return pa.table({"task": list(out), "n": [e["n"] for e in out.values()],
                      "sum": [e["sum"].tolist() for e in out.values()],
                      "examples": [e["examples"] for e in out.values()],
@@ -134,16 +135,6 @@ def _write_partition(ds, final: Path, key: dict, cfg: Config, run_dir: Path, emb
     return StageResult(final, reused=False)
 
 
-def short_adapter_config(cfg: Config) -> Config:
-    """The config each task's short LoRA trains with: plain LoRA (``lori.mode: lora``) for
-    ``cluster.mbc_steps`` steps from one shared initial A (``lori.shared_a``), everything else as the
-    run's own adapters. A shared start matters: early on ``dW ~ -lr G A^T A`` (B starts at zero), so two
-    tasks with the same gradient G but different random A's would look unrelated."""
-    return cfg.model_copy(update={"lori": cfg.lori.model_copy(update={"mode": "lora", "shared_a": True}),
-                                  "train": cfg.train.model_copy(update={"steps": cfg.cluster.mbc_steps,
-                                                                        "sparse_steps": None})})
-
-
 def run_mbc(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
     """Cluster the embed stage's rows by task adapters into ``<run_dir>/cluster/mbc-k<k>-<key>``.
 
@@ -167,16 +158,16 @@ def run_mbc(cfg: Config, run_dir: Path, embed_dir: Path) -> StageResult:
     tasks_key = {"stage": "cluster-tasks", "embed": tree_digest(Path(embed_dir)), "seed": cfg.run.seed}
     tasks_dir = run_dir / "cluster" / f"tasks-{short_hash(tasks_key, 8)}"
     _write_partition(ds, tasks_dir, tasks_key, cfg, run_dir, embed_dir, summary, {t: i for i, t in enumerate(names)})
+    store.publish(tasks_dir)  # the Tune trials read each task's rows from the run's store
     log.info("cluster (by adapters): a %d-step LoRA for each of %d tasks", cfg.cluster.mbc_steps, len(names))
-    short = run_train(short_adapter_config(cfg), run_dir, tasks_dir, final=Path(f"{tasks_dir}-adapters")).dir
-    for done in (tasks_dir, short):  # on an object-store run.dir, a restarted driver finds them there
-        store.publish(done)
+    short = run_train(mbc.short_adapter_config(cfg), run_dir, tasks_dir, final=Path(f"{tasks_dir}-adapters")).dir
+    store.publish(short)  # a restarted driver on another node finds them there
     adapters = read_manifest(short)["adapters"]
 
     # [3] tasks grouped by their adapters' similarity
     similarity = mbc.cosine_from_gram(mbc.update_gram([load_factors(short / adapters[str(i)])
                                                        for i in range(len(names))]))
-    labels = mbc.cluster_tasks(similarity, cfg.cluster.k, seed=cfg.run.seed)
+    labels = mbc.cluster_tasks(similarity, cfg.cluster.k, seed=cfg.run.seed, n_init=cfg.cluster.n_init)
     cluster_of = {t: int(c) for t, c in zip(names, labels)}
     log.info("cluster (by adapters): %s", {c: [t for t in names if cluster_of[t] == c] for c in range(cfg.cluster.k)})
 

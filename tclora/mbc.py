@@ -23,10 +23,21 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from tclora.config import Config, ConfigError
 from tclora.merge.base import LowRank
 from tclora.plots import pyplot, save_figure
 
 log = logging.getLogger(__name__)
+
+
+def short_adapter_config(cfg: Config) -> Config:
+    """The config each task's short LoRA trains with: plain LoRA (``lori.mode: lora``) for
+    ``cluster.mbc_steps`` steps from one shared initial A (``lori.shared_a``), everything else as the
+    run's own adapters. A shared start matters: early on ``dW ~ -lr G A^T A`` (B starts at zero), so two
+    tasks with the same gradient G but different random A's would look unrelated."""
+    return cfg.model_copy(update={"lori": cfg.lori.model_copy(update={"mode": "lora", "shared_a": True}),
+                                  "train": cfg.train.model_copy(update={"steps": cfg.cluster.mbc_steps,
+                                                                        "sparse_steps": None})})
 
 
 def update_gram(adapters: Sequence[Mapping[str, LowRank]]) -> np.ndarray:
@@ -90,15 +101,24 @@ def cluster_tasks(similarity: np.ndarray, k: int, seed: int = 0, n_init: int = 1
 
     Labels are renumbered by each cluster's first task, so the same grouping always gets the same ids.
 
+    Args:
+        similarity: (T, T) cosine similarities (:func:`cosine_from_gram`).
+
+    Returns:
+        (T,) int64 cluster of each task.
+
     Raises:
-        ValueError: ``k`` not in ``[1, T]``.
+        ConfigError: ``k`` not in ``[1, T]``, or k-means found fewer than ``k`` distinct groups.
     """
     from sklearn.cluster import KMeans
 
     t = similarity.shape[0]
     if not 1 <= k <= t:
-        raise ValueError(f"cluster.k={k} must be between 1 and the number of tasks ({t}) for cluster.by=adapters")
+        raise ConfigError(f"cluster.k={k} must be between 1 and the number of tasks ({t}) for cluster.by=adapters")
     raw = KMeans(k, n_init=n_init, random_state=seed).fit_predict(similarity)
+    if len(set(raw.tolist())) < k:  # e.g. untrained adapters: identical rows of the similarity matrix
+        raise ConfigError(f"cluster.k={k}: the tasks' adapters form only {len(set(raw.tolist()))} distinct "
+                         "groups; lower cluster.k or raise cluster.mbc_steps")
     first_seen = {label: i for i, label in reversed(list(enumerate(raw.tolist())))}
     order = {label: new for new, label in enumerate(sorted(first_seen, key=first_seen.get))}
     return np.array([order[label] for label in raw.tolist()], dtype=np.int64)

@@ -15,7 +15,7 @@ payload comes first are found too, from the end of the row.
      usable support cut, but its top two positions hold < 35% of it; template words 70-100%. The cut,
      0.65, leaves room for chance: in a small corpus a payload word's occurrences are few, and at 40 rows
      per demo family some reached 50-54% in their top two positions (the last words of templates that
-     end in the payload), so a 0.5 cut kept them and the 480 rows had 90 distinct views instead of the
+     end in the payload), so a 0.5 cut kept them and the 160 rows had 90 distinct views instead of the
      12 templates (0.65: 12; 20 rows per family: 80 -> 23; from 100 rows per family on, 12 either way).
   2. A template word is kept at each position where it has support >= ``min_support`` (fraction of rows).
 Every other token is payload; each run of payload becomes ``mask``. A row with no template token keeps

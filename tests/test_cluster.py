@@ -54,7 +54,11 @@ def test_subsampled_restarts_then_refine_on_all_rows():
 ])
 def test_fit_fraction_fits_small_corpora_on_every_row(n_rows, k, expected):
     assert km.fit_fraction(n_rows, k, sample_fraction=0.2, min_fit_rows=50_000) == pytest.approx(expected)
+
+
+def test_fit_fraction_keeps_50_rows_per_cluster_and_rejects_bad_fractions():
     assert km.fit_fraction(1_000, 40, 0.2, min_fit_rows=10) == 1.0  # 50 rows per cluster: 2,000 > 1,000
+    assert km.fit_fraction(100_000, 40, 0.01, min_fit_rows=10) == pytest.approx(0.02)  # 2,000 of 100,000
     with pytest.raises(ValueError, match="sample_fraction"):
         km.fit_fraction(100, 2, 0.0, 10)
 

@@ -53,7 +53,7 @@ def test_report_markdown_and_plots(tmp_path):
 def test_template_view_of_a_small_demo_corpus_is_its_twelve_templates():
     from tclora import demo_corpus
 
-    rows = [r["source"] for r in demo_corpus.generate_split("train", 40, 0)]  # 480 rows, 40 per template
+    rows = [r["source"] for r in demo_corpus.generate_split("train", 40, 0)]  # 160 rows, 40 per family
     expected = {t.replace(" {x}", " ...").replace("{x} ", "... ").replace("{x}", "...")
                 for f in demo_corpus.FAMILIES.values() for t in f.templates}
     assert set(TemplateMiner.fit(rows).views(rows)) == {e.replace("... -", "...-") for e in expected}

@@ -57,6 +57,8 @@ def test_cluster_tasks_groups_like_sklearn_on_similarity_rows_with_stable_ids():
     assert adjusted_rand_score(reference, labels) == 1.0
     with pytest.raises(ValueError, match=r"cluster\.k=10 .*\(9\)"):
         mbc.cluster_tasks(sim, 10)
+    with pytest.raises(ValueError, match=r"only 1 distinct groups"):  # untrained adapters: identical rows
+        mbc.cluster_tasks(np.ones((4, 4)), 2)
 
 
 def test_plot_similarity_writes_a_png(tmp_path):

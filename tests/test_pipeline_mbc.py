@@ -94,14 +94,21 @@ def test_mbc_similarity_is_the_cosine_of_peft_deltas_of_plain_lora_adapters(mbc_
     assert len({(e, g) for e, g in zip(expected, got)}) == 4  # the same partition as scikit-learn's
 
 
-def test_mbc_rerun_is_a_no_op(mbc_run):
+def test_mbc_rerun_is_a_no_op_and_another_k_reuses_the_short_adapters(mbc_run):
     from pipelines.run import run
 
     root, raw, _ = mbc_run
     final = next((root / "run" / "cluster").glob("mbc-k4-*"))
-    before = (final / "manifest.json").read_bytes()
-    stages = run(validate(raw), until="cluster")["stages"]
+    short = next((root / "run" / "cluster").glob("tasks-*-adapters"))
+    before, short_before = (final / "manifest.json").read_bytes(), (short / "manifest.json").read_bytes()
+    # The main adapters' own settings (LoRI-S steps) are not what the short LoRAs train with: no re-clustering.
+    again = {**raw, "train": {**raw["train"], "steps": raw["train"]["steps"] + 1}}
+    stages = run(validate(again), until="cluster")["stages"]
     assert stages["cluster"]["skipped"] and (final / "manifest.json").read_bytes() == before
+    stages = run(validate({**raw, "cluster": {**raw["cluster"], "k": 2}}), until="cluster")["stages"]
+    assert not stages["cluster"]["skipped"] and (short / "manifest.json").read_bytes() == short_before
+    info = json.loads((next((root / "run" / "cluster").glob("mbc-k2-*")) / "mbc.json").read_text())
+    assert sorted(set(info["cluster_of"].values())) == [0, 1]
 
 
 def _embedded(tasks: list[str | None]):
