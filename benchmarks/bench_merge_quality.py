@@ -297,7 +297,7 @@ def parse_args(argv: list[str] | None = None):
                    help="λ grid tuned on validation (default: the run's, tclora.tune_merge.SCALES plus 1/T)")
     p.add_argument("--cp-rank", type=int, default=4, help="CP rank R (merge.cp_rank; demo.yaml's)")
     p.add_argument("--tune-per-task", type=int, default=10, help="validation rows per family used for tuning")
-    p.add_argument("--steps", type=int, default=60, help="LoRI-D steps per adapter; LoRI-S runs as many (demo.yaml's)")
+    p.add_argument("--steps", type=int, default=120, help="LoRI-D steps per adapter; LoRI-S runs as many (demo.yaml's)")
     p.add_argument("--rank", type=int, default=8, help="LoRI rank r (alpha = 2r)")
     p.add_argument("--sparsity", type=float, default=0.9, help="LoRI-S: fraction of B masked out")
     p.add_argument("--cp-iters", type=int, default=100, help="CP-ALS iterations")
