@@ -96,13 +96,19 @@ def count_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
     return pa.table({"summary": [json.dumps(payload)]})
 
 
-def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -> pa.Table:
-    """Rows with their k-means label, final cluster id (after the small-cluster rule) and distance."""
-    labels, dists = km.assign(embedding_matrix(batch), centroids)
+def with_labels(batch: pa.Table, labels: np.ndarray, dists: np.ndarray, final: np.ndarray) -> pa.Table:
+    """``batch`` without its embeddings, plus ``kmeans_cluster`` (labels), ``distance`` (squared, to the
+    row's centroid) and ``cluster`` (final id): the rows a cluster stage writes. All arrays (n,)."""
     out = batch.drop_columns(["embedding"])
     out = out.append_column("kmeans_cluster", pa.array(labels, pa.int32()))
     out = out.append_column("distance", pa.array(dists, pa.float32()))
-    return out.append_column("cluster", pa.array(final_ids[labels], pa.int32()))
+    return out.append_column("cluster", pa.array(final, pa.int32()))
+
+
+def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -> pa.Table:
+    """Rows with their k-means label, final cluster id (after the small-cluster rule) and distance."""
+    labels, dists = km.assign(embedding_matrix(batch), centroids)
+    return with_labels(batch, labels, dists, final_ids[labels])
 
 
 # ---- driver ---------------------------------------------------------------------------------------

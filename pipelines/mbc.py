@@ -26,7 +26,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.cluster import N_EXAMPLES, embedding_matrix, stage_path, write_by_cluster, write_router
+from pipelines.cluster import (
+    N_EXAMPLES,
+    embedding_matrix,
+    stage_path,
+    with_labels,
+    write_by_cluster,
+    write_router,
+)
 from pipelines.io import read_parquet
 from pipelines.train import run_train
 from tclora import cluster as km
@@ -71,10 +78,7 @@ def task_label_batch(batch: pa.Table, cluster_of: dict[str, int], centroids: np.
     """Rows with their cluster (their task's) and squared distance to its centroid, as ``label_batch``."""
     labels = np.array([cluster_of[t] for t in batch.column("task_name").to_pylist()], dtype=np.int32)
     dists = ((embedding_matrix(batch) - centroids[labels]) ** 2).sum(axis=1)
-    out = batch.drop_columns(["embedding"])
-    out = out.append_column("kmeans_cluster", pa.array(labels, pa.int32()))
-    out = out.append_column("distance", pa.array(dists, pa.float32()))
-    return out.append_column("cluster", pa.array(labels, pa.int32()))
+    return with_labels(batch, labels, dists, labels)
 
 
 # ---- driver -------------------------------------------------------------------------------------------
