@@ -262,18 +262,17 @@ def autoscaling_cluster(tmp_path_factory):
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     log = base / "ray_start.log"
-    head_pids: list[int] = []
     try:
         _ray_start(["--head", f"--port={gcs}", f"--autoscaling-config={config}", f"--temp-dir={temp}",
                     "--num-cpus=2", "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
                     f"--dashboard-agent-listen-port={free_port()}"], env, log)
-        head_pids = _pids_with(str(temp))
         yield {"address": f"127.0.0.1:{gcs}", "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, "temp": temp,
                "base": base}
     finally:
         import psutil
 
-        tree = set(head_pids) | set(_pids_with(str(temp)))
+        # Found by our temp dir at teardown, never by pids remembered from start-up (they may be reused).
+        tree = set(_pids_with(str(temp)))
         for pid in list(tree):
             try:
                 tree |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
