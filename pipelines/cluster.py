@@ -137,11 +137,7 @@ def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float,
     info: dict = {"sample": sample, "task_names": [tasks[i] for i in order]}
     k = c.k
     if k == "auto":
-        hi = min(c.k_range[1], len(sample) - 1)
-        if hi < c.k_range[0]:
-            raise ValueError(f"cluster.k=auto: the fit sample has {len(sample)} rows, "
-                             f"too few for k_range {list(c.k_range)}")
-        k, info["silhouette"] = choose_k(sample, c.k_range[0], hi, n_init=c.n_init, max_iter=c.max_iter,
+        k, info["silhouette"] = choose_k(sample, *c.k_range, n_init=c.n_init, max_iter=c.max_iter,
                                          seed=cfg.run.seed)
     if len(sample) < k:  # an unlucky hash sample of a tiny corpus
         raise ValueError(f"cluster.sample_fraction={fraction:.3g} drew {len(sample)} rows, fewer than k={k}")

@@ -115,7 +115,7 @@ class EmbedSection(_Section):
 class ClusterSection(_Section):
     k: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         8, description="Number of k-means clusters, i.e. adapters to train; 'auto' picks it in k_range by the "
-        "mean silhouette of k-means on the fit sample (tclora.cluster_quality.choose_k).",
+        "mean silhouette of k-means on the distinct rows of the fit sample (tclora.cluster_quality.choose_k).",
     )
     k_range: tuple[int, int] = Field((2, 16), description="[min, max] k tried when k is 'auto' (min >= 2).")
     by: Literal["text", "adapters"] = Field(

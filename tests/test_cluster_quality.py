@@ -33,9 +33,24 @@ def test_choose_k_finds_separated_blobs_and_scores_are_sklearns(true_k):
 
 def test_choose_k_rejects_bad_range():
     x, _ = unit_blobs(5, 2)
-    for lo, hi in ((1, 3), (4, 3), (2, 10)):
+    for lo, hi in ((1, 3), (4, 3), (10, 12)):
         with pytest.raises(ValueError, match="k_range"):
             choose_k(x, lo, hi)
+    with pytest.raises(ValueError, match=r"distinct rows of the fit sample \(2 of 10\)"):
+        choose_k(np.repeat(x[:2], 5, axis=0), 2, 4)  # ten rows, two distinct: no k in [2, 4] is informative
+    assert sorted(choose_k(x, 2, 50, n_init=2)[1]) == list(range(2, 10))  # k_max lowered to distinct rows - 1
+
+
+def test_choose_k_counts_duplicates_once():
+    """Four tight groups of three distinct "templates", each repeated 100 times (a template view). Counted
+    with their copies, the split into the 12 templates has silhouette 1 (sklearn, below); on distinct rows
+    a singleton scores 0 and the four groups win."""
+    distinct, groups = unit_blobs(3, 4, spread=0.1)  # (12, 16)
+    x = np.repeat(distinct, 100, axis=0)
+    assert silhouette_score(x, np.repeat(np.arange(12), 100)) == pytest.approx(1.0)
+    k, scores = choose_k(x, 2, 11, n_init=5)
+    assert k == 4
+    assert scores[4] == pytest.approx(silhouette_score(distinct, groups), abs=1e-5)
 
 
 def test_report_markdown_and_plots(tmp_path):
