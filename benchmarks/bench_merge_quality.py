@@ -18,7 +18,11 @@ Per seed, single process, no Ray:
    ``test`` (in-domain), ``ood_test`` (zero-shot; no oracle: no adapter was trained for it),
    ``compose_test`` (exact match, mean over tasks) and ``mc_test`` (multiple-choice accuracy by
    length-normalised NLL; oracle only on the trained families' rows);
-5. measure each adapter's and each merge's update size: ||ΔW||_F / ||W||_F per module, mean and max.
+5. measure each adapter's and each merge's update size: ||ΔW||_F / ||W||_F per module, mean and max;
+6. ``skills``: which skill the base, each adapter alone and the best merge on validation perform on each
+   trained family's test prompts (the share of a family's prompts answered with each skill's output).
+   An adapter that answers every family's prompts with its own skill has learnt "do my skill", not
+   "read the instruction"; a sum of such adapters has nothing to select with.
 
 Targets (issue 12), mean over seeds: base <= 0.2 and oracle >= 0.85 in-domain; the best merge keeps
 >= 60% of the oracle's gain over the base in-domain and beats the base by >= 0.10 out of domain.
@@ -41,7 +45,7 @@ from tclora import adapters, compare, evaluate
 from tclora.config import EvalSection, LoRISection, MergeSection, TrainSection
 from tclora.data import read_jsonl
 from tclora.demo_base import DemoBaseSpec, build_demo_base
-from tclora.demo_corpus import COMPOSITIONS, TASK_FAMILIES, build_demo_corpus
+from tclora.demo_corpus import COMPOSITIONS, SKILLS, TASK_FAMILIES, build_demo_corpus, payload_of
 from tclora.merge import dense, merge_adapters, registry
 from tclora.models import load_base
 from tclora.train import train_lori_adapter
@@ -87,6 +91,21 @@ def mc_accuracy(model, tok, records: list[dict], args) -> float:
                                    length_normalize=True)
     per_task = [t["accuracy"] for t in res["per_task"].values()]
     return sum(per_task) / len(per_task)  # every task counts the same, as for exact match
+
+
+def skills_performed(model, tok, deltas: dict | None, rows: list[dict], families: list[str], args) -> dict:
+    """{prompt family: {skill: share of its prompts answered with that skill's output}} for base + ``deltas``.
+
+    The skills are the trained families' (an answer may match several on a payload where they agree).
+    """
+    with adapters.deltas_applied(model, deltas) if deltas else contextlib.nullcontext():
+        answers = evaluate.generate_answers(model, tok, [r["source"] for r in rows], batch_size=args.eval_batch_size,
+                                            max_new_tokens=args.max_new_tokens)
+    out = {}
+    for family in families:
+        pairs = [(payload_of(r["source"], family), a) for r, a in zip(rows, answers) if r["task_name"] == family]
+        out[family] = {skill: sum(SKILLS[skill](p) == a for p, a in pairs) / len(pairs) for skill in families}
+    return out
 
 
 def scores_with(model, tok, deltas: dict | None, data: dict, args) -> dict:
@@ -177,11 +196,18 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
         scores[method] = scores_with(model, tok, deltas, data, args)
         log.info("seed %d %s: %s %s %s (norm ratio %.4f)", seed, kind, method, chosen[method],
                  {k: round(v, 3) for k, v in scores[method].items()}, ratios[method]["mean"])
+    best = max(chosen, key=lambda m: max(t["score"] for t in curves[m]), default=None)  # on validation
+    skills = {BASE: skills_performed(model, tok, None, data["test"], fams, args),
+              **{f"adapter {f}": skills_performed(model, tok, factors[cid], data["test"], fams, args)
+                 for cid, f in enumerate(fams)}}
+    if best:
+        skills[f"merge {best}"] = skills_performed(model, tok, merge_adapters(list(factors.values()), best.split(":")[0],
+                                                                              None, chosen[best]), data["test"], fams, args)
     t_eval = time.perf_counter()
     log.info("seed %d %s: train %.0fs, tune+eval %.0fs; test EM base %.3f oracle %.3f best merge %.3f", seed, kind,
              t_train - t0, t_eval - t_train, scores[BASE]["test"], scores[ORACLE]["test"],
              max((scores[m]["test"] for m in chosen), default=float("nan")))
-    return {"scores": scores, "params": chosen, "validation_trials": curves,
+    return {"scores": scores, "params": chosen, "validation_trials": curves, "skills": skills,
             "norm_ratio": {"adapters": {f: m["norm_ratio"] for f, m in train_meta.items()}, "merges": ratios},
             "merge_errors": errors, "train": train_meta,
             "seconds": {"train": round(t_train - t0, 1), "tune_and_eval": round(t_eval - t_train, 1)}}
@@ -216,7 +242,8 @@ def summarise(per_seed: dict) -> dict:
     best_baseline = max(baselines, key=lambda m: out["test"][m]["mean"]) if baselines else None
     paired = {cp: _paired(per_seed, cp, best_baseline) for cp in scored if cp.split(":")[0] == "cp" and best_baseline}
     return {"splits": out, "gain_kept": gain, "best_merge": best, "best_ood_merge": best_ood,
-            "best_baseline": best_baseline, "cp_vs_best_baseline": paired, "targets": {
+            "best_baseline": best_baseline, "cp_vs_best_baseline": paired, "adapter_skills": _imposed(per_seed),
+            "targets": {
         "base_in_domain": {"value": base, "met": base <= TARGETS["base_max"]},
         "oracle_in_domain": {"value": oracle, "met": oracle >= TARGETS["oracle_min"]},
         "best_merge_gain_kept": {"value": gain[best]["mean"] if best and gain[best] else None,
@@ -226,6 +253,19 @@ def summarise(per_seed: dict) -> dict:
                                     "met": bool(best_ood
                                                 and out["ood_test"][best_ood]["mean"] - out["ood_test"][BASE]["mean"]
                                                 >= TARGETS["ood_gain_min"])}}}
+
+
+def _imposed(per_seed: dict) -> dict | None:
+    """Each adapter alone, over seeds: the share of its own family's prompts it answers with its skill
+    (``own``), and of the other families' prompts (``imposed``: 0 for an adapter that reads the instruction)."""
+    own, imposed = [], []
+    for r in per_seed.values():
+        for name, table in r.get("skills", {}).items():
+            if name.startswith("adapter "):
+                skill = name.removeprefix("adapter ")
+                own.append(table[skill][skill])
+                imposed += [row[skill] for family, row in table.items() if family != skill]
+    return {"own": _mean_std(own), "imposed": _mean_std(imposed)} if own else None
 
 
 def _paired(per_seed: dict, a: str, b: str) -> dict:
@@ -255,6 +295,11 @@ def headlines(summary: dict, kind: str) -> list[dict]:
                    p["difference"]["mean"],
                    f"{_fmt(p['difference'])} vs {p['vs']}; {cp} >= it in {p['seeds_a_at_least_b']}/{p['seeds']} seeds")
           for cp, p in summary.get("cp_vs_best_baseline", {}).items() if p["difference"]],
+        *([headline(f"merge quality ({kind}): adapters alone answer other families' prompts with their own skill",
+                    summary["adapter_skills"]["imposed"]["mean"],
+                    f"{_fmt(summary['adapter_skills']['imposed'])} of prompts "
+                    f"(their own family's: {_fmt(summary['adapter_skills']['own'])})")]
+          if summary.get("adapter_skills") else []),
         headline(f"merge quality ({kind}), out of domain: best merge - base", t["best_ood_gain_over_base"]["value"],
                  f"{best_ood} {_fmt(s['ood_test'].get(best_ood))} vs base {_fmt(s['ood_test'][BASE])}",
                  target=">= +0.10", met=t["best_ood_gain_over_base"]["met"]),

@@ -37,6 +37,21 @@ def test_word_tokenizer_round_trips_demo_text_through_autotokenizer(tmp_path):
     assert tok("zebra", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
 
 
+def test_pretrain_batch_packs_the_tokenizers_own_ids():
+    """The batch looks words up without calling the tokenizer: the ids must be the tokenizer's, packed as
+    BOS doc EOS BOS doc ... and cut at seq_len, with the same documents (the same rng draws)."""
+    tok = demo_base.build_word_tokenizer()
+    batch = demo_base.pretrain_batch(tok, random.Random(3), batch=4, seq_len=40)
+    rng, rows = random.Random(3), []
+    for _ in range(4):
+        ids: list[int] = []
+        while len(ids) < 40:
+            text = demo_corpus.pretrain_text(rng)
+            ids += [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        rows.append(ids[:40])
+    assert batch.shape == (4, 40) and batch.tolist() == rows
+
+
 def test_pretraining_lowers_loss_on_the_mixture(tiny_base, tiny_base_spec):
     from transformers import LlamaForCausalLM
 
