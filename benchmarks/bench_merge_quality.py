@@ -201,8 +201,8 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
               **{f"adapter {f}": skills_performed(model, tok, factors[cid], data["test"], fams, args)
                  for cid, f in enumerate(fams)}}
     if best:
-        skills[f"merge {best}"] = skills_performed(model, tok, merge_adapters(list(factors.values()), best.split(":")[0],
-                                                                              None, chosen[best]), data["test"], fams, args)
+        merged = merge_adapters(list(factors.values()), best.split(":")[0], None, chosen[best])
+        skills[f"merge {best}"] = skills_performed(model, tok, merged, data["test"], fams, args)
     t_eval = time.perf_counter()
     log.info("seed %d %s: train %.0fs, tune+eval %.0fs; test EM base %.3f oracle %.3f best merge %.3f", seed, kind,
              t_train - t0, t_eval - t_train, scores[BASE]["test"], scores[ORACLE]["test"],
