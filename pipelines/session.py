@@ -5,9 +5,9 @@ Every way in (``tclora run``, ``tclora sweep``, ``python -m pipelines.<stage>``)
 cluster and runs on the same materialised demo corpus and base model:
 
     preflight        model-dependent checks (``lori.target_modules``), then the lm-eval task names
-    init_ray         ``run.ray_address`` / ``RAY_ADDRESS``, or a local instance
     store.fetch      finished stages pulled back from an object-store run.dir (a driver on a fresh node)
     prepare_inputs   ``data.path: demo`` / ``model.name_or_path: demo`` built and pointed at
+    init_ray         ``run.ray_address`` / ``RAY_ADDRESS``, or a local instance
 
 Every stage then runs through :func:`run_stage` (timing, the reused flag, the shared-storage mirror).
 A stage run alone (:func:`stage_main`) takes the stages before it as finished for this config and
@@ -226,7 +226,10 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> Config:
 
 
 def start(cfg: Config) -> tuple[Config, Path]:
-    """Preflight, Ray, finished stages restored, demo inputs built: ``(config to run, resolved run.dir)``.
+    """Preflight, finished stages restored, demo inputs built, Ray: ``(config to run, resolved run.dir)``.
+
+    The demo inputs are built before Ray starts: the demo base's pre-training (minutes, two threads) ran
+    25% slower per step beside a Ray instance starting up (125 vs 98 ms, measured on 2 cores).
 
     Raises:
         ConfigError: from :func:`preflight`, before Ray starts.
@@ -236,9 +239,10 @@ def start(cfg: Config) -> tuple[Config, Path]:
     store.check(cfg.run.storage_options)  # an unreachable bucket fails here, before Ray starts
     run_dir = store.local
     log.info("run.dir %s%s", store.uri, f" (working copy {run_dir})" if store.remote else "")
-    init_ray(cfg)
     store.fetch()  # a driver restarted on a fresh node: pull back finished stages
-    return prepare_inputs(cfg, run_dir), run_dir
+    cfg = prepare_inputs(cfg, run_dir)
+    init_ray(cfg)
+    return cfg, run_dir
 
 
 TRIAL_CPUS = 0.1  # a Tune trial only drives its TorchTrainer or actor, which reserve the real CPUs

@@ -39,7 +39,7 @@ import ray
 import ray.tune
 from filelock import FileLock
 
-from pipelines import session
+from pipelines import session, tracking
 from pipelines.cluster import run_cluster
 from pipelines.embed import run_embed
 from pipelines.merge_eval import run_merge_eval
@@ -164,8 +164,12 @@ def _search(search: str, space: dict, num_samples: int | None, n_rungs: int, see
         "num_samples": num_samples or max(1, n_points // 2)}
 
 
-def _tune(trainable, param_space: dict, tune_kwargs: dict, name: str, root: str, concurrent: int):
-    """Fit, or restore and finish, the experiment ``root/name`` (errored trials are retried)."""
+def _tune(trainable, param_space: dict, tune_kwargs: dict, name: str, root: str, concurrent: int, callbacks: list):
+    """Fit, or restore and finish, the experiment ``root/name`` (errored trials are retried).
+
+    ``callbacks``: Tune callbacks (MLflow's, when ``run.mlflow_tracking_uri`` is set: one MLflow run per
+    trial, its config as params and its objective as a metric); a restored experiment keeps its own.
+    """
     path = f"{root}/{name}"
     if ray.tune.Tuner.can_restore(path):
         log.info("sweep: restoring the Tune experiment in %s", path)
@@ -176,7 +180,7 @@ def _tune(trainable, param_space: dict, tune_kwargs: dict, name: str, root: str,
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_name, **tune_kwargs),
         run_config=ray.tune.RunConfig(name=name, storage_path=root, verbose=1,
-                                      failure_config=ray.tune.FailureConfig(max_failures=1)))
+                                      failure_config=ray.tune.FailureConfig(max_failures=1), callbacks=callbacks))
     return tuner.fit(), False
 
 
@@ -247,8 +251,8 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
                           "support yet; use a local or shared-mount run.dir (tclora run supports both)")
     run_dir = Path(cfg.run.dir).resolve()
     sweep_dir = run_dir / "sweep"
+    cfg = session.prepare_inputs(cfg, run_dir)  # before Ray starts, as tclora run (session.start)
     session.init_ray(cfg)
-    cfg = session.prepare_inputs(cfg, run_dir)
     splits = [Path(p).stem for p in cfg.data.eval_paths]
     if split is not None and split not in splits:
         raise ConfigError(f"--split: {split!r} is not an eval split; data.eval_paths has {splits}")
@@ -267,7 +271,8 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
         metric=metric, split=split, rungs=rungs), trial_resources(cfg))
     store = storage.store_for(cfg, run_dir)  # run.storage_path: Tune's experiment state goes there
     tune_root = store.uri_of(sweep_dir / "tune") if store.remote else str(sweep_dir / "tune")
-    grid, restored = _tune(trainable, param_space, tune_kwargs, name, tune_root, concurrent)
+    grid, restored = _tune(trainable, param_space, tune_kwargs, name, tune_root, concurrent,
+                           tracking.tune_callbacks(cfg, "sweep"))
 
     key = f"validation.{metric}.mean"  # selection; the rows' scores (and best["test"]) are the reported split
     results = {"objective": {"metric": metric, "split": "validation", "key": key, "report_split": split or splits[0]},

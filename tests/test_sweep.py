@@ -33,7 +33,9 @@ def ray_slow(test):
 
 def sweep_raw(run_dir: Path, base: Path) -> dict:
     # k=2's adapters in one fused Train run: one worker start-up instead of two (the suite's slowest fixture).
-    return demo_run_config(run_dir, base, lori={"sparsity": SPARSITY}, train={"clusters_per_run": 2})
+    # Tracked in a local MLflow store beside the run (the sweep's Tuner and the train stage's both log there).
+    return demo_run_config(run_dir, base, lori={"sparsity": SPARSITY}, train={"clusters_per_run": 2},
+                           run={"mlflow_tracking_uri": f"sqlite:///{run_dir.parent}/mlflow.db"})
 
 
 def _mtimes(paths) -> dict[str, float]:
@@ -85,6 +87,21 @@ def test_sweep_results_cover_the_grid_with_baselines(first):
         by_k.setdefault(r["k"], set()).add(r["scores"]["linear"])
     assert all(len(v) == 1 for v in by_k.values())
     assert results["best"]["objective"] == max(r["objective"] for r in rows)
+
+
+@ray_slow
+def test_sweep_trials_are_logged_to_mlflow(first):
+    """Ray Tune's MLflowLoggerCallback on the sweep's Tuner: one finished MLflow run per grid point, its
+    (k, s, R) as params and the objective it reported (validation) as a metric."""
+    import mlflow
+
+    _, raw, results = first
+    client = mlflow.MlflowClient(tracking_uri=raw["run"]["mlflow_tracking_uri"])
+    experiment = client.get_experiment_by_name(validate(raw).run.mlflow_experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.`tclora.stage` = 'sweep'")
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    logged = {(int(r.data.params["k"]), int(r.data.params["cp_rank"])): r.data.metrics["objective"] for r in runs}
+    assert logged == pytest.approx({(r["k"], r["cp_rank"]): r["objective"] for r in results["rows"]})
 
 
 @ray_slow
