@@ -9,14 +9,14 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: install demo lint test bench clean
 
+# DeepSpeed compiles its CPU communication op (shm_comm) the first time an engine starts, and again for
+# every new environment path: 36 s of the first demo's train stage on 2 cores. Built here, at install,
+# as DeepSpeed documents for pre-built ops (DS_BUILD_<OP>=1, torch already installed); same version
+# range as pyproject.toml. Without a C++ compiler that build fails: DeepSpeed is then installed as usual.
 $(BIN)/tclora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH) ninja
-	# DeepSpeed compiles its CPU communication op (shm_comm) the first time an engine starts, and again for
-	# every new environment path: 36 s of the first demo's train stage on 2 cores. Built here, at install,
-	# as DeepSpeed documents for pre-built ops (DS_BUILD_<OP>=1, torch already installed); same version
-	# range as pyproject.toml. Without a C++ compiler that build fails: DeepSpeed is then installed as usual.
 	DS_BUILD_SHM_COMM=1 DS_ENABLE_NINJA=1 $(BIN)/pip install -q --no-build-isolation --no-cache-dir "deepspeed>=0.16" \
 	  || { echo "pre-building DeepSpeed's shm_comm op failed: installing DeepSpeed without it"; \
 	       $(BIN)/pip install -q "deepspeed>=0.16"; }
