@@ -5,6 +5,8 @@
 
 Writes a JSONL corpus of ``--rows`` synthetic sentences (mixed lengths), then times
 - ``plain``: one in-process ``Embedder.encode`` over all sources (model load timed separately);
+- ``plain_chunked``: the same, one ``encode`` call per ``--batch-size`` rows, as the embed actor calls it
+  (sentence-transformers sorts by length within a call): what chunking alone costs, without Ray;
 - ``ray_<n>``: ``pipelines.embed.run_embed`` with ``embed.num_actors = n`` on a local Ray with the
   machine's CPUs: validation scan + read -> validate -> embed (actor pool) -> Parquet write, end to end,
   and its embed pass alone (``seconds_embed`` in the manifest, which includes actor start and model load).
@@ -47,6 +49,19 @@ def time_plain(sources: list[str], model: str) -> dict:
     done = time.perf_counter()
     return {"load_seconds": round(loaded - started, 2), "seconds": round(done - loaded, 2),
             "rows_per_s": round(len(sources) / (done - loaded), 1)}
+
+
+def time_plain_chunked(sources: list[str], model: str, chunk: int) -> dict:
+    """As the embed actor encodes: one ``encode`` call per ``chunk`` rows (each call sorts its own rows
+    by length, so padding is that of the chunk, not of the whole corpus), in one process, no Ray."""
+    from tclora.embed import Embedder
+
+    embedder = Embedder(model, device="cpu")
+    started = time.perf_counter()
+    for i in range(0, len(sources), chunk):
+        embedder.encode(sources[i : i + chunk], batch_size=64)
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 2), "rows_per_s": round(len(sources) / seconds, 1), "chunk": chunk}
 
 
 def time_ray(corpus: Path, rows: int, actors: int, batch_size: int, work: Path) -> dict:
@@ -102,6 +117,8 @@ def main() -> None:
         sources = synthetic_corpus(work / "corpus.jsonl", args.rows)
         result["runs"]["plain"] = time_plain(sources, args.model)
         print("plain", result["runs"]["plain"], flush=True)
+        result["runs"]["plain_chunked"] = time_plain_chunked(sources, args.model, args.batch_size)
+        print("plain_chunked", result["runs"]["plain_chunked"], flush=True)
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
         for n in args.actors:

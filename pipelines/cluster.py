@@ -116,15 +116,16 @@ def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -
 # ---- driver ---------------------------------------------------------------------------------------
 def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float, dict]:
     """k-means on a hash sample (:func:`tclora.cluster.fit_fraction`: every row of a corpus up to
-    ``cluster.min_fit_rows``), for ``cluster.k`` or, for ``auto``, the silhouette's choice in ``k_range``.
+    ``cluster.min_fit_rows``, at most ``cluster.max_fit_rows``), for ``cluster.k`` or, for ``auto``, the
+    silhouette's choice in ``k_range``.
 
-    Returns ``(model, fraction, info)``; info holds the sample's embeddings and task names (for the
-    projection plot) and, for ``auto``, the silhouette per k.
+    Returns ``(model, fraction, info)``; info holds the first rows of the sample and their task names (for
+    the projection plot) and, for ``auto``, the silhouette per k.
     """
     c = cfg.cluster
     km.check_k(c.k, n_rows)
     k_for_size = c.k_range[1] if c.k == "auto" else c.k
-    fraction = km.fit_fraction(n_rows, k_for_size, c.sample_fraction, c.min_fit_rows)
+    fraction = km.fit_fraction(n_rows, k_for_size, c.sample_fraction, c.min_fit_rows, c.max_fit_rows)
     sampled = ds.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": cfg.run.seed},
                              batch_format="pyarrow", batch_size=None)  # Ray: only the sample's vectors travel
     hashes, chunks, tasks = [], [], []

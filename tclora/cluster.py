@@ -50,10 +50,12 @@ def check_k(k: int | str, n_rows: int) -> None:
         )
 
 
-def fit_fraction(n_rows: int, k: int, sample_fraction: float, min_fit_rows: int) -> float:
+def fit_fraction(n_rows: int, k: int, sample_fraction: float, min_fit_rows: int,
+                 max_fit_rows: int | None = None) -> float:
     """Fraction of a corpus's rows k-means is fitted on: ``sample_fraction``, but never fewer than
     ``min_fit_rows`` rows (so a corpus of up to ``min_fit_rows`` rows is fitted on every row) nor fewer
-    than :data:`MIN_ROWS_PER_CLUSTER_IN_SAMPLE` x ``k``. In (0, 1].
+    than :data:`MIN_ROWS_PER_CLUSTER_IN_SAMPLE` x ``k``, and never more than ``max_fit_rows`` rows (the
+    sample is gathered and fitted on the driver: 10M x 384 at 20% held 9.7 GiB there, issue 16). In (0, 1].
 
     Why a floor: on a small corpus a 20% sample (TC-LoRA's rule, meant for large corpora) can have a
     different lowest-inertia clustering than the corpus itself. Measured on the demo (issue 17; 1,200
@@ -68,7 +70,10 @@ def fit_fraction(n_rows: int, k: int, sample_fraction: float, min_fit_rows: int)
         raise ValueError(f"fit_fraction: need n_rows >= 1 and 0 < sample_fraction <= 1, "
                          f"got {n_rows}, {sample_fraction}")
     floor = max(min_fit_rows, MIN_ROWS_PER_CLUSTER_IN_SAMPLE * k)
-    return min(1.0, max(sample_fraction, floor / n_rows))
+    fraction = max(sample_fraction, floor / n_rows)
+    if max_fit_rows is not None:
+        fraction = min(fraction, max(max_fit_rows, floor) / n_rows)
+    return min(1.0, fraction)
 
 
 @dataclass

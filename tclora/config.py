@@ -132,6 +132,10 @@ class ClusterSection(_Section):
         50_000, ge=1, description="k-means is fitted on at least this many rows: a corpus this size or smaller "
         "is fitted on every row (a small sample can cluster differently: tclora.cluster.fit_fraction)."
     )
+    max_fit_rows: int = Field(
+        1_000_000, ge=1, description="k-means is fitted on at most this many rows (the sample is gathered on "
+        "the driver: 1M x 384 float32 is 1.5 GiB); above 5M rows this caps sample_fraction."
+    )
     n_init: int = Field(10, ge=1, description="k-means++ restarts; the best inertia wins.")
     max_iter: int = Field(100, ge=1, description="Lloyd iterations per restart.")
     min_cluster_size: int = Field(
@@ -148,6 +152,8 @@ class ClusterSection(_Section):
             raise ValueError(f"k_range must be [min, max] with 2 <= min <= max, got {list(self.k_range)}")
         if self.by == "adapters" and self.k == "auto":
             raise ValueError("k 'auto' chooses k from the embeddings; with by 'adapters' give k as a number")
+        if self.max_fit_rows < self.min_fit_rows:
+            raise ValueError(f"max_fit_rows ({self.max_fit_rows}) must be >= min_fit_rows ({self.min_fit_rows})")
         return self
 
 

@@ -56,6 +56,12 @@ def test_fit_fraction_fits_small_corpora_on_every_row(n_rows, k, expected):
     assert km.fit_fraction(n_rows, k, sample_fraction=0.2, min_fit_rows=50_000) == pytest.approx(expected)
 
 
+def test_fit_fraction_caps_the_sample_at_max_fit_rows_but_never_below_the_floor():
+    assert km.fit_fraction(10_000_000, 64, 0.2, 50_000, max_fit_rows=1_000_000) == pytest.approx(0.1)
+    assert km.fit_fraction(4_000_000, 64, 0.2, 50_000, max_fit_rows=1_000_000) == pytest.approx(0.2)  # 800k < cap
+    assert km.fit_fraction(10_000_000, 64, 0.2, 50_000, max_fit_rows=10) == pytest.approx(0.005)  # 50 k rows floor
+
+
 def test_fit_fraction_keeps_50_rows_per_cluster_and_rejects_bad_fractions():
     assert km.fit_fraction(1_000, 40, 0.2, min_fit_rows=10) == 1.0  # 50 rows per cluster: 2,000 > 1,000
     assert km.fit_fraction(100_000, 40, 0.01, min_fit_rows=10) == pytest.approx(0.02)  # 2,000 of 100,000

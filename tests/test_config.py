@@ -31,6 +31,7 @@ def test_demo_config_loads_and_overrides_apply():
         ("lori.mode=lori_x", r"lori\.mode: Input should be 'lori_d', 'lori_s' or 'lora'"),
         ("merge.methods=[cp, nope]", r"merge\.methods: unknown method.*'nope'.*known: \['cat', 'cp'"),
         ("run.dir", r"must look like key\.sub=value"),
+        ("cluster.max_fit_rows=10", r"cluster: .*max_fit_rows \(10\) must be >= min_fit_rows \(50000\)"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
