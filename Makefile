@@ -16,7 +16,7 @@ TORCH  ?= torch==2.13.0
 $(BIN)/tclora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH) ninja
+	$(BIN)/pip install -q $(TORCH) ninja setuptools  # setuptools: python -m venv on 3.12+ has none
 	DS_BUILD_SHM_COMM=1 DS_ENABLE_NINJA=1 $(BIN)/pip install -q --no-build-isolation --no-cache-dir "deepspeed>=0.16" \
 	  || { echo "pre-building DeepSpeed's shm_comm op failed: installing DeepSpeed without it"; \
 	       $(BIN)/pip install -q "deepspeed>=0.16"; }

@@ -135,7 +135,8 @@ def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float,
             chunks.append(embedding_matrix(b))
             tasks += b.column("task_name").to_pylist()
     # Blocks arrive in any order: sorting by hash makes the fit input, hence the clustering, reproducible.
-    # At most two copies of the sample at once (10M rows x 384 at 20% is 2.9 GiB a copy).
+    # At most two copies of the sample at once, three during k auto's search on its distinct rows
+    # (cluster.max_fit_rows: 1M x 384 is 1.5 GiB a copy).
     order = np.argsort(np.concatenate(hashes)) if chunks else np.zeros(0, np.int64)
     sample = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     del chunks

@@ -229,7 +229,8 @@ def start(cfg: Config) -> tuple[Config, Path]:
     """Preflight, finished stages restored, demo inputs built, Ray: ``(config to run, resolved run.dir)``.
 
     The demo inputs are built before Ray starts: the demo base's pre-training (minutes, two threads) ran
-    25% slower per step beside a Ray instance starting up (125 vs 98 ms, measured on 2 cores).
+    25% slower per step beside a Ray instance starting up (125 vs 98 ms, measured on 2 cores). So a wrong
+    ``run.ray_address`` is reported after a first-time base build, not before it.
 
     Raises:
         ConfigError: from :func:`preflight`, before Ray starts.

@@ -36,7 +36,7 @@ MIN_ROWS_PER_CLUSTER_IN_SAMPLE = 50  # a fit sample never has fewer than this ma
 
 def check_k(k: int | str, n_rows: int) -> None:
     """Fail, naming ``cluster.k``, when there are fewer valid rows than clusters (``"auto"`` passes: the
-    range is clipped to the fit sample by the cluster stage).
+    range is clipped to the fit sample's distinct rows by :func:`tclora.cluster_quality.choose_k`).
 
     Raises:
         ConfigError: ``k > n_rows``.
