@@ -6,7 +6,7 @@
 Writes a JSONL corpus of ``--rows`` synthetic sentences (mixed lengths), then times
 - ``plain``: one in-process ``Embedder.encode`` over all sources (model load timed separately);
 - ``plain_chunked``: the same, one ``encode`` call per ``--batch-size`` rows, as the embed actor calls it
-  (sentence-transformers sorts by length within a call): what chunking alone costs, without Ray;
+  (sentence-transformers sorts by length within a call), without Ray;
 - ``ray_<n>``: ``pipelines.embed.run_embed`` with ``embed.num_actors = n`` on a local Ray with the
   machine's CPUs: validation scan + read -> validate -> embed (actor pool) -> Parquet write, end to end,
   and its embed pass alone (``seconds_embed`` in the manifest, which includes actor start and model load).
@@ -39,29 +39,21 @@ def synthetic_corpus(path: Path, rows: int, seed: int = 0) -> list[str]:
     return sources
 
 
-def time_plain(sources: list[str], model: str) -> dict:
+def time_plain(sources: list[str], model: str, chunk: int | None = None) -> dict:
+    """One in-process ``Embedder``: model load, then ``encode`` over all sources in one call or, with
+    ``chunk``, one call per ``chunk`` rows as the embed actor calls it (each call sorts its own rows by
+    length). Each run loads a fresh model, so warm-up and run order show in the difference too: in one
+    warmed-up process, alternating the two, chunks of 500 or 2048 rows were no slower (issue 16)."""
     from tclora.embed import Embedder
 
     started = time.perf_counter()
     embedder = Embedder(model, device="cpu")
     loaded = time.perf_counter()
-    embedder.encode(sources, batch_size=64)
+    for i in range(0, len(sources), chunk or len(sources)):
+        embedder.encode(sources[i : i + (chunk or len(sources))], batch_size=64)
     done = time.perf_counter()
     return {"load_seconds": round(loaded - started, 2), "seconds": round(done - loaded, 2),
-            "rows_per_s": round(len(sources) / (done - loaded), 1)}
-
-
-def time_plain_chunked(sources: list[str], model: str, chunk: int) -> dict:
-    """As the embed actor encodes: one ``encode`` call per ``chunk`` rows (each call sorts its own rows
-    by length, so padding is that of the chunk, not of the whole corpus), in one process, no Ray."""
-    from tclora.embed import Embedder
-
-    embedder = Embedder(model, device="cpu")
-    started = time.perf_counter()
-    for i in range(0, len(sources), chunk):
-        embedder.encode(sources[i : i + chunk], batch_size=64)
-    seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 2), "rows_per_s": round(len(sources) / seconds, 1), "chunk": chunk}
+            "rows_per_s": round(len(sources) / (done - loaded), 1), **({"chunk": chunk} if chunk else {})}
 
 
 def time_ray(corpus: Path, rows: int, actors: int, batch_size: int, work: Path) -> dict:
@@ -117,7 +109,7 @@ def main() -> None:
         sources = synthetic_corpus(work / "corpus.jsonl", args.rows)
         result["runs"]["plain"] = time_plain(sources, args.model)
         print("plain", result["runs"]["plain"], flush=True)
-        result["runs"]["plain_chunked"] = time_plain_chunked(sources, args.model, args.batch_size)
+        result["runs"]["plain_chunked"] = time_plain(sources, args.model, args.batch_size)
         print("plain_chunked", result["runs"]["plain_chunked"], flush=True)
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})

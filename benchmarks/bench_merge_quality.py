@@ -183,26 +183,26 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
     log.info("seed %d %s: base %s, oracle %s, adapter norm ratios %s", seed, kind,
              *({k: round(v, 3) for k, v in scores[m].items()} for m in (BASE, ORACLE)),
              {f: round(m["norm_ratio"]["mean"], 4) for f, m in train_meta.items()})
-    chosen, curves, ratios, errors = {}, {}, {}, {}
+    chosen, curves, ratios, errors, merged = {}, {}, {}, {}, {}
     methods = list(args.methods) + ([f"cp:{rule}" for rule in CP_COMBINES] if "cp" in args.methods else [])
     for method in methods:
         try:
-            chosen[method], deltas, curves[method] = tune(model, tok, list(factors.values()), method, val, args)
+            chosen[method], merged[method], curves[method] = tune(model, tok, list(factors.values()), method,
+                                                                 val, args)
         except Exception as err:  # noqa: BLE001 - a failing method is a result, not a crash
             errors[method] = f"{type(err).__name__}: {err}"
             log.warning("merge %s failed: %s", method, errors[method])
             continue
-        ratios[method] = norm_ratio(model, deltas)
-        scores[method] = scores_with(model, tok, deltas, data, args)
+        ratios[method] = norm_ratio(model, merged[method])
+        scores[method] = scores_with(model, tok, merged[method], data, args)
         log.info("seed %d %s: %s %s %s (norm ratio %.4f)", seed, kind, method, chosen[method],
                  {k: round(v, 3) for k, v in scores[method].items()}, ratios[method]["mean"])
     best = max(chosen, key=lambda m: max(t["score"] for t in curves[m]), default=None)  # on validation
     skills = {BASE: skills_performed(model, tok, None, data["test"], fams, args),
               **{f"adapter {f}": skills_performed(model, tok, factors[cid], data["test"], fams, args)
                  for cid, f in enumerate(fams)}}
-    if best:
-        merged = merge_adapters(list(factors.values()), best.split(":")[0], None, chosen[best])
-        skills[f"merge {best}"] = skills_performed(model, tok, merged, data["test"], fams, args)
+    if best:  # the merge tuning already built, not merged again
+        skills[f"merge {best}"] = skills_performed(model, tok, merged[best], data["test"], fams, args)
     t_eval = time.perf_counter()
     log.info("seed %d %s: train %.0fs, tune+eval %.0fs; test EM base %.3f oracle %.3f best merge %.3f", seed, kind,
              t_train - t0, t_eval - t_train, scores[BASE]["test"], scores[ORACLE]["test"],
