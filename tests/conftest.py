@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 import pytest
 
 # The real S3 server and the two-node Ray cluster (session-scoped, started only by the tests that ask).
 pytest_plugins = ["tests.cluster_fixtures"]
+# What that S3 server accepts, set before any Ray starts: the suite's own Ray workers then read them from
+# their environment, as a cluster's processes do.
+os.environ.update(AWS_ACCESS_KEY_ID="tclora-test", AWS_SECRET_ACCESS_KEY=secrets.token_hex(16),
+                  AWS_EC2_METADATA_DISABLED="true")
 
 # Tests never reach a model hub; everything they load is built locally or ships in a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -22,9 +22,13 @@ def finished_stage(run_dir: Path, name: str, key: dict) -> Path:
     return run_dir / name
 
 
+def store_config(seaweedfs, tmp_path: Path, name: str, local: str = "local") -> dict:
+    return {"run": {"dir": f"s3://{seaweedfs['bucket']}/unit/{name}", "local_dir": str(tmp_path / local),
+                    "storage_options": {"endpoint": seaweedfs["endpoint"]}}}
+
+
 def s3_run(seaweedfs, tmp_path: Path, name: str, local: str = "local") -> storage.RunStore:
-    cfg = validate({"run": {"dir": f"s3://{seaweedfs['bucket']}/unit/{name}", "local_dir": str(tmp_path / local),
-                            "storage_options": {"endpoint": seaweedfs["endpoint"]}}})
+    cfg = validate(store_config(seaweedfs, tmp_path, name, local))
     store = storage.open_run(cfg.run)
     store.check()
     return store
@@ -48,6 +52,28 @@ def test_publish_then_fetch_into_a_fresh_working_copy(seaweedfs, tmp_path):
     assert artifacts.is_complete(fresh.local / "cluster" / "k4-123", key)
     assert not (fresh.local / "train").exists()
     assert fresh.fetch() == []  # idempotent
+
+
+def test_a_rerun_on_a_fresh_working_copy_leaves_the_demo_corpus_in_the_store_untouched(seaweedfs, tmp_path,
+                                                                                          tiny_base):
+    """A driver restarted elsewhere fetches the finished demo corpus and uploads nothing: the corpus files keep
+    their modification times, so the embed stage's input digest, and every stage after it, stays reusable."""
+    from pipelines.session import prepare_inputs
+    from tclora.corpus import list_input_files
+
+    def prepared(local: str):
+        store = s3_run(seaweedfs, tmp_path, "demo-corpus", local=local)
+        store.fetch()
+        raw = {**store_config(seaweedfs, tmp_path, "demo-corpus", local), "model": {"name_or_path": str(tiny_base)},
+               "data": {"path": "demo", "demo_train_per_task": 2, "demo_eval_per_task": 1}}
+        cfg = prepare_inputs(validate(raw), store.local)
+        files = list_input_files(cfg.data.path, cfg.run.storage_options)
+        return cfg.data, files.digest(), [(f.path, f.mtime_ns) for f in files.files]
+
+    first = prepared("first")
+    time.sleep(1.1)  # S3 keeps modification times in whole seconds: an upload now would show
+    second = prepared("second")
+    assert first[0].path.startswith("s3://") and first == second
 
 
 def test_republish_unpublishes_first_and_replaces_stale_files(seaweedfs, tmp_path):
