@@ -206,8 +206,8 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> Config:
         store = storage.store_for(cfg, run_dir)
         splits = build_demo_corpus(run_dir / "corpus", train_per_task=cfg.data.demo_train_per_task,
                                    eval_per_task=cfg.data.demo_eval_per_task, seed=cfg.run.seed)
-        # Published whole, manifest last: a rerun whose corpus came back with store.fetch() uploads nothing,
-        # so the files keep their modification times and the embed stage's input digest still matches.
+        # Published whole, manifest last: a rerun (same working copy, or a fresh one that store.fetch() filled)
+        # uploads nothing, so the files keep their modification times and the embed stage's digest matches.
         store.publish(run_dir / "corpus")
         where = {name: store.uri_of(path) if store.remote else str(path) for name, path in splits.items()}
         data = cfg.data.model_copy(update={"path": where["train"]})

@@ -110,8 +110,8 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
             failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures,
                                          preemption_grace_s=t.preemption_grace_s),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # No worker_runtime_env: the job's own lets Ray hand the workers idle processes it already started
-            # (another env starts fresh ones, seconds each). DeepSpeed's accelerator is set in the worker.
+            # No worker_runtime_env of ours: DeepSpeed's accelerator is set by the worker itself, and every
+            # extra runtime env is one more kind of worker process Ray cannot take from those it has started.
         ),
         datasets={"train": _run_dataset(Path(cluster_dir), cluster_ids, store)},  # split evenly across the workers
     )

@@ -252,7 +252,7 @@ class LoRIRecipe:
         if self.state.position >= len(self.cluster_ids):
             self.checkpoint.hand_back()
             return False
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.use_gpu else "cpu")  # read when deepspeed is imported
+        os.environ["DS_ACCELERATOR"] = "cuda" if self.use_gpu else "cpu"  # read when deepspeed is imported
         import deepspeed
 
         from tclora.models import load_base_for

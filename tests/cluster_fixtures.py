@@ -1,5 +1,6 @@
 """Fixtures for the real thing: a SeaweedFS S3 server (per session), a two-node local Ray cluster and an
-autoscaling one (per module: their idle daemons would otherwise share the cores with every later test).
+autoscaling one (per module: their idle daemons would otherwise share the 2 cores with every later test
+module; within test_multinode.py they overlap).
 
 All are real processes started here and stopped here by process id (never ``ray stop``, which would stop
 every Ray on the machine). The second Ray node runs in its own mount namespace with a private tmpfs over

@@ -7,7 +7,8 @@ import secrets
 
 import pytest
 
-# The real S3 server and the two-node Ray cluster (session-scoped, started only by the tests that ask).
+# The real S3 server (per session), the two-node and the autoscaling Ray clusters (per module); started only
+# by the tests that ask for them.
 pytest_plugins = ["tests.cluster_fixtures"]
 # What that S3 server accepts, set before any Ray starts: the suite's own Ray workers then read them from
 # their environment, as a cluster's processes do.

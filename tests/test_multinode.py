@@ -35,8 +35,9 @@ RUN_TIMEOUT = int(os.environ.get("TCLORA_TEST_RUN_TIMEOUT", "2400"))  # seconds;
 
 
 def _config(tmp: Path, base: Path, seaweedfs: dict, name: str, local_dir: Path, **sections) -> Path:
-    # Both clusters' adapters in one Train run (the GPU default): half the worker start-ups on 2 cores.
-    raw = demo_run_config(Path("unused"), base, **{"train": {"clusters_per_run": 2}, **sections})
+    # Both clusters' adapters in one Train run, as configs/demo.yaml packs them: half the worker start-ups.
+    sections["train"] = {"clusters_per_run": 2, **sections.get("train", {})}
+    raw = demo_run_config(Path("unused"), base, **sections)
     raw["run"].update(dir=f"s3://{seaweedfs['bucket']}/runs/{name}", local_dir=str(local_dir),
                       storage_options={"endpoint": seaweedfs["endpoint"]})
     path = tmp / f"{name}.yaml"
@@ -62,11 +63,11 @@ def _outputs(fs: pafs.FileSystem, root: str) -> dict:
              if f.type == pafs.FileType.File}
     adapters = {p: load_safetensors(_read(fs, f"{root}/{p}")) for p in files
                 if p.startswith("train/cluster-") and p.endswith(".safetensors")}
-    return {"files": {_ray_named(f) for f in files}, "metrics": json.loads(_read(fs, f"{root}/metrics.json")),
+    return {"files": {_comparable_path(f) for f in files}, "metrics": json.loads(_read(fs, f"{root}/metrics.json")),
             "adapters": adapters, "merge_eval": json.loads(_read(fs, f"{root}/merge_eval/manifest.json"))}
 
 
-def _ray_named(path: str) -> str:
+def _comparable_path(path: str) -> str:
     """``path`` without what differs between equal runs: the names Ray Data gives the Parquet files it writes
     (the dataset's id), and the input hash in a cluster stage's directory (the corpus lies under run.dir)."""
     path = re.sub(r"^cluster/k(\d+)-[0-9a-f]+/", r"cluster/k\1-*/", path)
@@ -130,7 +131,8 @@ def test_s3_run_dir_outputs_are_read_back_from_the_bucket(single_node_s3_run):
         "train/cluster-0/adapter_model.safetensors", "train/cluster-1/adapter_model.safetensors"]  # k=2 (+ LoRI masks)
     assert not any(f.startswith(".staging/") or "/.train_work/" in f or f.startswith(".train_work/") for f in files)
     assert out["metrics"]["data"]["rows"] > 0 and "cp" in out["metrics"]["eval"]
-    assert not (run["tmp"] / "s3:").exists(), "run.dir=s3://... must never become a local directory 's3:'"
+    for cwd in (run["tmp"], ROOT):  # the driver's, and the suite's Ray workers' (started from the checkout)
+        assert not (cwd / "s3:").exists(), "run.dir=s3://... must never become a local directory 's3:'"
 
 
 def test_job_on_two_nodes_equals_the_single_node_run(submitted_job, single_node_s3_run, ray_cluster):
@@ -176,9 +178,10 @@ def test_autoscaler_adds_accelerator_workers_for_the_run_and_removes_them_when_i
     assert _accelerator_nodes(env) == []  # min_workers 0: the run starts on a head alone
     # The reference run again, from a fresh working copy, now with training and the merge/eval actor asking
     # for the accelerator only the autoscaled worker type has (as train.gpus_per_worker / eval.num_gpus do on
-    # cluster_configs/aws.yaml): embed and cluster come back from the bucket, train and merge_eval run anew.
+    # cluster_configs/aws.yaml): embed and cluster come back from the bucket, train and merge_eval run anew
+    # (their stage keys hash the whole train and eval sections, resources included).
     config = _config(tmp_path, tiny_base, seaweedfs, "single", tmp_path / "working-copy",
-                     train={"clusters_per_run": 2, "resources": {FAKE_GPU: 1}}, eval={"resources": {FAKE_GPU: 1}})
+                     train={"resources": {FAKE_GPU: 1}}, eval={"resources": {FAKE_GPU: 1}})
     started = time.time()
     _tclora_run(config, env, cwd=tmp_path)
     out = _outputs(seaweedfs["filesystem"], "tclora/runs/single")

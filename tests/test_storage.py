@@ -55,24 +55,24 @@ def test_publish_then_fetch_into_a_fresh_working_copy(seaweedfs, tmp_path):
 
 
 def test_a_rerun_on_a_fresh_working_copy_leaves_the_demo_corpus_in_the_store_untouched(seaweedfs, tmp_path,
-                                                                                          tiny_base):
+                                                                                          tiny_base, monkeypatch):
     """A driver restarted elsewhere fetches the finished demo corpus and uploads nothing: the corpus files keep
     their modification times, so the embed stage's input digest, and every stage after it, stays reusable."""
-    from pipelines.session import prepare_inputs
+    from pipelines import session
     from tclora.corpus import list_input_files
 
-    def prepared(local: str):
-        store = s3_run(seaweedfs, tmp_path, "demo-corpus", local=local)
-        store.fetch()
+    monkeypatch.setattr(session, "init_ray", lambda cfg: None)  # everything of a run's start but Ray
+
+    def started(local: str):
         raw = {**store_config(seaweedfs, tmp_path, "demo-corpus", local), "model": {"name_or_path": str(tiny_base)},
                "data": {"path": "demo", "demo_train_per_task": 2, "demo_eval_per_task": 1}}
-        cfg = prepare_inputs(validate(raw), store.local)
+        cfg, _ = session.start(validate(raw))
         files = list_input_files(cfg.data.path, cfg.run.storage_options)
         return cfg.data, files.digest(), [(f.path, f.mtime_ns) for f in files.files]
 
-    first = prepared("first")
+    first = started("first")
     time.sleep(1.1)  # S3 keeps modification times in whole seconds: an upload now would show
-    second = prepared("second")
+    second = started("second")
     assert first[0].path.startswith("s3://") and first == second
 
 
