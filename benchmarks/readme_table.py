@@ -53,7 +53,7 @@ def _embed(r: dict) -> list[dict]:
     plain_total = plain["load_seconds"] + plain["seconds"]  # Ray's actors load the model inside its timing
     rows = []
     for name, run in r["runs"].items():
-        if name == "plain":
+        if not name.startswith("ray_"):  # plain and plain_chunked: the references, not the stage
             continue
         overhead = run["seconds"] / plain_total - 1
         rows.append(headline(
