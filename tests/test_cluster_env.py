@@ -18,6 +18,21 @@ def test_a_local_run_starts_its_own_ray_unless_told_otherwise():
     assert session.ray_address(told, {"RAY_ADDRESS": "10.0.0.1:6379"}) == "ray://head:10001"
 
 
+def test_init_ray_says_which_ray_it_uses(monkeypatch, caplog):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with caplog.at_level("INFO", logger="tclora"):
+        session.init_ray(validate({}))
+        session.init_ray(validate({"run": {"ray_address": "10.0.0.1:6379"}}))
+    assert [c["address"] for c in calls] == ["local", "10.0.0.1:6379"]
+    assert "starting a local instance" in caplog.text
+    assert "connecting to the cluster at 10.0.0.1:6379 (run.ray_address)" in caplog.text
+
+
 def test_outside_a_job_the_driver_sets_its_defaults_and_forwards_hf_settings():
     env = session.driver_runtime_env({"HF_HOME": "/cache/hf", "HF_HUB_OFFLINE": "1", "UNRELATED": "x"})
     assert env == {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
