@@ -3,13 +3,15 @@
     python -m benchmarks.bench_merge_quality                  # 3 seeds, the demo config's sizes
     python -m benchmarks.bench_merge_quality --smoke          # tiny base, 2 families, 5 steps: ~1 min
     python -m benchmarks.bench_merge_quality --kinds lori_s lori_d lora shared_a   # adapter kind x merge matrix
+    python -m benchmarks.bench_merge_quality --disentangle 3    # adapters trained with train.disentangle = 3
 
 Per seed, single process, no Ray:
 
 1. build the demo corpus with that seed (``tclora.demo_corpus``: skills in the base, instructions in the
    adapters; payloads, and so rows, differ by seed);
-2. train one adapter per trained family with ``train_lori_adapter`` on the cached demo base
-   (``tclora.demo_base``, built once into ~/.cache/tclora);
+2. train one adapter per trained family on the cached demo base (``tclora.demo_base``, built once into
+   ~/.cache/tclora): LoRI kinds fused in one group (``train_lori_group``, as a run's train stage does, with
+   ``--disentangle`` as ``train.disentangle``), plain LoRA one at a time (``train_lori_adapter``);
 3. for every merge method, pick λ (``scale``: the merged update computed with weights 1, times λ) and
    the method's knobs (TIES/KnOTS density, DARE keep rate, CP combine rule, TSV-M fraction) as a run
    does (``compare.tune_all``), by exact match on a capped ``validation`` subset, its only use;
@@ -48,6 +50,7 @@ from tclora.demo_base import DemoBaseSpec, build_demo_base
 from tclora.demo_corpus import COMPOSITIONS, SKILLS, TASK_FAMILIES, build_demo_corpus, payload_of
 from tclora.merge import dense, merge_adapters, registry
 from tclora.models import load_base
+from tclora.multi_lori import train_lori_group
 from tclora.train import train_lori_adapter
 
 log = logging.getLogger("benchmarks.merge_quality")
@@ -152,7 +155,13 @@ def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) ->
     return result.params, merge_adapters(factors, name, None, result.params), result.trials
 
 
-def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path) -> dict:
+def variants(args) -> list[tuple[str, str, float]]:
+    """(name, adapter kind, train.disentangle β) for every kind x β; plain LoRA is never fused, so only β = 0."""
+    return [(kind if not beta else f"{kind}+disentangle{beta:g}", kind, beta)
+            for kind in args.kinds for beta in args.disentangle if not (beta and kind == "lora")]
+
+
+def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path, disentangle: float = 0.0) -> dict:
     """Corpus -> one adapter per family -> λ-tuned merges -> scores on every split, for one seed."""
     t0 = time.perf_counter()
     paths = build_demo_corpus(work / "corpus", train_per_task=args.train_per_task,
@@ -168,14 +177,22 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
     lori_cfg = LoRISection(rank=args.rank, alpha=2 * args.rank, sparsity=args.sparsity,
                            mode="lori_s" if kind == "shared_a" else kind, shared_a=kind == "shared_a")
     train_cfg = TrainSection(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             sparse_lr_multiplier=args.sparse_lr_multiplier)
+                             sparse_lr_multiplier=args.sparse_lr_multiplier,
+                             disentangle=disentangle,
+                             clusters_per_run=len(fams))
+    record_sets = [[r for r in rows["train"] if r["task_name"] == family] for family in fams]
+    seeds = [seed * 1000 if lori_cfg.shared_a else seed * 1000 + cid for cid in range(len(fams))]  # independent
+    out_dirs = [work / f"cluster-{cid}" for cid in range(len(fams))]                                # across seeds
+    if kind == "lora":  # trainable A: one adapter at a time (never fused, so never disentangled)
+        metas = [train_lori_adapter(model, tok, records, lori_cfg, train_cfg, seed=a_seed, out_dir=out,
+                                    max_length=args.max_length, base_model_name_or_path=str(base_path))
+                 for records, a_seed, out in zip(record_sets, seeds, out_dirs)]
+    else:  # fused: each adapter equals the one trained alone on the same batches (tests/test_multi_lori.py)
+        metas = train_lori_group(model, tok, record_sets, lori_cfg, train_cfg, seeds=seeds, out_dirs=out_dirs,
+                                 max_length=args.max_length, base_model_name_or_path=str(base_path))
     factors, train_meta = {}, {}
-    for cid, family in enumerate(fams):
-        a_seed = seed * 1000 if lori_cfg.shared_a else seed * 1000 + cid  # independent across bench seeds
-        meta = train_lori_adapter(model, tok, [r for r in rows["train"] if r["task_name"] == family], lori_cfg,
-                                  train_cfg, seed=a_seed, out_dir=work / f"cluster-{cid}", max_length=args.max_length,
-                                  base_model_name_or_path=str(base_path))
-        factors[cid] = adapters.load_factors(work / f"cluster-{cid}")
+    for cid, (family, meta) in enumerate(zip(fams, metas)):
+        factors[cid] = adapters.load_factors(out_dirs[cid])
         train_meta[family] = {k: meta[k] for k in ("dense_loss_last", "sparse_loss_last", "seconds") if k in meta}
         train_meta[family]["norm_ratio"] = norm_ratio(model, factors[cid])
     t_train = time.perf_counter()
@@ -348,6 +365,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--cp-iters", type=int, default=100, help="CP-ALS iterations")
     p.add_argument("--lr", type=float, default=1e-3, help="LoRI-D learning rate (demo.yaml's)")
     p.add_argument("--sparse-lr-multiplier", type=float, default=10.0, help="LoRI-S lr = lr x this")
+    p.add_argument("--disentangle", type=float, nargs="+", default=[0.0],
+                   help="train.disentangle β values, each a variant of every LoRI kind (reported as "
+                        "'<kind>+disentangle<β>'; 0: off, the plain kind)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-per-task", type=int, default=300, help="training rows per family")
     p.add_argument("--eval-per-task", type=int, default=40, help="rows per task in every evaluation split")
@@ -370,18 +390,20 @@ def parse_args(argv: list[str] | None = None):
 
 
 def combine(args) -> dict:
-    """One result from several runs' JSON (same config, different seeds): per-seed results, summarised again."""
+    """One result from several runs' JSON (same sizes; different seeds, kinds or β): per-seed results of
+    every variant, summarised again."""
     import json
 
     parts = [json.loads(p.read_text()) for p in args.combine]
     result = {**parts[0], "summary": {}, "per_seed": {}, "headline": [],
               "combined_from": [str(p) for p in args.combine]}
-    for kind in parts[0]["per_seed"]:
-        per_seed = {int(s): r for part in parts for s, r in part["per_seed"][kind].items()}
+    for kind in dict.fromkeys(k for part in parts for k in part["per_seed"]):
+        per_seed = {int(s): r for part in parts for s, r in part["per_seed"].get(kind, {}).items()}
         result["per_seed"][kind] = {str(s): r for s, r in sorted(per_seed.items())}
         result["summary"][kind] = summarise(per_seed)
         result["headline"] += headlines(result["summary"][kind], kind)
     result["config"]["seeds"] = sorted(int(s) for s in result["per_seed"][kind])
+    result["config"]["variants"] = list(result["per_seed"])
     result["seconds"] = {"per_run": [p["seconds"] for p in parts]}
     result["cpu_seconds"] = sum(p["cpu_seconds"] for p in parts)
     return result
@@ -408,9 +430,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "oracle_routing": "by family; compositions to their last component's adapter"},
               "summary": {}, "per_seed": {}, "headline": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in args.kinds:
-            per_seed = {seed: run_seed(seed, kind, model, tok, base_path, args,
-                                       (args.work or Path(tmp)) / f"{kind}-{seed}")
+        for kind, adapter_kind, beta in variants(args):
+            per_seed = {seed: run_seed(seed, adapter_kind, model, tok, base_path, args,
+                                       (args.work or Path(tmp)) / f"{kind}-{seed}", disentangle=beta)
                         for seed in args.seeds}
             result["summary"][kind] = summarise(per_seed)
             result["per_seed"][kind] = {str(s): r for s, r in per_seed.items()}

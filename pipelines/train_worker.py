@@ -283,11 +283,15 @@ class LoRIRecipe:
         seeds = [lori_seed(self.cfg, c) for c in group]
         torch.manual_seed(seeds[0] + self.rank)
         if len(group) == 1:
+            if self.cfg.train.disentangle:
+                log.warning("cluster %d trains alone (its Train run holds no other cluster), so train.disentangle "
+                            "has no other clusters' rows to keep the base on", group[0])
             model = lori.attach_lori(self.base, self.cfg.lori, seeds[0], self.cfg.model.name_or_path)
             self.adapters, self.loss_fn = SoloLoRI(model), causal_lm_loss
         else:  # each row through its own cluster's factors; each adapter's loss is the mean over its rows
             self.adapters = multi_lori.LoRIGroup(self.base, self.cfg.lori, seeds)
-            model, self.loss_fn = self.adapters.model, multi_lori.routed_loss(len(group))
+            model = self.adapters.model
+            self.loss_fn = multi_lori.routed_loss(self.adapters, self.cfg.train.disentangle)
         if self.use_gpu:
             model.to(ray.train.torch.get_device())
         self.stats: dict[int, dict] = {c: {} for c in group}

@@ -24,10 +24,11 @@ on a PEFT adapter holding adapter t's A and B), so files are identical in layout
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +66,12 @@ class RoutedLoRILinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=False)
         self.lora_B = nn.Parameter(torch.zeros(n, w.shape[0], rank, device=w.device, dtype=w.dtype))
         self.scaling = scaling
+        self.enabled = True  # False: the base layer alone (LoRIGroup.adapters_disabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if not self.enabled:
+            return out
         n = self.lora_A.shape[0]
         if x.shape[0] % n:
             raise ValueError(f"a fused batch has {x.shape[0]} rows, not a multiple of its {n} adapters")
@@ -114,6 +118,17 @@ class LoRIGroup:
             parent_name, _, leaf = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, leaf, layer if routed else layer.base_layer)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The base model's own forward while inside (PEFT's ``disable_adapter()`` for a group)."""
+        for layer in self.layers.values():
+            layer.enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.enabled = True
 
     def lora_b_params(self) -> dict[str, nn.Parameter]:
         """Stacked B's, (T, d_out, r), keyed by base-model module name."""
@@ -218,14 +233,56 @@ def adapter_losses(logits: torch.Tensor, labels: torch.Tensor, n_adapters: int) 
     return sums / counts.clamp(min=1)
 
 
-def routed_loss(n_adapters: int):
+def other_cluster_rows(n_adapters: int, rows: int) -> torch.Tensor:
+    """(T·b,) row indices of a fused batch that give segment t rows of the *other* segments only: row j of
+    segment t is row j of segment (t + 1 + j mod (T-1)) mod T, so each adapter sees every other cluster's
+    rows in turn, in every step (T ≥ 2)."""
+    j = torch.arange(rows)
+    return torch.cat([((t + 1 + j % (n_adapters - 1)) % n_adapters) * rows + j for t in range(n_adapters)])
+
+
+def other_cluster_kl(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(T,) weight-disentanglement penalty: adapter t's KL(base ‖ base + adapter t) on the group's other
+    clusters' rows of the batch (:func:`other_cluster_rows`), the mean over their real tokens.
+
+    An adapter trained only on its own cluster learns its skill unconditionally: on the demo each one
+    answered 55-62% of the other families' prompts with its own skill, and a sum of such switches has
+    nothing left to select with (issue 12). Keeping the base's next-token distribution on the other
+    clusters' rows teaches it to act on its own inputs only, the property task arithmetic needs
+    (weight disentanglement, Ortiz-Jimenez et al., NeurIPS 2023; regularising the change on other tasks'
+    inputs during fine-tuning, as τJp does: Yoshida et al., ICLR 2025). One no-grad base forward serves
+    every adapter (its logits are re-indexed with the rows), plus one routed forward of the re-indexed batch.
+
+    Raises:
+        ValueError: a group of one adapter (it has no other clusters).
+    """
+    n = len(group)
+    if n < 2:
+        raise ValueError("the disentanglement penalty needs a fused group of at least 2 adapters")
+    index = other_cluster_rows(n, batch["input_ids"].shape[0] // n)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad(), group.adapters_disabled():
+        base = F.log_softmax(engine(**inputs).logits.float(), -1)[index]  # (T·b, L, V)
+    others = {k: v[index] for k, v in inputs.items()}
+    adapted = F.log_softmax(engine(**others).logits.float(), -1)
+    kl = (base.exp() * (base - adapted)).sum(-1)  # (T·b, L)
+    real = others["attention_mask"].to(kl.dtype)
+    return (kl * real).sum(1).view(n, -1).sum(1) / real.sum(1).view(n, -1).sum(1).clamp(min=1)
+
+
+def routed_loss(group: "LoRIGroup", disentangle: float = 0.0):
     """``loss_fn`` for :func:`tclora.train.train_loop`: backpropagates the sum of the adapters' losses
-    and records the list of per-adapter losses."""
+    (plus ``disentangle`` x :func:`other_cluster_kl` when > 0 and the group has other clusters) and
+    records the list of per-adapter cross-entropy losses."""
+    n = len(group)
 
     def loss_fn(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses = adapter_losses(logits, batch["labels"], n_adapters)
-        return losses.sum(), losses.tolist()
+        losses = adapter_losses(logits, batch["labels"], n)
+        total = losses.sum()
+        if disentangle and n > 1:
+            total = total + disentangle * other_cluster_kl(engine, group, batch).sum()
+        return total, losses.tolist()
 
     return loss_fn
 
@@ -316,7 +373,7 @@ def train_lori_group(
                    for r, s in zip(record_sets, seeds)]
         fused = (concat_batches(step, tokenizer.pad_token_id) for step in zip(*streams))
         losses = train_loop(make_engine(group.model, phase.lr), fused, phase.steps, masked=masked,
-                            loss_fn=routed_loss(len(group)), desc=f"LoRI {phase.name} x{len(group)}",
+                            loss_fn=routed_loss(group, train_cfg.disentangle), desc=f"LoRI {phase.name} x{len(group)}",
                             max_grad_norm=train_cfg.max_grad_norm, n_adapters=len(group))
         for t, meta in enumerate(metas):
             mine = [step[t] for step in losses]

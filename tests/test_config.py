@@ -84,3 +84,17 @@ def test_fused_training_needs_zero_stage_0():
         load_config(None, ["train.clusters_per_run=2", "train.fused=true", "train.zero_stage=2"])
     assert load_config(None, ["train.clusters_per_run=2", "train.fused=true", "train.zero_stage=0"]).train.fused
     assert load_config(None, ["train.clusters_per_run=1", "train.fused=true", "train.zero_stage=2"])  # nothing to fuse
+
+
+def test_disentangle_needs_a_fused_group_of_lori_adapters():
+    """train.disentangle uses the other clusters of a fused group: refused where there are none."""
+    fused = ["train.clusters_per_run=2", "train.fused=true", "train.disentangle=3"]
+    assert load_config(None, fused).train.disentangle == 3.0
+    with pytest.raises(ConfigError, match=r"disentangle=3.0 needs fused=true and clusters_per_run >= 2"):
+        load_config(None, ["train.clusters_per_run=1", "train.disentangle=3"])
+    with pytest.raises(ConfigError, match=r"disentangle=3.0 needs fused=true .*fused=False"):
+        load_config(None, ["train.clusters_per_run=2", "train.fused=false", "train.disentangle=3"])
+    with pytest.raises(ConfigError, match=r"train.disentangle needs fused training, which plain LoRA"):
+        load_config(None, [*fused, "lori.mode=lora"])
+    with pytest.raises(ConfigError, match="disentangle"):
+        load_config(None, ["train.disentangle=-1"])

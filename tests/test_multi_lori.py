@@ -223,7 +223,7 @@ def _run(tiny_base, tmp_path, stop: int | None):
     group = multi_lori.LoRIGroup(model, LORI, SEEDS)
     steps = 6
     fused = [_fused_batch(tok, step_seed=10 * s) for s in range(2 * steps)]
-    loss_fn = multi_lori.routed_loss(3)
+    loss_fn = multi_lori.routed_loss(group)
     engine = TorchEngine(model, lr=3e-3, weight_decay=0.01)
     if stop is None:
         train_loop(engine, fused[:steps], steps, loss_fn=loss_fn)
@@ -286,3 +286,66 @@ def test_group_masks_are_per_adapter_and_save_like_one_adapters(tiny_model_and_t
     assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
     with pytest.raises(ValueError, match="masks of another group"):
         group.masked(multi_lori.adapter_masks(masks, 0))
+
+
+def _peft_kl(tiny_base, adapter_dir, batch: dict[str, torch.Tensor]) -> float:
+    """KL(base ‖ base + adapter), mean over the batch's real tokens, by PEFT's own forward of the saved adapter."""
+    from torch.nn import functional as F
+
+    from tclora.models import load_base
+
+    model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(adapter_dir))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        adapted = F.log_softmax(model(**inputs).logits, -1)
+        with model.disable_adapter():
+            base = F.log_softmax(model(**inputs).logits, -1)
+    mask = inputs["attention_mask"].float()
+    return (((base.exp() * (base - adapted)).sum(-1) * mask).sum() / mask.sum()).item()
+
+
+def test_disentangle_penalty_is_each_adapters_kl_to_the_base_on_the_other_clusters_rows(tiny_base, tmp_path):
+    from tclora.models import load_base
+
+    model, tok = load_base(str(tiny_base))
+    group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+    batch = _fused_batch(tok)
+    assert torch.equal(multi_lori.other_cluster_kl(model, group, batch), torch.zeros(3))  # B = 0: the base itself
+    with pytest.raises(ValueError, match="at least 2 adapters"):
+        multi_lori.other_cluster_kl(model, multi_lori.LoRIGroup(load_base(str(tiny_base))[0], LORI, SEEDS[:1]), batch)
+    with torch.no_grad():
+        for b in group.lora_b_params().values():
+            b.normal_(std=0.1)
+    kl = multi_lori.other_cluster_kl(model, group, batch)
+    kl[0].backward()  # adapter 0's penalty reaches adapter 0's B only
+    for name, b in group.lora_b_params().items():
+        assert torch.count_nonzero(b.grad[1:]) == 0 and torch.count_nonzero(b.grad[0]) > 0, name
+    b = batch["input_ids"].shape[0] // 3  # 4 rows per adapter
+    # Adapter t is penalised on row j of segment t+1, t+2, t+1, t+2 (mod 3) for j = 0..3: the others in turn.
+    expected = {0: [1 * b + 0, 2 * b + 1, 1 * b + 2, 2 * b + 3], 1: [2 * b + 0, 0 * b + 1, 2 * b + 2, 0 * b + 3],
+                2: [0 * b + 0, 1 * b + 1, 0 * b + 2, 1 * b + 3]}
+    assert multi_lori.other_cluster_rows(3, b).tolist() == expected[0] + expected[1] + expected[2]
+    for t in range(3):
+        group.save_adapter(t, tmp_path / f"adapter-{t}", None, {})
+        rows = {k: v[expected[t]] for k, v in batch.items()}
+        assert kl[t].item() == pytest.approx(_peft_kl(tiny_base, tmp_path / f"adapter-{t}", rows), rel=1e-4), t
+
+
+def test_disentangled_adapters_leave_the_other_clusters_rows_closer_to_the_base(tiny_base, tmp_path):
+    """Same batches, same seeds: with the penalty each adapter's KL on the other clusters' rows drops, and
+    its own loss still falls (it learns its cluster)."""
+    from tclora.models import load_base
+
+    held_out = [next(data.batches(RECORDS[t], load_base(str(tiny_base))[1], 8, MAX_LENGTH, 1, seed=99))
+                for t in range(3)]
+    kls, metas = {}, {}
+    for beta in (0.0, 5.0):
+        model, tok = load_base(str(tiny_base))
+        cfg = TRAIN.model_copy(update={"disentangle": beta})
+        dirs = [tmp_path / f"beta{beta}-{t}" for t in range(3)]
+        metas[beta] = multi_lori.train_lori_group(model, tok, RECORDS, LORI, cfg, seeds=SEEDS, out_dirs=dirs,
+                                                  max_length=MAX_LENGTH)
+        kls[beta] = [sum(_peft_kl(tiny_base, dirs[t], held_out[u]) for u in range(3) if u != t) for t in range(3)]
+    for t in range(3):
+        assert kls[5.0][t] < 0.5 * kls[0.0][t], (t, kls)
+        assert metas[5.0][t]["dense_loss_last"] < metas[5.0][t]["dense_loss_first"], t
