@@ -88,8 +88,27 @@ def recommended_line(metrics: Mapping[str, Any]) -> str:
         return "recommended merge: none (merges untuned: no validation split or merge.tune=false)"
     test = metrics["eval"][best["method"]]["splits"]
     scores = ", ".join(f"{s} {v:.3f}" for s, v in test.items())
-    return (f"recommended merge: {best['method']} {merge_setting({**best, 'tuned': True})}, validation "
+    line = (f"recommended merge: {best['method']} {merge_setting({**best, 'tuned': True})}, validation "
             f"{best['validation_score']:.3f}; test: {scores}  (best_merge.yaml)")
+    kept = gain_kept(metrics, best["method"])
+    if kept is not None:
+        line += f"\n  it keeps {kept:.0%} of the routed adapters' gain over the base on {metrics['eval_split']}"
+        if kept < 0.5:
+            line += ("; under half: serve the farm's routed adapters (tclora route) where routing is possible, or "
+                     "see README 'Adapters that merge'")
+    return line
+
+
+def gain_kept(metrics: Mapping[str, Any], method: str) -> float | None:
+    """(merge - base) / (routed adapters - base) on the headline split (``eval_split``): the share of the
+    per-cluster adapters' gain a merge keeps (issue 12's target: 60%). None without both references or
+    when the adapters do not beat the base."""
+    split, ev = metrics.get("eval_split"), metrics.get("eval", {})
+    try:
+        base, oracle, merged = (ev[m]["splits"][split] for m in ("base", "adapters", method))
+    except KeyError:
+        return None
+    return (merged - base) / (oracle - base) if oracle > base else None
 
 
 def routing_line(metrics: Mapping[str, Any]) -> str:

@@ -120,6 +120,17 @@ def test_report_shows_settings_and_the_recommended_merge():
     assert report.recommended_line(metrics).startswith("recommended merge: ties λ=1.5 density=0.5 (tuned), "
                                                        "validation 0.750")
     assert "none" in report.recommended_line({"eval": evals})
+    assert "gain" not in report.recommended_line(metrics)  # no routed adapters scored: nothing to compare with
+    # base 0.1, routed adapters 0.9, ties 0.5: (0.5 - 0.1) / (0.9 - 0.1) = 50% of the adapters' gain kept.
+    evals.update(base={"splits": {"test": 0.1}}, adapters={"splits": {"test": 0.9}})
+    assert report.gain_kept(metrics, "ties") == pytest.approx(0.5)
+    assert "keeps 50% of the routed adapters' gain over the base on test\n" not in report.recommended_line(metrics)
+    assert report.recommended_line(metrics).endswith("keeps 50% of the routed adapters' gain over the base on test")
+    evals["ties"]["splits"]["test"] = 0.3  # 25%: the line says what to do instead
+    assert "keeps 25% of the routed adapters' gain" in report.recommended_line(metrics)
+    assert "serve the farm's routed adapters (tclora route)" in report.recommended_line(metrics)
+    evals["adapters"]["splits"]["test"] = 0.1  # adapters no better than the base: no share to give
+    assert report.gain_kept(metrics, "ties") is None
 
 
 def test_best_merge_yaml_is_a_config_fragment():
