@@ -404,6 +404,8 @@ def combine(args) -> dict:
         result["headline"] += headlines(result["summary"][kind], kind)
     result["config"]["seeds"] = sorted(int(s) for s in result["per_seed"][kind])
     result["config"]["variants"] = list(result["per_seed"])
+    for key in ("kinds", "disentangle"):  # the union over the parts (each list-valued in its own config)
+        result["config"][key] = list(dict.fromkeys(v for part in parts for v in part["config"].get(key, [])))
     result["seconds"] = {"per_run": [p["seconds"] for p in parts]}
     result["cpu_seconds"] = sum(p["cpu_seconds"] for p in parts)
     return result

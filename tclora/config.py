@@ -231,8 +231,8 @@ class TrainSection(_Section):
         "fused group is also trained to keep the base's next-token distribution (β x KL(base || adapted), mean "
         "over tokens) on the group's other clusters' rows, so it acts on its own cluster's inputs only and a "
         "merge interferes less (tclora.multi_lori.other_cluster_kl). 0: off. Needs fused training with "
-        "clusters_per_run >= 2; about twice the training compute. On the demo, β = 3 doubled the best merge's "
-        "score and lowered the routed adapters' (benchmarks/README.md).",
+        "clusters_per_run >= 2; about twice the training compute. On the demo, β = 3 raised the best merge from "
+        "0.115 to 0.165 test exact match and lowered the routed adapters from 0.867 to 0.640 (README).",
     )
 
     @field_validator("zero_stage")
