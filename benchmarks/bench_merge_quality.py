@@ -157,8 +157,11 @@ def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) ->
 
 def variants(args) -> list[tuple[str, str, float]]:
     """(name, adapter kind, train.disentangle β) for every kind x β; plain LoRA is never fused, so only β = 0."""
-    return [(kind if not beta else f"{kind}+disentangle{beta:g}", kind, beta)
-            for kind in args.kinds for beta in args.disentangle if not (beta and kind == "lora")]
+    out = [(kind if not beta else f"{kind}+disentangle{beta:g}", kind, beta)
+           for kind in args.kinds for beta in args.disentangle if not (beta and kind == "lora")]
+    if not out:
+        raise SystemExit("nothing to run: plain LoRA (--kinds lora) is never fused, so it has only --disentangle 0")
+    return out
 
 
 def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path, disentangle: float = 0.0) -> dict:
@@ -187,12 +190,13 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
         metas = [train_lori_adapter(model, tok, records, lori_cfg, train_cfg, seed=a_seed, out_dir=out,
                                     max_length=args.max_length, base_model_name_or_path=str(base_path))
                  for records, a_seed, out in zip(record_sets, seeds, out_dirs)]
-    else:  # fused: each adapter equals the one trained alone on the same batches (tests/test_multi_lori.py)
+    else:  # fused: at β = 0 each adapter equals the one trained alone on the same batches (test_multi_lori.py)
         metas = train_lori_group(model, tok, record_sets, lori_cfg, train_cfg, seeds=seeds, out_dirs=out_dirs,
                                  max_length=args.max_length, base_model_name_or_path=str(base_path))
     factors, train_meta = {}, {}
     for cid, (family, meta) in enumerate(zip(fams, metas)):
         factors[cid] = adapters.load_factors(out_dirs[cid])
+        # "seconds": a fused group's is the whole group's, recorded under each of its families
         train_meta[family] = {k: meta[k] for k in ("dense_loss_last", "sparse_loss_last", "seconds") if k in meta}
         train_meta[family]["norm_ratio"] = norm_ratio(model, factors[cid])
     t_train = time.perf_counter()
@@ -402,7 +406,7 @@ def combine(args) -> dict:
         result["per_seed"][kind] = {str(s): r for s, r in sorted(per_seed.items())}
         result["summary"][kind] = summarise(per_seed)
         result["headline"] += headlines(result["summary"][kind], kind)
-    result["config"]["seeds"] = sorted(int(s) for s in result["per_seed"][kind])
+    result["config"]["seeds"] = sorted({int(s) for runs in result["per_seed"].values() for s in runs})
     result["config"]["variants"] = list(result["per_seed"])
     for key in ("kinds", "disentangle"):  # the union over the parts (each list-valued in its own config)
         result["config"][key] = list(dict.fromkeys(v for part in parts for v in part["config"].get(key, [])))

@@ -283,9 +283,6 @@ class LoRIRecipe:
         seeds = [lori_seed(self.cfg, c) for c in group]
         torch.manual_seed(seeds[0] + self.rank)
         if len(group) == 1:
-            if self.cfg.train.disentangle:
-                log.warning("cluster %d trains alone (its Train run holds no other cluster), so train.disentangle "
-                            "has no other clusters' rows to keep the base on", group[0])
             model = lori.attach_lori(self.base, self.cfg.lori, seeds[0], self.cfg.model.name_or_path)
             self.adapters, self.loss_fn = SoloLoRI(model), causal_lm_loss
         else:  # each row through its own cluster's factors; each adapter's loss is the mean over its rows
@@ -382,7 +379,8 @@ class LoRIRecipe:
         meta = adapter_meta(self.cfg.lori, seed, losses, s.seconds, masks=masks, a_shapes=a_shapes,
                             cluster_id=cluster_id, shared_a=self.cfg.lori.shared_a, world_size=self.world,
                             zero_stage=self.cfg.train.zero_stage, steps=steps, resumes=s.resumes,
-                            shard_rows=self.stats[cluster_id].get("shard_rows"), fused=len(self.group))
+                            shard_rows=self.stats[cluster_id].get("shard_rows"), fused=len(self.group),
+                            disentangle=self.cfg.train.disentangle if fused else 0.0)
         meta["losses"] = losses  # not a keyword: adapter_meta's third argument already has that name
         return meta
 

@@ -222,7 +222,8 @@ class TrainSection(_Section):
     fused: bool = Field(
         True, description="A run's packed clusters (clusters_per_run > 1) train together in one forward/backward "
         "pass, each row through its own cluster's LoRI factors (tclora.multi_lori; each adapter equals the one "
-        "trained alone on the same batches, to float rounding); false trains them one after another. With "
+        "trained alone on the same batches, to float rounding, while disentangle is 0); false trains them one "
+        "after another. With "
         "clusters_per_run > 1 it needs zero_stage 0 (one worker: ZeRO has nothing to shard, and per-adapter "
         "gradient clipping reads each adapter's gradient). Plain LoRA (lori.mode: lora) trains A: never fused.",
     )
@@ -231,8 +232,10 @@ class TrainSection(_Section):
         "fused group is also trained to keep the base's next-token distribution (β x KL(base || adapted), mean "
         "over tokens) on the group's other clusters' rows, so it acts on its own cluster's inputs only and a "
         "merge interferes less (tclora.multi_lori.other_cluster_kl). 0: off. Needs fused training with "
-        "clusters_per_run >= 2; about twice the training compute. On the demo, β = 3 raised the best merge from "
-        "0.115 to 0.165 test exact match and lowered the routed adapters from 0.867 to 0.640 (README).",
+        "clusters_per_run >= 2 (a cluster left alone in its Train run gets no penalty: the driver names it) and "
+        "batch_size >= clusters_per_run - 1; about twice the training compute and activation memory. On the "
+        "demo, β = 3 raised the best merge from 0.115 to 0.165 test exact match and lowered the routed adapters "
+        "from 0.867 to 0.640 (README, 'Adapters that merge').",
     )
 
     @field_validator("zero_stage")
@@ -259,6 +262,10 @@ class TrainSection(_Section):
             raise ValueError(f"disentangle={self.disentangle} needs fused=true and clusters_per_run >= 2 (got "
                              f"fused={self.fused}, clusters_per_run={self.clusters_per_run}): an adapter learns to "
                              "leave the base alone on the other clusters' rows of its own fused group")
+        if self.disentangle and self.batch_size < self.clusters_per_run - 1:
+            raise ValueError(f"disentangle={self.disentangle} needs batch_size >= clusters_per_run - 1 (got "
+                             f"{self.batch_size} and {self.clusters_per_run}): each step, every adapter sees rows of "
+                             "each other cluster of its group, one per row of its own batch")
         return self
 
 

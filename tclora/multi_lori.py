@@ -259,15 +259,18 @@ def other_cluster_kl(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor])
     n = len(group)
     if n < 2:
         raise ValueError("the disentanglement penalty needs a fused group of at least 2 adapters")
-    index = other_cluster_rows(n, batch["input_ids"].shape[0] // n)
+    rows = batch["input_ids"].shape[0] // n
+    index = other_cluster_rows(n, rows)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    with torch.no_grad(), group.adapters_disabled():
-        base = F.log_softmax(engine(**inputs).logits.float(), -1)[index]  # (T·b, L, V)
     others = {k: v[index] for k, v in inputs.items()}
-    adapted = F.log_softmax(engine(**others).logits.float(), -1)
-    kl = (base.exp() * (base - adapted)).sum(-1)  # (T·b, L)
-    real = others["attention_mask"].to(kl.dtype)
-    return (kl * real).sum(1).view(n, -1).sum(1) / real.sum(1).view(n, -1).sum(1).clamp(min=1)
+    real = others["attention_mask"].bool()  # (T·b, L); vocabulary-sized work on real tokens only: (N, V)
+    with torch.no_grad(), group.adapters_disabled():
+        base = F.log_softmax(engine(**inputs).logits[index][real].float(), -1)
+    adapted = F.log_softmax(engine(**others).logits[real].float(), -1)
+    kl = F.kl_div(adapted, base, reduction="none", log_target=True).sum(-1)  # (N,) KL(base ‖ adapted) per token
+    owner = torch.arange(n, device=kl.device).repeat_interleave(rows)[:, None].expand_as(real)[real]  # (N,)
+    totals = torch.zeros(n, dtype=kl.dtype, device=kl.device).index_add(0, owner, kl)
+    return totals / torch.bincount(owner, minlength=n).clamp(min=1).to(kl.dtype)
 
 
 def routed_loss(group: "LoRIGroup", disentangle: float = 0.0):
@@ -361,6 +364,7 @@ def train_lori_group(
     make_engine = make_engine or (lambda m, lr: TorchEngine(m, lr, train_cfg.weight_decay))
     group, started = LoRIGroup(model, lori_cfg, seeds), time.time()
     metas = [{"seed": s, "rank": lori_cfg.rank, "alpha": lori_cfg.alpha, "mode": lori_cfg.mode, "fused": len(seeds),
+              "disentangle": train_cfg.disentangle if len(seeds) > 1 else 0.0,
               "sparsity": lori_cfg.sparsity, "mask_scope": lori_cfg.mask_scope, "rows": len(r)}
              for s, r in zip(seeds, record_sets)]
     masks, masked = None, None

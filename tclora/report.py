@@ -82,7 +82,8 @@ def _short(v: Any) -> str:
 
 
 def recommended_line(metrics: Mapping[str, Any]) -> str:
-    """One line for the run summary: the merge to ship (best on validation), or why there is none."""
+    """The run summary's lines on the merge to ship (best on validation) and the share of the routed
+    adapters' gain it keeps, or why there is none."""
     best = metrics.get("recommended")
     if not best:
         return "recommended merge: none (merges untuned: no validation split or merge.tune=false)"
@@ -105,7 +106,7 @@ def gain_kept(metrics: Mapping[str, Any], method: str) -> float | None:
     when the adapters do not beat the base."""
     split, ev = metrics.get("eval_split"), metrics.get("eval", {})
     try:
-        base, oracle, merged = (ev[m]["splits"][split] for m in ("base", "adapters", method))
+        base, oracle, merged = (ev[m]["splits"][split] for m in (BASE, ORACLE, method))
     except KeyError:
         return None
     return (merged - base) / (oracle - base) if oracle > base else None

@@ -98,3 +98,16 @@ def test_disentangle_needs_a_fused_group_of_lori_adapters():
         load_config(None, [*fused, "lori.mode=lora"])
     with pytest.raises(ConfigError, match="disentangle"):
         load_config(None, ["train.disentangle=-1"])
+    with pytest.raises(ConfigError, match=r"needs batch_size >= clusters_per_run - 1 \(got 2 and 4\)"):
+        load_config(None, ["train.clusters_per_run=4", "train.batch_size=2", "train.disentangle=3"])
+
+
+def test_mbc_short_adapters_are_plain_lora_without_the_disentanglement_penalty():
+    """cluster.by=adapters trains short plain-LoRA adapters from the run's config: they must validate (the
+    train stage re-validates its config) and never carry the fused-only penalty."""
+    from tclora.config import validate
+    from tclora.mbc import short_adapter_config
+
+    cfg = load_config(None, ["train.clusters_per_run=2", "train.disentangle=3"])
+    short = validate(short_adapter_config(cfg).model_dump(mode="json"))
+    assert short.lori.mode == "lora" and short.train.disentangle == 0.0 and cfg.train.disentangle == 3.0

@@ -349,3 +349,27 @@ def test_disentangled_adapters_leave_the_other_clusters_rows_closer_to_the_base(
     for t in range(3):
         assert kls[5.0][t] < 0.5 * kls[0.0][t], (t, kls)
         assert metas[5.0][t]["dense_loss_last"] < metas[5.0][t]["dense_loss_first"], t
+
+
+def test_routed_loss_adds_beta_times_the_penalty_and_records_the_cross_entropy(tiny_base):
+    from tclora.models import load_base
+
+    model, tok = load_base(str(tiny_base))
+    group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+    with torch.no_grad():
+        for b in group.lora_b_params().values():
+            b.normal_(std=0.1)
+    batch = _fused_batch(tok)
+    with torch.no_grad():
+        ce = multi_lori.adapter_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                             ).logits, batch["labels"], 3)
+        kl = multi_lori.other_cluster_kl(model, group, batch)
+        total, recorded = multi_lori.routed_loss(group, 2.5)(model, batch)
+        plain, _ = multi_lori.routed_loss(group)(model, batch)
+    assert recorded == pytest.approx(ce.tolist(), rel=1e-6) and kl.min() > 0
+    assert total.item() == pytest.approx((ce.sum() + 2.5 * kl.sum()).item(), rel=1e-5)
+    assert plain.item() == pytest.approx(ce.sum().item(), rel=1e-6)
+
+
+def test_other_cluster_rows_of_two_adapters_swap_the_segments():
+    assert multi_lori.other_cluster_rows(2, 3).tolist() == [3, 4, 5, 0, 1, 2]
