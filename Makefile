@@ -16,8 +16,8 @@ TORCH  ?= torch==2.13.0
 # The rest goes through uv, which downloads in parallel: 19 s against pip's ~3 min on a fresh venv (torch and
 # DeepSpeed already in, which it keeps). Its resolution may differ from pip's where both are valid (here:
 # python-dateutil 4 with pytablewriter 0.38 for lm-eval, where pip picks 2.9 with 1.2); CI tests uv's.
-# --compile-bytecode: uv leaves .pyc to the first import, as pip does not, and with PYTHONDONTWRITEBYTECODE set
-# (as on our CI machines) no import ever writes them: every Ray worker then compiled pandas, ray.data and
+# --compile-bytecode: uv leaves .pyc to the first import (pip compiles them at install), and with PYTHONDONTWRITEBYTECODE
+# set (as on our CI machines) no import ever writes them: every Ray worker then compiled pandas, ray.data and
 # transformers from source (import ray.data 5.4 s against 1.6 s) and the suite took 2,149 s instead of ~800.
 $(BIN)/tclora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
