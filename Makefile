@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 # every new environment path: 36 s of the first demo's train stage on 2 cores. Built here, at install,
 # as DeepSpeed documents for pre-built ops (DS_BUILD_<OP>=1, torch already installed); same version
 # range as pyproject.toml. Without a C++ compiler that build fails: DeepSpeed is then installed as usual.
-# The rest goes through uv, which downloads in parallel: 19 s against pip's ~3 min on a fresh venv (torch and
+# The rest goes through uv, which downloads in parallel: 19 s against ~3 min for pip with a cold cache (torch and
 # DeepSpeed already in, which it keeps). Its resolution may differ from pip's where both are valid (here:
 # python-dateutil 4 with pytablewriter 0.38 for lm-eval, where pip picks 2.9 with 1.2); CI tests uv's.
 # --compile-bytecode: uv leaves .pyc to the first import (pip compiles them at install), and with PYTHONDONTWRITEBYTECODE
