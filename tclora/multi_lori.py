@@ -66,12 +66,9 @@ class RoutedLoRILinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=False)
         self.lora_B = nn.Parameter(torch.zeros(n, w.shape[0], rank, device=w.device, dtype=w.dtype))
         self.scaling = scaling
-        self.enabled = True  # False: the base layer alone (LoRIGroup.adapters_disabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if not self.enabled:
-            return out
         n = self.lora_A.shape[0]
         if x.shape[0] % n:
             raise ValueError(f"a fused batch has {x.shape[0]} rows, not a multiple of its {n} adapters")
@@ -121,14 +118,13 @@ class LoRIGroup:
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """The base model's own forward while inside (PEFT's ``disable_adapter()`` for a group)."""
-        for layer in self.layers.values():
-            layer.enabled = False
+        """The base model's own forward while inside (PEFT's ``disable_adapter()`` for a group): the base
+        layers are swapped back in, as :meth:`detach` does, and the routed ones out again on exit."""
+        self._swap(routed=False)
         try:
             yield
         finally:
-            for layer in self.layers.values():
-                layer.enabled = True
+            self._swap(routed=True)
 
     def lora_b_params(self) -> dict[str, nn.Parameter]:
         """Stacked B's, (T, d_out, r), keyed by base-model module name."""

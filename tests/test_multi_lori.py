@@ -336,8 +336,8 @@ def test_disentangled_adapters_leave_the_other_clusters_rows_closer_to_the_base(
     its own loss still falls (it learns its cluster)."""
     from tclora.models import load_base
 
-    held_out = [next(data.batches(RECORDS[t], load_base(str(tiny_base))[1], 8, MAX_LENGTH, 1, seed=99))
-                for t in range(3)]
+    tok = load_base(str(tiny_base))[1]
+    held_out = [next(data.batches(RECORDS[t], tok, 8, MAX_LENGTH, 1, seed=99)) for t in range(3)]
     kls, metas = {}, {}
     for beta in (0.0, 5.0):
         model, tok = load_base(str(tiny_base))
