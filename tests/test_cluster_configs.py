@@ -30,6 +30,7 @@ HEADER_COMMANDS = {
     "kuberay/raycluster.yaml": "kubectl apply -f cluster_configs/kuberay/raycluster.yaml",
     "kuberay/rayjob.yaml": "kubectl apply -f cluster_configs/kuberay/rayjob.yaml",
     "runtime_env.yaml": "--runtime-env cluster_configs/runtime_env.yaml",
+    "kuberay/runtime_env.yaml": "--runtime-env cluster_configs/kuberay/runtime_env.yaml",
 }
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -198,18 +199,29 @@ def test_rayjob_cluster_matches_raycluster():
 # --- runtime_env and versions across every file -----------------------------------------------------
 
 
-def test_runtime_env_is_valid_and_holds_no_secret():
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "kuberay/runtime_env.yaml"])
+def test_runtime_env_is_valid_and_holds_no_secret(name):
     from ray.runtime_env import RuntimeEnv
 
-    env = _load("runtime_env.yaml")
+    env = _load(name)
     RuntimeEnv(**env)
-    pip = env["pip"]
-    assert (next(i for i, p in enumerate(pip) if p.startswith("torch"))
-            < next(i for i, p in enumerate(pip) if "tclora" in p))
     assert env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
     assert env["env_vars"]["HF_HUB_OFFLINE"] in ("0", "1") and env["env_vars"]["HF_HOME"]
     secrets = [k for k in env["env_vars"] if re.search(r"TOKEN|SECRET|KEY", k) and k != "TOKENIZERS_PARALLELISM"]
     assert not secrets, f"the runtime env is stored and shown by the cluster: {secrets}"
+
+
+def test_kuberay_runtime_env_is_the_default_one_plus_pip():
+    """The VM nodes have torch and tclora from set-up (no per-job virtualenv); the stock KubeRay image
+    gets them from the pip list, torch first."""
+    default, kuberay = _load("runtime_env.yaml"), _load("kuberay/runtime_env.yaml")
+    assert "pip" not in default
+    for name in LAUNCHERS:
+        assert re.search(r"pip install .*torch==", _text(name)) and re.search(r"pip install .*tclora-", _text(name))
+    pip = kuberay.pop("pip")
+    assert (next(i for i, p in enumerate(pip) if p.startswith("torch"))
+            < next(i for i, p in enumerate(pip) if "tclora" in p))
+    assert kuberay == default
 
 
 def test_ray_versions_agree_with_pyproject_and_this_client():
@@ -241,5 +253,5 @@ def test_torch_and_package_pins_agree_with_pyproject_and_makefile():
     assert torch_pins and set(torch_pins) == {TORCH_PIN}, f"Makefile pins torch=={TORCH_PIN}: {torch_pins}"
     assert DEPS["torch"].contains(TORCH_PIN)
     assert pkg_pins and set(pkg_pins) == {VERSION}, f"pyproject is at {VERSION}: {pkg_pins}"
-    for name in ("aws.yaml", "gcp.yaml", "runtime_env.yaml", "kuberay/rayjob.yaml"):
+    for name in ("aws.yaml", "gcp.yaml", "kuberay/runtime_env.yaml", "kuberay/rayjob.yaml"):
         assert VERSION in _text(name), f"{name} installs tclora without pinning {VERSION}"
