@@ -73,24 +73,29 @@ def _run_name(cluster_ids: list[int]) -> str:
     return f"cluster-{cluster_ids[0]}" if len(cluster_ids) == 1 else "clusters-" + "-".join(map(str, cluster_ids))
 
 
-def _run_dataset(cluster_dir: Path, cluster_ids: list[int], store: storage.RunStore):
-    """The run's rows as a materialised Ray Dataset (``ray.data.from_arrow``), read in the trial's process:
+def _run_table(cluster_dir: Path, cluster_ids: list[int], store: storage.RunStore) -> pa.Table:
+    """The run's rows (``source``, ``target``; packed runs add ``cluster_id``), read in the trial's process:
     no read task can then starve once the Train workers' placement group holds the CPUs (a hang seen with
-    2 concurrent trials filling a 2-CPU Ray), and a run pays no Ray Data job start-up. Packed runs get a
-    ``cluster_id`` column. Read from the run's store: this runs inside a Tune trial, on any node."""
+    2 concurrent trials filling a 2-CPU Ray), and a run pays no Ray Data job start-up. Read from the run's
+    store: this runs inside a Tune trial, on any node."""
     tables = []
     for cluster_id in cluster_ids:
         table = read_cluster(store.path(cluster_dir), cluster_id, store.filesystem, columns=["source", "target"])
         if len(cluster_ids) > 1:
             table = table.append_column("cluster_id", pa.array([cluster_id] * table.num_rows, pa.int64()))
         tables.append(table)
-    return ray.data.from_arrow(pa.concat_tables(tables))
+    return pa.concat_tables(tables)
 
 
 def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_path: str | Path,
              store: storage.RunStore, report_to_tune: bool, rows: int) -> TorchTrainer:
     """The group's ``TorchTrainer``: ``train.num_workers`` workers running :func:`train_fn_per_worker`,
-    a run name without timestamp (a restart resumes it), the run's rows split evenly across the workers."""
+    a run name without timestamp (a restart resumes it), the run's rows handed to the workers.
+
+    One worker holding at most ``CACHE_ROWS`` rows keeps them in memory anyway: they travel as one object
+    (``train_loop_config["table"]``, an ObjectRef), with no Ray Data split, which costs a DatasetManager and
+    a SplitCoordinator actor per run (the worker waited ~6 s for them before its first step, 2 cores).
+    Several workers, or more rows, get them as a Ray Dataset split evenly across the workers."""
     t = cfg.train
     callbacks = []
     if report_to_tune:  # forwards every Train report to the Tune trial (progress table, trial metrics)
@@ -100,9 +105,13 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {}),
                  **t.resources}
     storage_path, storage_fs = store.ray_storage(storage_path)
+    table = _run_table(Path(cluster_dir), cluster_ids, store)
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids), "rows": rows}
+    if t.num_workers == 1 and rows <= CACHE_ROWS:
+        loop_config["table"] = ray.put(table)  # owned by this trial, which lives as long as the run
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids), "rows": rows},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -113,7 +122,7 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
             # No worker_runtime_env of ours: DeepSpeed's accelerator is set by the worker itself, and every
             # extra runtime env is one more kind of worker process Ray cannot take from those it has started.
         ),
-        datasets={"train": _run_dataset(Path(cluster_dir), cluster_ids, store)},  # split evenly across the workers
+        datasets=None if "table" in loop_config else {"train": ray.data.from_arrow(table)},
     )
 
 

@@ -10,9 +10,9 @@
     cleanup   drop the temporary adapter directory (every adapter is in the last checkpoint)
 
 It is plain DeepSpeed training plus a few Ray touchpoints, each marked "Ray:". A run whose rows one
-worker holds and ``CACHE_ROWS`` fits (every packed run, ``train.clusters_per_run``) reads its shard once
-and replays each cluster's rows from memory, reshuffled per epoch by a seed of the cluster: an adapter
-sees the same batches whether its cluster trains alone, packed or fused.
+worker holds and ``CACHE_ROWS`` fits gets them as one object (no Ray Data split), a packed run over several
+workers reads its shard once; both replay each cluster's rows from memory, reshuffled per epoch by a seed
+of the cluster: an adapter sees the same batches whether its cluster trains alone, packed or fused.
 """
 
 from __future__ import annotations
@@ -184,11 +184,12 @@ def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
         stats["shard_rows"] = rows
 
 
-def _by_cluster(shard, tokenizer, cfg: Config, cluster_ids: list[int]) -> dict[int, list]:
-    """This worker's shard read once, tokenised examples per cluster id (they fit: ``pack_clusters`` caps
-    a group at ``CACHE_ROWS`` rows). A one-cluster run's rows carry no ``cluster_id`` column."""
+def _by_cluster(chunks, tokenizer, cfg: Config, cluster_ids: list[int]) -> dict[int, list]:
+    """Tokenised examples per cluster id from ``chunks`` (column dicts: this worker's shard read once, or the
+    run's table; they fit: ``pack_clusters`` caps a group at ``CACHE_ROWS`` rows). A one-cluster run's rows
+    carry no ``cluster_id`` column."""
     buckets: dict[int, list] = {}
-    for chunk in shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy"):  # Ray: one pass
+    for chunk in chunks:
         ids = chunk["cluster_id"] if "cluster_id" in chunk else [cluster_ids[0]] * len(chunk["source"])
         for cluster_id, source, target in zip(ids, chunk["source"], chunk["target"]):
             example = data.tokenize_example(tokenizer, str(source), str(target), cfg.model.max_length)
@@ -234,8 +235,9 @@ def _make_engine(deepspeed, model, cfg: Config, lr: float, use_gpu: bool):
 class LoRIRecipe:
     """One rank of one Train run over ``cluster_ids`` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, cluster_ids: list[int], rows: int):
+    def __init__(self, cfg: Config, cluster_ids: list[int], rows: int, table=None):
         self.cfg, self.cluster_ids, self.rows = cfg, cluster_ids, rows  # rows: the run's, from the driver
+        self.table = table  # ObjectRef of the run's rows when one worker holds them (else a Ray Data shard)
         self.use_gpu = cfg.train.gpus_per_worker > 0
         context = ray.train.get_context()  # Ray: this rank's place in the run
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -262,12 +264,15 @@ class LoRIRecipe:
         self.base, self.tokenizer = load_base_for(self.cfg.model)
         if self.use_gpu:
             torch.cuda.set_device(ray.train.torch.get_device())
-        self.shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the run's rows
         # In memory whenever one worker holds a run's rows and they fit: a cluster then sees the same batches
         # trained alone, packed or fused (the same replay); a larger shard streams through Ray Data per epoch.
-        fits = self.world == 1 and self.rows <= CACHE_ROWS
-        self.in_memory = (_by_cluster(self.shard, self.tokenizer, self.cfg, self.cluster_ids)
-                       if len(self.cluster_ids) > 1 or fits else None)
+        if self.table is not None:  # Ray: the run's rows, one object from the trial (train._trainer)
+            chunks = [ray.get(self.table).to_pydict()]
+        else:
+            self.shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the run's rows
+            packed = len(self.cluster_ids) > 1
+            chunks = self.shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy") if packed else None
+        self.in_memory = _by_cluster(chunks, self.tokenizer, self.cfg, self.cluster_ids) if chunks else None
         return True
 
     def train(self) -> None:
@@ -390,9 +395,9 @@ class LoRIRecipe:
 
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train's worker function: ``config`` is ``{"cfg": Config as JSON, "cluster_ids": [int, ...],
-    "rows": the run's row count}``."""
+    "rows": the run's row count}``, plus ``"table"`` (an ObjectRef of the rows) when one worker holds them."""
     recipe = LoRIRecipe(Config.model_validate(config["cfg"]), [int(c) for c in config["cluster_ids"]],
-                        rows=int(config["rows"]))
+                        rows=int(config["rows"]), table=config.get("table"))
     try:
         if recipe.setup():
             recipe.train()
