@@ -2,7 +2,7 @@
 
 :func:`train_fn_per_worker` is what ``TorchTrainer`` runs on every rank. It builds a :class:`LoRIRecipe`:
 
-    setup     restore from the last checkpoint (:class:`TrainCheckpoint`), load the base, read the shard
+    setup     restore from the last checkpoint (:class:`TrainCheckpoint`), load the base, get the run's rows
     train     for each group of adapters the run trains (today one cluster per group, one group after
               another; a group is a :class:`tclora.train.LoRIAdapters`, so several clusters can share one
               forward/backward pass): the LoRI phase sequence (:func:`tclora.train.run_lori_phases`), each
@@ -237,7 +237,8 @@ class LoRIRecipe:
 
     def __init__(self, cfg: Config, cluster_ids: list[int], rows: int, table=None):
         self.cfg, self.cluster_ids, self.rows = cfg, cluster_ids, rows  # rows: the run's, from the driver
-        self.table = table  # ObjectRef of the run's rows when one worker holds them (else a Ray Data shard)
+        self.table = table  # ObjectRef of the run's rows when one worker holds <= CACHE_ROWS of them, else None
+        self.shard = None  # else this rank's Ray Data shard (setup)
         self.use_gpu = cfg.train.gpus_per_worker > 0
         context = ray.train.get_context()  # Ray: this rank's place in the run
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -247,7 +248,8 @@ class LoRIRecipe:
         self._since = time.time()  # start of the training time not yet added to state.seconds
 
     def setup(self) -> bool:
-        """Restore, load the base and the shard; False when the run had already finished (nothing to train)."""
+        """Restore, load the base and the rows (one object, or a Ray Data shard); False when the run had already
+        finished (nothing to train)."""
         self.state, self.masks = self.checkpoint.restore()
         if self.state.resumes:
             log.info("clusters %s rank %d: resuming at %s", self.cluster_ids, self.rank, self.state.resumes[-1])
@@ -267,12 +269,12 @@ class LoRIRecipe:
         # In memory whenever one worker holds a run's rows and they fit: a cluster then sees the same batches
         # trained alone, packed or fused (the same replay); a larger shard streams through Ray Data per epoch.
         if self.table is not None:  # Ray: the run's rows, one object from the trial (train._trainer)
-            chunks = [ray.get(self.table).to_pydict()]
+            chunks = (b.to_pydict() for b in ray.get(self.table).to_batches(max_chunksize=READ_BATCH))
         else:
             self.shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the run's rows
             packed = len(self.cluster_ids) > 1
             chunks = self.shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy") if packed else None
-        self.in_memory = _by_cluster(chunks, self.tokenizer, self.cfg, self.cluster_ids) if chunks else None
+        self.in_memory = _by_cluster(chunks, self.tokenizer, self.cfg, self.cluster_ids) if chunks is not None else None
         return True
 
     def train(self) -> None:

@@ -2,7 +2,7 @@
 
 Smoke size: a tiny pre-trained demo base, two clusters of 24 rows, a few dozen steps. Covers concurrent
 clusters (ZeRO-2), two ranks on a sharded dataset (ZeRO-1), rerun no-op, and resume after a worker is
-SIGKILLed mid-run.
+SIGKILLed mid-run (one worker holding the rows as one object, and two ranks).
 """
 
 from __future__ import annotations
@@ -257,12 +257,14 @@ def _registered_checkpoints(run_storage: Path) -> int:
         return 0
 
 
-def test_two_ranks_resume_after_worker_is_killed(ray_session, tiny_base, cluster_dir, tmp_path):
-    """SIGKILL a rank once the first checkpoint is reported: Train restarts both ranks from it."""
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_ranks_resume_after_a_worker_is_killed(ray_session, tiny_base, cluster_dir, tmp_path, n_workers):
+    """SIGKILL a rank once the first checkpoint is reported: Train restarts every rank from it. One worker
+    gets the run's rows as one object (train_loop_config["table"]), two split a Ray Dataset (ZeRO-1)."""
     from pipelines.train import train_group
 
-    cfg = small_cfg(tmp_path, tiny_base, num_workers=2, cpus_per_worker=0.5, zero_stage=1,
-                    steps=40, sparse_steps=24, checkpoint_every=4)
+    cfg = small_cfg(tmp_path, tiny_base, num_workers=n_workers, cpus_per_worker=1.0 / n_workers,
+                    zero_stage=n_workers - 1, steps=40, sparse_steps=24, checkpoint_every=4)
     storage = tmp_path / "ray"
     result: dict = {}
 
@@ -286,7 +288,7 @@ def test_two_ranks_resume_after_worker_is_killed(ray_session, tiny_base, cluster
     assert killed is not None, "training finished before a worker could be killed"
     assert "error" not in result, result.get("error")
     summary = result["summary"]
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 1
+    assert summary["world_size"] == n_workers and summary["zero_stage"] == n_workers - 1
     assert summary["resumes"], "the run restarted from scratch instead of resuming"
     assert all(r["phase"] > 0 or r["step"] > 0 for r in summary["resumes"])  # resumed past step 0
     assert len(summary["losses"]["dense"]) == 40 and len(summary["losses"]["sparse"]) == 24
