@@ -88,7 +88,7 @@ def _run_table(cluster_dir: Path, cluster_ids: list[int], store: storage.RunStor
 
 
 def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_path: str | Path,
-             store: storage.RunStore, report_to_tune: bool, rows: int) -> TorchTrainer:
+             store: storage.RunStore, report_to_tune: bool) -> TorchTrainer:
     """The group's ``TorchTrainer``: ``train.num_workers`` workers running :func:`train_fn_per_worker`,
     a run name without timestamp (a restart resumes it), the run's rows handed to the workers.
 
@@ -106,8 +106,8 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
                  **t.resources}
     storage_path, storage_fs = store.ray_storage(storage_path)
     table = _run_table(Path(cluster_dir), cluster_ids, store)
-    loop_config = {"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids), "rows": rows}
-    if t.num_workers == 1 and rows <= CACHE_ROWS:
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids)}
+    if t.num_workers == 1 and table.num_rows <= CACHE_ROWS:
         loop_config["table"] = ray.put(table)  # owned by this trial, which lives as long as the run
     return TorchTrainer(
         train_fn_per_worker,
@@ -150,8 +150,7 @@ def train_group(cluster_ids: list[int], cfg: Config, cluster_dir: Path, out_dir:
     for c in cluster_ids:
         if sizes[c] < t.num_workers:
             raise ValueError(f"cluster {c} has {sizes[c]} rows, fewer than train.num_workers={t.num_workers}")
-    trainer = _trainer(cluster_ids, cfg, cluster_dir, storage_path, store, report_to_tune,
-                       rows=sum(sizes[c] for c in cluster_ids))
+    trainer = _trainer(cluster_ids, cfg, cluster_dir, storage_path, store, report_to_tune)
     summaries = {}
     with trainer.fit().checkpoint.as_directory() as ckpt:
         wall = round(time.time() - started, 2)

@@ -235,8 +235,8 @@ def _make_engine(deepspeed, model, cfg: Config, lr: float, use_gpu: bool):
 class LoRIRecipe:
     """One rank of one Train run over ``cluster_ids`` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, cluster_ids: list[int], rows: int, table=None):
-        self.cfg, self.cluster_ids, self.rows = cfg, cluster_ids, rows  # rows: the run's, from the driver
+    def __init__(self, cfg: Config, cluster_ids: list[int], table=None):
+        self.cfg, self.cluster_ids = cfg, cluster_ids
         self.table = table  # ObjectRef of the run's rows when one worker holds <= CACHE_ROWS of them, else None
         self.shard = None  # else this rank's Ray Data shard (setup)
         self.use_gpu = cfg.train.gpus_per_worker > 0
@@ -396,10 +396,10 @@ class LoRIRecipe:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """Ray Train's worker function: ``config`` is ``{"cfg": Config as JSON, "cluster_ids": [int, ...],
-    "rows": the run's row count}``, plus ``"table"`` (an ObjectRef of the rows) when one worker holds them."""
+    """Ray Train's worker function: ``config`` is ``{"cfg": Config as JSON, "cluster_ids": [int, ...]}``, plus
+    ``"table"`` (an ObjectRef of the run's rows) when one worker holds them (``pipelines.train._trainer``)."""
     recipe = LoRIRecipe(Config.model_validate(config["cfg"]), [int(c) for c in config["cluster_ids"]],
-                        rows=int(config["rows"]), table=config.get("table"))
+                        table=config.get("table"))
     try:
         if recipe.setup():
             recipe.train()
