@@ -137,17 +137,24 @@ def scan_corpus(raw_ds, quarantine_file: Path, fields: Fields, inputs: InputFile
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FILES_PER_FOOTER_ACTOR = 10  # Ray's RAY_DATA_PARQUET_FOOTER_BATCH_SIZE default: footers per read call
 MAX_FOOTER_ACTORS = 32  # Ray's default pool size, reached from 320 files up
+READER_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"  # Ray's own switch between its two Parquet readers
 
 
 def read_parquet(path: str, filesystem: pafs.FileSystem) -> ray.data.Dataset:
-    """``ray.data.read_parquet`` with the footer-reader actor pool sized to the number of files.
+    """``ray.data.read_parquet``, with the reader and its footer-actor pool chosen by the number of files.
 
-    Ray 2.60's Parquet reader (DataSourceV2) starts ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` actors, 32 by
-    default, each time a dataset is executed, to read the files' footers. On a 2-core machine that cost
-    10-15 s per pass over 2 files, against 1.0 s with one actor (measured side by side, issue 16): the
-    cluster stage makes 3 passes. One actor per 10 files (Ray's footer batch), at most Ray's 32, keeps
-    the large-corpus behaviour; a value the user set in the environment wins. Ray reads the variable
-    when ``read_parquet`` builds its file indexer, in this process, so it is set for that call only.
+    Ray 2.60's default Parquet reader (DataSourceV2) reads the files' footers on a pool of
+    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` actors (32 by default), started anew each time a dataset is
+    executed; the cluster stage executes 3. On a 2-core machine 32 actors cost 10-15 s per pass over 2
+    files and one actor 1.0 s more than none (issue 16). So:
+
+    - up to ``FILES_PER_FOOTER_ACTOR`` files (one footer batch): Ray's V1 reader, which reads so few
+      footers in the calling process, no actor at all (tiny demo run, 2 cores, side by side: cluster
+      stage 3.9 s against 11.0 s with one footer actor per pass);
+    - more files: V2 with one actor per 10 files, at most Ray's 32, its large-corpus behaviour.
+
+    A reader or pool size the user set in the environment wins. Ray reads both when ``read_parquet``
+    plans the read, in this process, so they are set for that call only.
     """
     import os
     from contextlib import ExitStack
@@ -159,4 +166,8 @@ def read_parquet(path: str, filesystem: pafs.FileSystem) -> ray.data.Dataset:
         if FOOTER_ACTORS_ENV not in os.environ:
             os.environ[FOOTER_ACTORS_ENV] = str(actors)
             stack.callback(os.environ.pop, FOOTER_ACTORS_ENV, None)
+        if READER_V2_ENV not in os.environ and n_files <= FILES_PER_FOOTER_ACTOR:
+            ctx = ray.data.DataContext.get_current()
+            stack.callback(setattr, ctx, "use_datasource_v2", ctx.use_datasource_v2)
+            ctx.use_datasource_v2 = False
         return ray.data.read_parquet(path, filesystem=filesystem)

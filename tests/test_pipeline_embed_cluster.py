@@ -298,25 +298,37 @@ def test_embedding_actors_leave_a_cpu_for_reads_and_writes():
     assert actor_cpus(1, 1) == 0.5  # a 1-CPU Ray still schedules a read beside the actor
 
 
-def test_read_parquet_sizes_the_footer_readers_to_the_files_and_reads_every_row(ray_session, tmp_path, monkeypatch):
+def test_read_parquet_picks_the_reader_and_footer_pool_by_file_count_and_reads_every_row(ray_session, tmp_path,
+                                                                                        monkeypatch):
     import os
 
     import pyarrow.fs as pafs
 
     from pipelines import io
 
-    seen = []
+    seen = []  # (footer actors, V2 reader) as Ray sees them when it plans the read
     real = io.ray.data.read_parquet
-    monkeypatch.setattr(io.ray.data, "read_parquet",
-                        lambda *a, **kw: seen.append(os.environ.get(io.FOOTER_ACTORS_ENV)) or real(*a, **kw))
-    for i in range(12):  # 12 files: ceil(12 / 10) = 2 footer readers, not Ray's default 32
-        pq.write_table(pa.table({"x": [i, i + 100]}), tmp_path / f"part-{i:02d}.parquet")
-    ds = io.read_parquet(str(tmp_path), pafs.LocalFileSystem())
+    monkeypatch.setattr(io.ray.data, "read_parquet", lambda *a, **kw: seen.append(
+        (os.environ.get(io.FOOTER_ACTORS_ENV), io.ray.data.DataContext.get_current().use_datasource_v2)) or real(*a, **kw))
+    v2_default = io.ray.data.DataContext.get_current().use_datasource_v2
+    many, few = tmp_path / "many", tmp_path / "few"
+    many.mkdir()
+    few.mkdir()
+    for i in range(12):  # 12 files: the V2 reader with ceil(12 / 10) = 2 footer readers, not Ray's default 32
+        pq.write_table(pa.table({"x": [i, i + 100]}), many / f"part-{i:02d}.parquet")
+    for i in range(3):  # 3 files: the V1 reader (footers read here, no actor)
+        pq.write_table(pa.table({"x": [i, i + 100]}), few / f"part-{i:02d}.parquet")
+    ds = io.read_parquet(str(many), pafs.LocalFileSystem())
     assert sorted(r["x"] for r in ds.take_all()) == sorted([*range(12), *range(100, 112)])
-    assert seen == ["2"] and io.FOOTER_ACTORS_ENV not in os.environ  # set for that call only
-    monkeypatch.setenv(io.FOOTER_ACTORS_ENV, "5")  # the user's own setting wins
-    io.read_parquet(str(tmp_path), pafs.LocalFileSystem())
-    assert seen == ["2", "5"] and os.environ[io.FOOTER_ACTORS_ENV] == "5"
+    ds = io.read_parquet(str(few), pafs.LocalFileSystem())
+    assert sorted(r["x"] for r in ds.take_all()) == [0, 1, 2, 100, 101, 102]
+    assert seen == [("2", True), ("1", False)]
+    # Both set for that call only.
+    assert io.FOOTER_ACTORS_ENV not in os.environ and io.ray.data.DataContext.get_current().use_datasource_v2 == v2_default
+    monkeypatch.setenv(io.FOOTER_ACTORS_ENV, "5")  # the user's own settings win
+    monkeypatch.setenv(io.READER_V2_ENV, "1")
+    io.read_parquet(str(few), pafs.LocalFileSystem())
+    assert seen[-1] == ("5", v2_default) and os.environ[io.FOOTER_ACTORS_ENV] == "5"
 
 
 def test_rows_with_non_finite_embeddings_are_quarantined(ray_session, tmp_path):
