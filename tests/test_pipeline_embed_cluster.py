@@ -307,10 +307,10 @@ def test_read_parquet_picks_the_reader_and_footer_pool_by_file_count_and_reads_e
     from pipelines import io
 
     seen = []  # (footer actors, V2 reader) as Ray sees them when it plans the read
-    real = io.ray.data.read_parquet
+    real, ctx = io.ray.data.read_parquet, io.ray.data.DataContext.get_current()
     monkeypatch.setattr(io.ray.data, "read_parquet", lambda *a, **kw: seen.append(
-        (os.environ.get(io.FOOTER_ACTORS_ENV), io.ray.data.DataContext.get_current().use_datasource_v2)) or real(*a, **kw))
-    v2_default = io.ray.data.DataContext.get_current().use_datasource_v2
+        (os.environ.get(io.FOOTER_ACTORS_ENV), ctx.use_datasource_v2)) or real(*a, **kw))
+    v2_default = ctx.use_datasource_v2
     many, few = tmp_path / "many", tmp_path / "few"
     many.mkdir()
     few.mkdir()
@@ -324,7 +324,7 @@ def test_read_parquet_picks_the_reader_and_footer_pool_by_file_count_and_reads_e
     assert sorted(r["x"] for r in ds.take_all()) == [0, 1, 2, 100, 101, 102]
     assert seen == [("2", True), ("1", False)]
     # Both set for that call only.
-    assert io.FOOTER_ACTORS_ENV not in os.environ and io.ray.data.DataContext.get_current().use_datasource_v2 == v2_default
+    assert io.FOOTER_ACTORS_ENV not in os.environ and ctx.use_datasource_v2 == v2_default
     monkeypatch.setenv(io.FOOTER_ACTORS_ENV, "5")  # the user's own settings win
     monkeypatch.setenv(io.READER_V2_ENV, "1")
     io.read_parquet(str(few), pafs.LocalFileSystem())
