@@ -316,13 +316,16 @@ def test_read_parquet_picks_the_reader_and_footer_pool_by_file_count_and_reads_e
     few.mkdir()
     for i in range(12):  # 12 files: the V2 reader with ceil(12 / 10) = 2 footer readers, not Ray's default 32
         pq.write_table(pa.table({"x": [i, i + 100]}), many / f"part-{i:02d}.parquet")
-    for i in range(3):  # 3 files: the V1 reader (footers read here, no actor)
+    for i in range(3):  # 3 local files: the V1 reader (footers read here, no actor)
         pq.write_table(pa.table({"x": [i, i + 100]}), few / f"part-{i:02d}.parquet")
     ds = io.read_parquet(str(many), pafs.LocalFileSystem())
     assert sorted(r["x"] for r in ds.take_all()) == sorted([*range(12), *range(100, 112)])
     ds = io.read_parquet(str(few), pafs.LocalFileSystem())
     assert sorted(r["x"] for r in ds.take_all()) == [0, 1, 2, 100, 101, 102]
-    assert seen == [("2", True), ("1", False)]
+    # Any other filesystem (an object store; here the same files through a SubTreeFileSystem): V2.
+    ds = io.read_parquet("few", pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()))
+    assert sorted(r["x"] for r in ds.take_all()) == [0, 1, 2, 100, 101, 102]
+    assert seen == [("2", True), ("1", False), ("1", True)]
     # Both set for that call only.
     assert io.FOOTER_ACTORS_ENV not in os.environ and ctx.use_datasource_v2 == v2_default
     monkeypatch.setenv(io.FOOTER_ACTORS_ENV, "5")  # the user's own settings win
