@@ -37,8 +37,8 @@ LORI_FILE = "lori.json"
 
 
 def lora_config(cfg: LoRISection, base_model_name_or_path: str | None = None) -> LoraConfig:
-    # PEFT is imported where a PEFT model is built: it costs 3.5-4 s on 2 cores, and the train stage's Tune
-    # trials, which import this module only for its file names, never build one (issue 16).
+    # PEFT is imported where a PEFT model is built: it costs 3.5-4 s on 2 cores, and processes that import
+    # this module without building one (the train stage's Tune trials, through pipelines.train) skip it.
     from peft import LoraConfig
 
     return LoraConfig(
