@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -138,6 +139,8 @@ FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FILES_PER_FOOTER_ACTOR = 10  # Ray's RAY_DATA_PARQUET_FOOTER_BATCH_SIZE default: footers per read call
 MAX_FOOTER_ACTORS = 32  # Ray's default pool size, reached from 320 files up
 READER_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"  # Ray's own switch between its two Parquet readers
+# Ray's DataContext is one object per process: a read switching its reader must not overlap another read.
+_READER_SWITCH = threading.Lock()
 
 
 def read_parquet(path: str, filesystem: pafs.FileSystem) -> ray.data.Dataset:
@@ -149,14 +152,18 @@ def read_parquet(path: str, filesystem: pafs.FileSystem) -> ray.data.Dataset:
     files and one actor 1.0 s more than none (issue 16). So:
 
     - up to ``FILES_PER_FOOTER_ACTOR`` files (one footer batch) on a local or shared-mount filesystem:
-      Ray's V1 reader, which reads so few footers in the calling process, no actor at all (tiny demo run,
-      2 cores, side by side: cluster stage 3.3-3.9 s against 11.0 s with one footer actor per pass);
+      Ray's V1 reader, which reads so few footers in the calling process and samples them with two short
+      tasks, starting no actor (tiny demo run, 2 cores, side by side: cluster stage 3.3-3.9 s against
+      11.0 s with one footer actor per pass);
     - more files, or an object store: V2 with one actor per 10 files, at most Ray's 32, its large-corpus
       behaviour. On S3 (SeaweedFS) the V1 reader made no pass faster, and the dataset it returns, written
       back to the store partitioned by cluster, took 11-17 s the first time against 4 s from V2.
 
-    A reader or pool size the user set in the environment wins. Ray reads both when ``read_parquet``
-    plans the read, in this process, so they are set for that call only.
+    The user's choice wins: a pool size in the environment, or a reader in the environment
+    (``RAY_DATA_USE_DATASOURCE_V2``, which Ray reads when ``ray.data`` is imported) or in code
+    (``DataContext.use_datasource_v2 = False``). Ray reads the pool size from the environment and the
+    reader from the current ``DataContext`` when it plans the read, in this process, so both are set for
+    that call only, under a lock.
     """
     import os
     from contextlib import ExitStack
@@ -164,13 +171,14 @@ def read_parquet(path: str, filesystem: pafs.FileSystem) -> ray.data.Dataset:
     n_files = sum(1 for f in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
                   if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
     actors = min(MAX_FOOTER_ACTORS, max(1, -(-n_files // FILES_PER_FOOTER_ACTOR)))
-    with ExitStack() as stack:
+    v1 = (isinstance(filesystem, pafs.LocalFileSystem) and n_files <= FILES_PER_FOOTER_ACTOR
+          and READER_V2_ENV not in os.environ)
+    with _READER_SWITCH, ExitStack() as stack:
         if FOOTER_ACTORS_ENV not in os.environ:
             os.environ[FOOTER_ACTORS_ENV] = str(actors)
             stack.callback(os.environ.pop, FOOTER_ACTORS_ENV, None)
-        local = isinstance(filesystem, pafs.LocalFileSystem)
-        if READER_V2_ENV not in os.environ and local and n_files <= FILES_PER_FOOTER_ACTOR:
-            ctx = ray.data.DataContext.get_current()
-            stack.callback(setattr, ctx, "use_datasource_v2", ctx.use_datasource_v2)
+        ctx = ray.data.DataContext.get_current()
+        if v1 and ctx.use_datasource_v2:
+            stack.callback(setattr, ctx, "use_datasource_v2", True)
             ctx.use_datasource_v2 = False
         return ray.data.read_parquet(path, filesystem=filesystem)

@@ -310,28 +310,43 @@ def test_read_parquet_picks_the_reader_and_footer_pool_by_file_count_and_reads_e
     real, ctx = io.ray.data.read_parquet, io.ray.data.DataContext.get_current()
     monkeypatch.setattr(io.ray.data, "read_parquet", lambda *a, **kw: seen.append(
         (os.environ.get(io.FOOTER_ACTORS_ENV), ctx.use_datasource_v2)) or real(*a, **kw))
-    v2_default = ctx.use_datasource_v2
+    monkeypatch.delenv(io.READER_V2_ENV, raising=False)  # Ray's defaults, whatever this machine sets
+    monkeypatch.delenv(io.FOOTER_ACTORS_ENV, raising=False)
+    monkeypatch.setattr(ctx, "use_datasource_v2", True)
     many, few = tmp_path / "many", tmp_path / "few"
     many.mkdir()
     few.mkdir()
-    for i in range(12):  # 12 files: the V2 reader with ceil(12 / 10) = 2 footer readers, not Ray's default 32
+    for i in range(11):  # 11 files: the V2 reader with ceil(11 / 10) = 2 footer readers, not Ray's default 32
         pq.write_table(pa.table({"x": [i, i + 100]}), many / f"part-{i:02d}.parquet")
-    for i in range(3):  # 3 local files: the V1 reader (footers read here, no actor)
+    for i in range(10):  # 10 local files: the V1 reader (footers read here, no actor)
         pq.write_table(pa.table({"x": [i, i + 100]}), few / f"part-{i:02d}.parquet")
     ds = io.read_parquet(str(many), pafs.LocalFileSystem())
-    assert sorted(r["x"] for r in ds.take_all()) == sorted([*range(12), *range(100, 112)])
+    assert sorted(r["x"] for r in ds.take_all()) == [*range(11), *range(100, 111)]
     ds = io.read_parquet(str(few), pafs.LocalFileSystem())
-    assert sorted(r["x"] for r in ds.take_all()) == [0, 1, 2, 100, 101, 102]
+    assert sorted(r["x"] for r in ds.take_all()) == [*range(10), *range(100, 110)]
     # Any other filesystem (an object store; here the same files through a SubTreeFileSystem): V2.
     ds = io.read_parquet("few", pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()))
-    assert sorted(r["x"] for r in ds.take_all()) == [0, 1, 2, 100, 101, 102]
+    assert sorted(r["x"] for r in ds.take_all()) == [*range(10), *range(100, 110)]
     assert seen == [("2", True), ("1", False), ("1", True)]
-    # Both set for that call only.
-    assert io.FOOTER_ACTORS_ENV not in os.environ and ctx.use_datasource_v2 == v2_default
-    monkeypatch.setenv(io.FOOTER_ACTORS_ENV, "5")  # the user's own settings win
+    assert io.FOOTER_ACTORS_ENV not in os.environ and ctx.use_datasource_v2  # both set for that call only
+
+    # Restored when Ray raises, too.
+    monkeypatch.setattr(io.ray.data, "read_parquet", lambda *a, **kw: seen.append(ctx.use_datasource_v2) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        io.read_parquet(str(few), pafs.LocalFileSystem())
+    assert seen[-1] is False and ctx.use_datasource_v2 and io.FOOTER_ACTORS_ENV not in os.environ
+
+    # The user's own choices win: a pool size and a reader in the environment, or the V1 reader in code.
+    monkeypatch.setattr(io.ray.data, "read_parquet", lambda *a, **kw: seen.append(
+        (os.environ.get(io.FOOTER_ACTORS_ENV), ctx.use_datasource_v2)))
+    monkeypatch.setenv(io.FOOTER_ACTORS_ENV, "5")
     monkeypatch.setenv(io.READER_V2_ENV, "1")
     io.read_parquet(str(few), pafs.LocalFileSystem())
-    assert seen[-1] == ("5", v2_default) and os.environ[io.FOOTER_ACTORS_ENV] == "5"
+    assert seen[-1] == ("5", True) and os.environ[io.FOOTER_ACTORS_ENV] == "5"
+    monkeypatch.delenv(io.READER_V2_ENV)
+    ctx.use_datasource_v2 = False
+    io.read_parquet(str(many), pafs.LocalFileSystem())
+    assert seen[-1] == ("5", False) and not ctx.use_datasource_v2
 
 
 def test_rows_with_non_finite_embeddings_are_quarantined(ray_session, tmp_path):
