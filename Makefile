@@ -42,8 +42,13 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python .ci/function_lengths.py pipelines --max 60
 
+# Two pytest workers (pytest-xdist), each with its own local Ray, one test file per worker at a time (a module's
+# fixtures stay in one process; tests/conftest.py schedules them, Ray files first). Serial, the suite kept 2 cores
+# ~75% busy: the Ray tests wait on process start-ups, polls and sleeps, which the other worker fills.
+# TEST_WORKERS=0 runs it in this process, as plain pytest.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all $(ARGS)

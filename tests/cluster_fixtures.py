@@ -83,15 +83,22 @@ def _alive(pid: int) -> bool:
 
 
 def _pids_with(marker: str) -> list[int]:
-    """Process ids whose command line contains ``marker`` (a temp dir only our processes use)."""
+    """Process ids whose command line or environment contains ``marker`` (a path only our processes use).
+
+    The environment catches what the command line does not name: Ray's client server on a head, for one,
+    carries only addresses on its command line, and outlived the two-node cluster's teardown by a minute
+    when only command lines were searched.
+    """
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
+            for part in ("cmdline", "environ"):
+                try:
+                    if marker in (proc / part).read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                        pids.append(int(proc.name))
+                        break
+                except OSError:  # exited while we looked, or not ours to read
+                    pass
     return pids
 
 
@@ -202,7 +209,7 @@ def ray_cluster(tmp_path_factory, seaweedfs):
         yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": client_env,
                "hidden": hidden, "temp": temp, "base": base}
     finally:
-        _stop(_pids_with(str(temp)) + _pids_with(str(temp2)))
+        _stop(sorted(set(_pids_with(str(temp)) + _pids_with(str(temp2)) + _pids_with(str(token)))))
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(temp2, ignore_errors=True)
 
