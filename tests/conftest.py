@@ -24,12 +24,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # ---- pytest-xdist (`make test`: -n 2 --dist loadfile) ---------------------------------------------------------
 # Files whose tests start Ray clusters of their own in subprocesses share one worker, one after the other: side
-# by side on 2 cores (2026-12-02) the driver-kill test took 445 s against 128-187 s with the other worker on
-# lighter tests. (`xdist_group` marks would say this, but pytest 9.2 drops the node id suffix they rely on:
+# by side on 2 cores (2026-12-02) the driver-kill test took 445 s, after one another 237-243 s (128-187 s with
+# no second worker). (`xdist_group` marks would say this, but pytest 9.2 drops the node id suffix they rely on:
 # pytest-dev/pytest-xdist#1386.)
 SHARED_UNITS = {"tests/test_faults.py": "own-ray-clusters", "tests/test_multinode.py": "own-ray-clusters"}
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: plain pytest (-p no:xdist) must not know it
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` with :data:`SHARED_UNITS`: one unit of work per test file (a module's fixtures are
     built in one worker), those files in one unit, and a worker takes its next unit only when it reaches
