@@ -42,9 +42,11 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python .ci/function_lengths.py pipelines --max 60
 
-# Two pytest workers (pytest-xdist), each with its own local Ray, one test file per worker at a time (a module's
-# fixtures stay in one process; tests/conftest.py schedules them, Ray files first). Serial, the suite kept 2 cores
-# ~75% busy: the Ray tests wait on process start-ups, polls and sleeps, which the other worker fills.
+# Two pytest workers (pytest-xdist), each with its own local Ray, one unit of work per worker at a time: a test
+# file, or the two files that start Ray clusters of their own (tests/conftest.py), so a module's fixtures stay in
+# one process. Ray files are queued first and --no-loadscope-reorder keeps that order (xdist would otherwise
+# start with the files holding the most tests). Serial, the suite kept 2 cores ~75% busy: the Ray tests wait
+# on process start-ups, polls and sleeps, which the other worker fills.
 # TEST_WORKERS=0 runs it in this process, as plain pytest.
 TEST_WORKERS ?= 2
 test: install

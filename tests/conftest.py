@@ -40,6 +40,7 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    # Overrides xdist's private scheduler methods (_split_scope, _reschedule, _pending_of): pinned <4 in pyproject.
     class FileScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
