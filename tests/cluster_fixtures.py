@@ -86,8 +86,8 @@ def _pids_with(marker: str) -> list[int]:
     """Process ids whose command line or environment contains ``marker`` (a path only our processes use).
 
     The environment catches what the command line does not name: Ray's client server on a head, for one,
-    carries only addresses on its command line, and outlived the two-node cluster's teardown by a minute
-    when only command lines were searched.
+    carries only addresses on its command line, and was still running after the suite had ended when only
+    command lines were searched.
     """
     pids = []
     for proc in Path("/proc").iterdir():

@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray instance per test session, tiny models built once."""
+"""Shared fixtures: one local Ray instance per test session (per pytest-xdist worker), tiny models built once."""
 
 from __future__ import annotations
 
