@@ -56,8 +56,14 @@ def _empty(directory: Path) -> None:
             path.unlink()
 
 
-@ray.remote(max_restarts=2, max_task_retries=2)
-class MergeEvalActor:
+class MergeEval:
+    """The stage's work on one loaded base: merge the run's adapters, save the merges, score everything.
+
+    ``tclora run`` runs it as :class:`MergeEvalActor`; a sweep trial runs it in its own process, which
+    is already a Ray actor holding the eval resources (a second process would import torch,
+    transformers and PEFT again and load the base again).
+    """
+
     def __init__(self, cfg: dict):
         from tclora.models import load_base_for
 
@@ -130,6 +136,12 @@ class MergeEvalActor:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
 
+@ray.remote(max_restarts=2, max_task_retries=2)
+class MergeEvalActor(MergeEval):
+    """:class:`MergeEval` in an actor of its own (``eval.num_cpus``, ``eval.num_gpus``, ``eval.resources``),
+    restarted by Ray when its process dies: the retried call redoes the stage from an empty directory."""
+
+
 def routing(splits: dict[str, list[dict]], arrow_choices: dict[str, list[int]] | None, cluster_ids: list[int],
             cluster_dir: Path) -> dict:
     """Routing accuracy per router and split (``tclora.cluster.routing_accuracy``): nearest centroid (each
@@ -155,8 +167,13 @@ def _digest(path: str, storage_options: dict) -> str:
     return path
 
 
-def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Path) -> StageResult:
-    """Stage driver: skipped when merge/eval config, adapters and eval data are unchanged."""
+def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Path,
+                   in_process: bool = False) -> StageResult:
+    """Stage driver: skipped when merge/eval config, adapters and eval data are unchanged.
+
+    ``in_process``: do the work in this process instead of a :class:`MergeEvalActor`; for callers that are
+    themselves Ray actors holding the eval resources (a sweep trial).
+    """
     if not cfg.data.eval_paths:
         raise ValueError("data.eval_paths: no held-out split to evaluate on (set data.eval_paths)")
     final = run_dir / "merge_eval"
@@ -173,12 +190,17 @@ def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Pat
     extra: dict = {}
     store = storage.store_for(cfg, run_dir)
     with artifacts.stage_dir(final, key, extra) as tmp, store.remote_output(tmp) as out:
-        actor = MergeEvalActor.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus,
-                                       resources=cfg.eval.resources or None).remote(cfg.model_dump(mode="json"))
-        try:  # the actor gets the run's store and paths on it, never this driver's directories
-            extra.update(ray.get(actor.run.remote(out, store.path(cluster_dir), store.path(train_dir), store)))
-        finally:
-            ray.kill(actor)
+        # The work gets the run's store and paths on it, never this driver's directories.
+        paths = (out, store.path(cluster_dir), store.path(train_dir), store)
+        if in_process:
+            extra.update(MergeEval(cfg.model_dump(mode="json")).run(*paths))
+        else:
+            actor = MergeEvalActor.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus,
+                                           resources=cfg.eval.resources or None).remote(cfg.model_dump(mode="json"))
+            try:
+                extra.update(ray.get(actor.run.remote(*paths)))
+            finally:
+                ray.kill(actor)
     write_best_merge(run_dir, final)
     return StageResult(final, reused=False)
 

@@ -125,21 +125,21 @@ def _trial(config: dict, *, cfg_json: dict, sweep_dir: str, sets: dict, metric: 
         out = eval_dir(Path(sweep_dir), "trials", cfg, Path(entry["adapters"]))
         out.mkdir(parents=True, exist_ok=True)
         with FileLock(str(out / ".lock")):  # Optuna can run one point twice at once: one evaluates, one reuses
-            run_merge_eval(cfg, out, Path(entry["cluster"]), Path(entry["adapters"]) / "train")
+            run_merge_eval(cfg, out, Path(entry["cluster"]), Path(entry["adapters"]) / "train", in_process=True)
         manifest = artifacts.read_manifest(out / "merge_eval")
         ray.tune.report({"objective": objective(manifest, metric), "test": score(manifest["eval"], metric, split),
                          "rung": rung, "final": rung == len(rungs) - 1, "dir": str(out / "merge_eval")})
 
 
 def trial_resources(cfg: Config) -> ray.tune.PlacementGroupFactory:
-    """The trial's own sliver plus a bundle for its merge/eval actor: Tune places a trial's child actors
-    inside the trial's placement group, so the actor's CPUs (GPUs) must be reserved with the trial."""
-    actor = {"CPU": cfg.eval.num_cpus, **({"GPU": cfg.eval.num_gpus} if cfg.eval.num_gpus > 0 else {})}
-    return ray.tune.PlacementGroupFactory([{"CPU": TRIAL_CPUS}, actor])
+    """What a trial's process holds: its own sliver plus the eval resources, since it merges and
+    evaluates itself (``run_merge_eval(in_process=True)``): one process per trial, not two."""
+    gpus = {"GPU": cfg.eval.num_gpus} if cfg.eval.num_gpus > 0 else {}
+    return ray.tune.PlacementGroupFactory([{"CPU": TRIAL_CPUS + cfg.eval.num_cpus, **gpus, **cfg.eval.resources}])
 
 
 def max_concurrent_trials(cfg: Config, n_trials: int, cap: int | None = None, resources: dict | None = None) -> int:
-    """Trials at once: what the merge/eval actors' CPUs (GPUs) fit, capped by ``cap`` or else
+    """Trials at once: what their eval CPUs (GPUs) fit, capped by ``cap`` or else
     ``train.max_concurrent`` (the config's word on how many heavy processes this machine runs at once)."""
     fits = session.trials_that_fit({"CPU": cfg.eval.num_cpus + TRIAL_CPUS, "GPU": cfg.eval.num_gpus}, resources)
     return max(1, min(fits, cap or cfg.train.max_concurrent or fits, n_trials))

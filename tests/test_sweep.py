@@ -161,6 +161,17 @@ def test_max_concurrent_trials_fits_the_eval_actors():
     assert max_concurrent_trials(gpu, 9, resources={"CPU": 16, "GPU": 2}) == 2
 
 
+def test_a_trial_holds_the_eval_resources_it_merges_with():
+    """A trial merges and evaluates in its own process (no merge/eval actor of its own), so its one bundle
+    must hold what eval asks for: CPUs, GPUs and custom resources, plus the trial's sliver."""
+    from pipelines.session import TRIAL_CPUS
+    from pipelines.sweep import trial_resources
+
+    cfg = validate({"eval": {"num_cpus": 2, "num_gpus": 1, "resources": {"eval_node": 1}}})
+    assert trial_resources(cfg).bundles == [{"CPU": TRIAL_CPUS + 2, "GPU": 1, "eval_node": 1}]
+    assert trial_resources(validate({})).bundles == [{"CPU": TRIAL_CPUS + 1}]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna is installed")
 def test_optuna_without_the_package_is_a_clear_error(capsys, tmp_path):
     assert cli_main(["sweep", "--search", "optuna", "--set", f"run.dir={tmp_path}"]) == 2
