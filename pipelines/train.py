@@ -184,13 +184,18 @@ def _group_trial(config: dict, cfg_json: dict, cluster_dir: str, work_dir: str, 
                  sizes: dict[int, int]) -> None:
     """Tune function trainable: one group's ``train_group`` (the trial itself needs almost no CPU).
 
-    It may run on any node: it reads and writes through ``store``, never the driver's disk."""
+    It may run on any node: it reads and writes through ``store``, never the driver's disk.
+
+    The trial's results are the Train run's own reports, forwarded by ``TuneReportCallback``; it reports
+    nothing itself. A ``ray.tune.report`` here, after ``fit()``, deadlocked the trial (Ray 2.60; seen once
+    in seven two-worker suite runs): the last forwarded report could still sit in the session's inter-actor
+    queue, our report filled the one-slot result queue, and the trial's main thread, moving the forwarded
+    one across, blocked forever on that full queue (``ray/train/_internal/session.py``,
+    ``_get_result_from_queues``). The trial showed 5 of the run's 6 reports and never ended.
+    """
     ids = [int(c) for c in config["cluster_ids"]]
-    summaries = train_group(ids, Config.model_validate(cfg_json), Path(cluster_dir), Path(work_dir) / "adapters",
-                            Path(work_dir) / "ray", report_to_tune=True, store=store, sizes=sizes)
-    last = summaries[ids[-1]]
-    ray.tune.report({"cluster_id": ids[-1], "finished": True,
-                     "loss": last.get("sparse_loss_last", last.get("dense_loss_last"))})
+    train_group(ids, Config.model_validate(cfg_json), Path(cluster_dir), Path(work_dir) / "adapters",
+                Path(work_dir) / "ray", report_to_tune=True, store=store, sizes=sizes)
 
 
 def train_clusters(groups: list[list[int]], cfg: Config, cluster_dir: Path, work_dir: Path,
