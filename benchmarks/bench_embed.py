@@ -2,15 +2,16 @@
 
     python benchmarks/bench_embed.py                      # 16k rows, 1 and 2 actors: a few minutes on 2 cores
     python benchmarks/bench_embed.py --rows 2000 --actors 1
-    python benchmarks/bench_embed.py --rows 100000 --no-chunked   # ~35 min on 2 cores
+    python benchmarks/bench_embed.py --rows 100000 --no-chunked --repeats 1   # ~35 min on 2 cores
 
 Writes a JSONL corpus of ``--rows`` synthetic sentences (mixed lengths), then times
 - ``plain``: one in-process ``Embedder.encode`` over all sources (model load timed separately), once
   before and once after the Ray runs (the machine's speed drifts; ratios use the mean, both are kept);
 - ``plain_chunked``: the same, one ``encode`` call per ``--batch-size`` rows, as the embed actor calls it
   (sentence-transformers sorts by length within a call), without Ray;
-- ``ray_<n>``: ``pipelines.embed.run_embed`` with ``embed.num_actors = n`` on a local Ray with the
-  machine's CPUs: validation scan + read -> validate -> embed (actor pool) -> Parquet write, end to end,
+- ``ray_<n>``: ``pipelines.embed.run_embed`` with ``embed.num_actors = n``, each run on a fresh local Ray
+  with the machine's CPUs (``--repeats`` runs per mode, ABBA order, mean reported): validation scan +
+  read -> validate -> embed (actor pool) -> Parquet write, end to end,
   and its embed pass alone (``seconds_embed`` in the manifest, which includes actor start and model load),
   with each actor's own timings from the manifest (model load, encode wall and CPU seconds).
 Ratios are Ray rows/s over plain rows/s (the design note's naive ``from_items`` pipeline reached 0.6x).
@@ -59,18 +60,35 @@ def time_plain(sources: list[str], model: str, chunk: int | None = None) -> dict
             "rows_per_s": round(len(sources) / (done - loaded), 1), **({"chunk": chunk} if chunk else {})}
 
 
-def time_ray(corpus: Path, rows: int, actors: int, batch_size: int, work: Path) -> dict:
+def time_ray(corpus: Path, rows: int, actors: int, batch_size: int, run_dir: Path) -> dict:
+    """One embed stage as ``tclora run`` starts it: a fresh local Ray (started outside the timing), so
+    Ray Data's own start-up (its stats and coordinator actors, the first task's worker) is paid each time."""
+    import ray
+
     from pipelines.embed import run_embed
     from tclora.config import validate
 
     cfg = validate({"embed": {"num_actors": actors, "batch_size": batch_size}})
-    started = time.perf_counter()
-    out = run_embed(cfg, work / f"run-{actors}", str(corpus)).dir
-    seconds = time.perf_counter() - started
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        started = time.perf_counter()
+        out = run_embed(cfg, run_dir, str(corpus)).dir
+        seconds = time.perf_counter() - started
+    finally:
+        ray.shutdown()
     manifest = json.loads((out / "manifest.json").read_text())
     return {"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1),
             "seconds_scan": manifest["seconds_scan"], "seconds_embed_pass": manifest["seconds_embed"],
             "rows_per_s_embed_pass": round(rows / manifest["seconds_embed"], 1), "actors": manifest["actors"]}
+
+
+def _mean_run(runs: list[dict], rows: int) -> dict:
+    """The mean of repeated runs of one mode (seconds and rows/s from the mean), each run kept."""
+    mean = lambda key: round(sum(r[key] for r in runs) / len(runs), 2)  # noqa: E731
+    seconds, embed_pass = mean("seconds"), mean("seconds_embed_pass")
+    return {"seconds": seconds, "rows_per_s": round(rows / seconds, 1), "seconds_scan": mean("seconds_scan"),
+            "seconds_embed_pass": embed_pass, "rows_per_s_embed_pass": round(rows / embed_pass, 1), "runs": runs}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -98,6 +116,8 @@ def main() -> None:
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=EmbedSection().batch_size,
                         help="rows per map_batches call (default: embed.batch_size)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each Ray mode, in ABBA order; the JSON keeps each and reports their mean")
     parser.add_argument("--no-chunked", action="store_true",
                         help="skip plain_chunked (the sort-by-length diagnostic; saves one plain run at 100k rows)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
@@ -105,10 +125,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import ray
 
-    result = {"rows": args.rows, "batch_size": args.batch_size, "cpus": len(os.sched_getaffinity(0)),
-              "load_before": os.getloadavg(), "runs": {}}
+    from pipelines.embed import pool_size
+
+    cpus = len(os.sched_getaffinity(0))
+    result = {"rows": args.rows, "batch_size": args.batch_size, "cpus": cpus, "load_before": os.getloadavg(),
+              "auto_actors": pool_size("auto", 0.0, args.rows, {"CPU": cpus}),  # what the default picks here
+              "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sources = synthetic_corpus(work / "corpus.jsonl", args.rows)
@@ -119,11 +142,14 @@ def main() -> None:
         if not args.no_chunked:
             result["runs"]["plain_chunked"] = time_plain(sources, args.model, args.batch_size)
             print("plain_chunked", result["runs"]["plain_chunked"], flush=True)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-        ray_runs = {f"ray_{n}_actor{'s' if n > 1 else ''}": time_ray(work / "corpus.jsonl", args.rows, n,
-                                                                   args.batch_size, work) for n in args.actors}
-        ray.shutdown()
+        # Ray runs in ABBA order (1, 2, 2, 1 actors, ...), so a drift in the machine's speed hits both alike.
+        repeats: dict[int, list[dict]] = {n: [] for n in args.actors}
+        for rep in range(args.repeats):
+            for n in args.actors if rep % 2 == 0 else args.actors[::-1]:
+                run_dir = work / f"run-{n}-{rep}"
+                repeats[n].append(time_ray(work / "corpus.jsonl", args.rows, n, args.batch_size, run_dir))
+                print(f"ray {n} actor(s), run {rep + 1}", repeats[n][-1], flush=True)
+        ray_runs = {f"ray_{n}_actor{'s' if n > 1 else ''}": _mean_run(runs, args.rows) for n, runs in repeats.items()}
         last = time_plain(sources, args.model)
         print("plain (last)", last, flush=True)
         # The first run's load is the cold one (imports and all), as each Ray actor's is; the last

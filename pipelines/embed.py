@@ -121,6 +121,30 @@ class ActorReports:
         return entries, {a: {k: round(v, 3) for k, v in t.items()} for a, t in self.timings.items()}
 
 
+ROWS_PER_CPU_ACTOR = 8000  # embed.num_actors auto on CPU: another actor only if it gets this many rows
+
+
+def pool_size(num_actors: int | str, gpus_per_actor: float, rows: int, cluster: dict[str, float]) -> int:
+    """Embedding actors to start: ``embed.num_actors``, or for ``"auto"`` what the cluster and the rows fill.
+
+    With GPUs: one actor per ``gpus_per_actor`` of the cluster's GPUs. On CPU: one single-threaded actor
+    per CPU (:class:`EmbedCallable` gives each cores // actors threads), but no more than one per
+    ``ROWS_PER_CPU_ACTOR`` rows, since each actor loads its own model (6-10 s of a core for MiniLM).
+    Measured on 2 cores (``bench_embed``): two one-thread actors took 452 s for 100k rows and 72 s for
+    16k, one actor with two threads 592 s and 80 s. torch's intra-op threads in one process wait on each
+    other, and on every other busy process of the node (Ray's own included), at each operator.
+
+    Args:
+        rows: valid rows to embed (the validation scan's count).
+        cluster: ``ray.cluster_resources()``.
+    """
+    if num_actors != "auto":
+        return int(num_actors)
+    if gpus_per_actor > 0:
+        return max(1, int(cluster.get("GPU", 0) // gpus_per_actor))
+    return max(1, min(int(cluster.get("CPU", 1)), rows // ROWS_PER_CPU_ACTOR))
+
+
 def actor_cpus(num_actors: int, cluster_cpus: float) -> float:
     """CPUs each embedding actor reserves: one, unless the pool would then hold every CPU of the cluster.
 
@@ -170,21 +194,22 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
         scanned = time.perf_counter()
 
         # ---- Ray touchpoint: the actor pool; each actor loads the model once -------------------------
-        gpus = cfg.embed.num_gpus_per_actor
+        gpus, cluster = cfg.embed.num_gpus_per_actor, ray.cluster_resources()
+        actors = pool_size(cfg.embed.num_actors, gpus, scan.rows, cluster)
         reports = ActorReports.remote()
         if (miner := _template_miner(cfg, clean_records(raw, fields), scan.rows)) is not None:
             atomic_write_json(tmp / template_view.FILE, miner.to_json())  # held-out rows are routed through it too
         embedded = actor_blocks(raw, fields, cfg.embed.batch_size).map_batches(
             EmbedCallable,
             fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
-                                   "num_actors": cfg.embed.num_actors, "reports": reports,
+                                   "num_actors": actors, "reports": reports,
                                    "miner": miner},
             # One block at a time per actor, so a block waits for whichever actor is free rather than
             # queueing (Ray's default: 4 in flight) behind the actor that finished loading first.
-            compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors, max_tasks_in_flight_per_actor=1),
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
             batch_size=cfg.embed.batch_size,
             batch_format="pyarrow",
-            num_cpus=actor_cpus(cfg.embed.num_actors, ray.cluster_resources().get("CPU", 1.0)),
+            num_cpus=actor_cpus(actors, cluster.get("CPU", 1.0)),
             num_gpus=gpus or None,
         )
         # Ray: the write tasks run on any node, so they write to the run's store (a staging prefix when

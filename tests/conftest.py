@@ -22,7 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval task data (tests/te
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# ---- pytest-xdist (`make test TEST_WORKERS=2`: -n 2 --dist loadfile) -------------------------------------------
+# ---- pytest-xdist (`make test`: -n 2 --dist loadfile) ---------------------------------------------------------
 # Files whose tests start Ray clusters of their own in subprocesses share one worker, one after the other: side
 # by side on 2 cores (2026-12-02) the driver-kill test took 445 s, after one another 237-243 s (128-187 s with
 # no second worker). (`xdist_group` marks would say this, but pytest 9.2 drops the node id suffix they rely on:

@@ -308,6 +308,29 @@ def test_actors_take_blocks_of_at_most_batch_size_rows(ray_session, corpus):
     assert len(blocks) >= math.ceil(GOOD_JSONL / 16)
 
 
+def test_auto_pool_size_fills_the_gpus_or_one_actor_per_cpu_and_8k_rows():
+    from pipelines.embed import pool_size
+
+    assert pool_size(3, 0.0, 10, {"CPU": 2}) == 3  # a number is taken as given
+    assert pool_size("auto", 1.0, 10, {"CPU": 16, "GPU": 4}) == 4  # one per GPU, whatever the rows
+    assert pool_size("auto", 0.5, 10, {"CPU": 16, "GPU": 4}) == 8
+    assert pool_size("auto", 1.0, 10, {"CPU": 16}) == 1  # GPUs asked for but none up yet: one (autoscaler)
+    assert pool_size("auto", 0.0, 100_000, {"CPU": 2}) == 2  # 2 cores, 50k rows each
+    assert pool_size("auto", 0.0, 16_000, {"CPU": 2}) == 2  # 8k rows each
+    assert pool_size("auto", 0.0, 15_999, {"CPU": 2}) == 1  # the second actor's model load would not pay off
+    assert pool_size("auto", 0.0, 1_200, {"CPU": 2}) == 1  # the demo
+    assert pool_size("auto", 0.0, 10_000_000, {"CPU": 16}) == 16
+    assert pool_size("auto", 0.0, 0, {"CPU": 16}) == 1
+
+
+def test_embed_num_actors_is_a_positive_count_or_auto():
+    assert validate({}).embed.num_actors == "auto"
+    assert validate({"embed": {"num_actors": 2}}).embed.num_actors == 2
+    for bad in (0, "many"):
+        with pytest.raises(ConfigError, match=r"embed\.num_actors"):
+            validate({"embed": {"num_actors": bad}})
+
+
 def test_embedding_actors_leave_a_cpu_for_reads_and_writes():
     from pipelines.embed import actor_cpus
 
