@@ -194,24 +194,10 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
         scanned = time.perf_counter()
 
         # ---- Ray touchpoint: the actor pool; each actor loads the model once -------------------------
-        gpus, cluster = cfg.embed.num_gpus_per_actor, ray.cluster_resources()
-        actors = pool_size(cfg.embed.num_actors, gpus, scan.rows, cluster)
         reports = ActorReports.remote()
         if (miner := _template_miner(cfg, clean_records(raw, fields), scan.rows)) is not None:
             atomic_write_json(tmp / template_view.FILE, miner.to_json())  # held-out rows are routed through it too
-        embedded = actor_blocks(raw, fields, cfg.embed.batch_size).map_batches(
-            EmbedCallable,
-            fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
-                                   "num_actors": actors, "reports": reports,
-                                   "miner": miner},
-            # One block at a time per actor, so a block waits for whichever actor is free rather than
-            # queueing (Ray's default: 4 in flight) behind the actor that finished loading first.
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-            batch_size=cfg.embed.batch_size,
-            batch_format="pyarrow",
-            num_cpus=actor_cpus(actors, cluster.get("CPU", 1.0)),
-            num_gpus=gpus or None,
-        )
+        embedded = _embedded(cfg, raw, fields, scan.rows, reports, miner)
         # Ray: the write tasks run on any node, so they write to the run's store (a staging prefix when
         # run.dir is an object store), never to this driver's disk; the files then land in `tmp`.
         store = storage.store_for(cfg, run_dir)
@@ -228,6 +214,24 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
     log.info("embed: %d rows embedded (%d duplicates), %d quarantined -> %s", scan.rows, scan.duplicates,
              scan.quarantined, final)
     return StageResult(final, reused=False)
+
+
+def _embedded(cfg: Config, raw, fields: Fields, rows: int, reports, miner) -> ray.data.Dataset:
+    """Lazy read -> validate -> embed: :func:`pool_size` actors of :class:`EmbedCallable` over :func:`actor_blocks`."""
+    gpus, cluster = cfg.embed.num_gpus_per_actor, ray.cluster_resources()
+    actors = pool_size(cfg.embed.num_actors, gpus, rows, cluster)
+    return actor_blocks(raw, fields, cfg.embed.batch_size).map_batches(
+        EmbedCallable,
+        fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",
+                               "num_actors": actors, "reports": reports, "miner": miner},
+        # One block at a time per actor, so a block waits for whichever actor is free rather than
+        # queueing (Ray's default: 4 in flight) behind the actor that finished loading first.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+        batch_size=cfg.embed.batch_size,
+        batch_format="pyarrow",
+        num_cpus=actor_cpus(actors, cluster.get("CPU", 1.0)),
+        num_gpus=gpus or None,
+    )
 
 
 def _template_miner(cfg: Config, ds, rows: int):
