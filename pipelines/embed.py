@@ -56,7 +56,7 @@ class EmbedCallable:
     threads (exact on one node, conservative when the pool spans several).
     """
 
-    def __init__(self, model: str, device: str, num_actors: int = 1, reports=None, miner=None):
+    def __init__(self, model: str, device: str, reports, num_actors: int = 1, miner=None):
         started = time.perf_counter()
         import torch
 
