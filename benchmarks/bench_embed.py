@@ -136,7 +136,7 @@ def main() -> None:
 
     cpus = len(os.sched_getaffinity(0))
     result = {"rows": args.rows, "batch_size": args.batch_size, "cpus": cpus, "load_before": os.getloadavg(),
-              "auto_actors": pool_size("auto", 0.0, args.rows, {"CPU": cpus}),  # what the default picks here
+              "auto_actors": pool_size("auto", 0.0, args.rows, args.batch_size, {"CPU": cpus}),  # the default's pick
               "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

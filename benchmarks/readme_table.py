@@ -67,7 +67,7 @@ def _embed(r: dict) -> list[dict]:
             f"{run['seconds_embed_pass'] / plain_total - 1:+.1%}",
             target="Ray Data overhead <= 10%" if default else None, met=overhead <= 0.10 if default else None))
     one, two = r["runs"].get("ray_1_actor"), r["runs"].get("ray_2_actors")
-    if one and two:
+    if one and two and r.get("auto_actors", 1) >= 2:  # judged where the default would start two
         ratio = two["seconds"] / one["seconds"]
         rows.append(headline(
             f"embed: 2 actors vs 1, {r['rows']} rows, {r['cpus']} CPUs", round(ratio, 3),

@@ -26,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_SAMPLE_ROWS = 20000  # sources the template view is fitted on (its rules are fractions of rows)
 ENCODE_BATCH = 64  # sentences per forward pass inside one map_batches call
+ROWS_PER_FILE = 65536  # embeddings per Parquet file: ~100 MB at 384 float32 dims (Ray's blocks are embed.batch_size)
 
 
 class EmbedCallable:
@@ -54,6 +57,9 @@ class EmbedCallable:
     On CPU, ``num_actors`` actors share the node's cores: Ray pins OMP_NUM_THREADS to the actor's
     ``num_cpus`` (1), which would leave encoding on one core, so each actor takes cores // num_actors
     threads (exact on one node, conservative when the pool spans several).
+
+    ``reports`` is the stage's :class:`ActorReports`; the constructor and every call wait for their
+    report to it (one round trip per block), so the driver's totals are complete once the write returns.
     """
 
     def __init__(self, model: str, device: str, reports, num_actors: int = 1, miner=None):
@@ -110,7 +116,9 @@ class ActorReports:
         self.entries += entries
 
     def timing(self, actor: str, until_done: float | None = None, **amounts: float) -> None:
-        totals = self.timings.setdefault(actor, {})
+        # Every key from the first report on: an actor that got no block still reads rows 0, encode 0.
+        totals = self.timings.setdefault(actor, dict.fromkeys(("batches", "rows", "encode", "encode_cpu",
+                                                               "until_done"), 0.0))
         for name, amount in amounts.items():
             totals[name] = totals.get(name, 0) + amount
         if until_done is not None:
@@ -124,25 +132,36 @@ class ActorReports:
 ROWS_PER_CPU_ACTOR = 8000  # embed.num_actors auto on CPU: another actor only if it gets this many rows
 
 
-def pool_size(num_actors: int | str, gpus_per_actor: float, rows: int, cluster: dict[str, float]) -> int:
+def pool_size(num_actors: int | Literal["auto"], gpus_per_actor: float, rows: int, rows_per_block: int,
+              cluster: dict[str, float]) -> int:
     """Embedding actors to start: ``embed.num_actors``, or for ``"auto"`` what the cluster and the rows fill.
 
-    With GPUs: one actor per ``gpus_per_actor`` of the cluster's GPUs. On CPU: one single-threaded actor
-    per CPU (:class:`EmbedCallable` gives each cores // actors threads), but no more than one per
-    ``ROWS_PER_CPU_ACTOR`` rows, since each actor loads its own model (6-10 s of a core for MiniLM).
+    With GPUs: one actor per ``gpus_per_actor`` of the cluster's GPUs. On CPU: one actor per CPU
+    (:class:`EmbedCallable` gives each cores // actors threads: one, when CPUs are the limit), but no more
+    than one per ``ROWS_PER_CPU_ACTOR`` rows, since each actor loads its own model (6-10 s of a core for
+    MiniLM). Either way no more actors than blocks of ``rows_per_block`` rows, the most that can work at once.
+    "auto" reads the cluster as it is when the stage starts: on an autoscaling cluster, its current size.
     Measured on 2 cores (``bench_embed``): two one-thread actors took 452 s for 100k rows and 72 s for
     16k, one actor with two threads 592 s and 80 s. torch's intra-op threads in one process wait on each
     other, and on every other busy process of the node (Ray's own included), at each operator.
 
     Args:
+        num_actors: ``embed.num_actors``: a count, taken as given, or ``"auto"``.
+        gpus_per_actor: ``embed.num_gpus_per_actor`` (0: CPU actors).
         rows: valid rows to embed (the validation scan's count).
+        rows_per_block: ``embed.batch_size``.
         cluster: ``ray.cluster_resources()``.
+
+    Returns:
+        The actor pool's size, at least 1.
     """
     if num_actors != "auto":
         return int(num_actors)
     if gpus_per_actor > 0:
-        return max(1, int(cluster.get("GPU", 0) // gpus_per_actor))
-    return max(1, min(int(cluster.get("CPU", 1)), rows // ROWS_PER_CPU_ACTOR))
+        fits = int(cluster.get("GPU", 0) // gpus_per_actor)
+    else:
+        fits = min(int(cluster.get("CPU", 1)), rows // ROWS_PER_CPU_ACTOR)
+    return max(1, min(fits, math.ceil(rows / rows_per_block)))
 
 
 def actor_cpus(num_actors: int, cluster_cpus: float) -> float:
@@ -201,8 +220,8 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
         # Ray: the write tasks run on any node, so they write to the run's store (a staging prefix when
         # run.dir is an object store), never to this driver's disk; the files then land in `tmp`.
         store = storage.store_for(cfg, run_dir)
-        with store.remote_output(tmp / "embeddings") as out:
-            embedded.write_parquet(out, filesystem=store.filesystem)
+        with store.remote_output(tmp / "embeddings") as out:  # files of ~100 MB, not one per actor block
+            embedded.write_parquet(out, filesystem=store.filesystem, min_rows_per_file=ROWS_PER_FILE)
         written = sum(pq.read_metadata(p).num_rows for p in (tmp / "embeddings").glob("*.parquet"))
         rejected, timings = ray.get(reports.take.remote())
         scan = _quarantine_nonfinite(scan, rejected, tmp / "quarantine" / "rows.jsonl", uri)
@@ -219,7 +238,7 @@ def run_embed(cfg: Config, run_dir: Path, path: str | None = None) -> StageResul
 def _embedded(cfg: Config, raw, fields: Fields, rows: int, reports, miner) -> ray.data.Dataset:
     """Lazy read -> validate -> embed: :func:`pool_size` actors of :class:`EmbedCallable` over :func:`actor_blocks`."""
     gpus, cluster = cfg.embed.num_gpus_per_actor, ray.cluster_resources()
-    actors = pool_size(cfg.embed.num_actors, gpus, rows, cluster)
+    actors = pool_size(cfg.embed.num_actors, gpus, rows, cfg.embed.batch_size, cluster)
     return actor_blocks(raw, fields, cfg.embed.batch_size).map_batches(
         EmbedCallable,
         fn_constructor_kwargs={"model": cfg.embed.model, "device": "cuda" if gpus > 0 else "cpu",

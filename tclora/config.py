@@ -106,9 +106,10 @@ class EmbedSection(_Section):
         "block embeds while the others idle, so keep it well under rows / num_actors.",
     )
     num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="Embedding actors in the Ray Data actor pool. 'auto': with GPUs, one actor per "
-        "num_gpus_per_actor of the cluster's GPUs; on CPU, one single-threaded actor per CPU, as far as each gets "
-        "8000 rows (its model load pays off; 2 cores, 100k rows: 2 actors 452 s, 1 actor with 2 threads 592 s).",
+        "auto", description="Embedding actors in the Ray Data actor pool. 'auto' (read from the cluster when the "
+        "stage starts): with GPUs, one actor per num_gpus_per_actor of its GPUs; on CPU, one actor per CPU as far "
+        "as each gets 8000 rows, each with cores // actors torch threads (2 cores, 100k rows: 2 one-thread actors "
+        "452 s, 1 actor with 2 threads 592 s); never more actors than blocks of batch_size rows.",
     )
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per embedding actor (0 runs on CPU).")
     view: Literal["source", "template"] = Field(

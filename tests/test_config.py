@@ -78,6 +78,12 @@ def test_tclora_never_imports_ray():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_ray_data_tasks_that_read_and_validate_rows_never_import_torch():
+    # Every read / validation-scan worker imported torch through tclora.data (2.3 s of a core each).
+    code = "import sys, pipelines.io\nassert 'torch' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_fused_training_needs_zero_stage_0():
     # A fused group trains on one worker and clips each adapter's gradient itself (tclora.train).
     with pytest.raises(ConfigError, match=r"fused=true with clusters_per_run=2 needs zero_stage=0 \(got 2\)"):

@@ -311,16 +311,18 @@ def test_actors_take_blocks_of_at_most_batch_size_rows(ray_session, corpus):
 def test_auto_pool_size_fills_the_gpus_or_one_actor_per_cpu_and_8k_rows():
     from pipelines.embed import pool_size
 
-    assert pool_size(3, 0.0, 10, {"CPU": 2}) == 3  # a number is taken as given
-    assert pool_size("auto", 1.0, 10, {"CPU": 16, "GPU": 4}) == 4  # one per GPU, whatever the rows
-    assert pool_size("auto", 0.5, 10, {"CPU": 16, "GPU": 4}) == 8
-    assert pool_size("auto", 1.0, 10, {"CPU": 16}) == 1  # GPUs asked for but none up yet: one (autoscaler)
-    assert pool_size("auto", 0.0, 100_000, {"CPU": 2}) == 2  # 2 cores, 50k rows each
-    assert pool_size("auto", 0.0, 16_000, {"CPU": 2}) == 2  # 8k rows each
-    assert pool_size("auto", 0.0, 15_999, {"CPU": 2}) == 1  # the second actor's model load would not pay off
-    assert pool_size("auto", 0.0, 1_200, {"CPU": 2}) == 1  # the demo
-    assert pool_size("auto", 0.0, 10_000_000, {"CPU": 16}) == 16
-    assert pool_size("auto", 0.0, 0, {"CPU": 16}) == 1
+    assert pool_size(3, 0.0, 10, 2048, {"CPU": 2}) == 3  # a number is taken as given
+    assert pool_size("auto", 1.0, 10**6, 2048, {"CPU": 16, "GPU": 4}) == 4  # one per GPU
+    assert pool_size("auto", 0.5, 10**6, 2048, {"CPU": 16, "GPU": 4}) == 8
+    assert pool_size("auto", 1.0, 1_200, 2048, {"CPU": 16, "GPU": 8}) == 1  # one block: one actor can work
+    assert pool_size("auto", 1.0, 10**6, 2048, {"CPU": 16}) == 1  # GPUs asked for but none up yet (autoscaler)
+    assert pool_size("auto", 0.0, 100_000, 2048, {"CPU": 2}) == 2  # 2 cores, 50k rows each
+    assert pool_size("auto", 0.0, 16_000, 2048, {"CPU": 2}) == 2  # 8k rows each
+    assert pool_size("auto", 0.0, 15_999, 2048, {"CPU": 2}) == 1  # the second actor's model load would not pay off
+    assert pool_size("auto", 0.0, 1_200, 2048, {"CPU": 2}) == 1  # the demo
+    assert pool_size("auto", 0.0, 10_000_000, 2048, {"CPU": 16}) == 16
+    assert pool_size("auto", 0.0, 100_000, 50_000, {"CPU": 16}) == 2  # 12 by rows, but only 2 blocks
+    assert pool_size("auto", 0.0, 0, 2048, {"CPU": 16}) == 1
 
 
 def test_embed_num_actors_is_a_positive_count_or_auto():
