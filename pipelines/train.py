@@ -36,7 +36,7 @@ from ray.train.torch import TorchTrainer
 from pipelines import session, tracking
 from pipelines.cluster import finished_cluster, list_clusters, read_cluster
 from pipelines.session import TRIAL_CPUS
-from pipelines.train_worker import CACHE_ROWS, TrainCheckpoint, train_fn_per_worker
+from pipelines.train_worker import TrainCheckpoint, train_fn_per_worker
 from tclora import artifacts, lori, storage
 from tclora.artifacts import StageResult, short_hash
 from tclora.config import Config
@@ -55,36 +55,25 @@ def stage_key(cfg: Config, cluster_dir: Path) -> dict:
             "config": cfg.section_hash("model", "lori", "train"), "seed": cfg.run.seed}
 
 
-def pack_clusters(sizes: dict[int, int], per_run: int, max_rows: int = CACHE_ROWS) -> list[list[int]]:
-    """Cluster ids in Train-run groups: up to ``per_run`` consecutive ids and ``max_rows`` rows each
-    (a larger cluster runs alone). Deterministic, so a restarted driver finds the same run names."""
-    groups: list[list[int]] = []
-    rows = 0
-    for cluster_id in sorted(sizes):
-        if not groups or len(groups[-1]) >= per_run or rows + sizes[cluster_id] > max_rows:
-            groups.append([])
-            rows = 0
-        groups[-1].append(cluster_id)
-        rows += sizes[cluster_id]
-    return groups
+def pack_clusters(sizes: dict[int, int], per_run: int) -> list[list[int]]:
+    """Cluster ids in Train-run groups of up to ``per_run`` consecutive ids. Deterministic, so a restarted
+    driver finds the same run names. Any size packs: each cluster's rows reach the worker as they would alone
+    (:func:`_trainer`)."""
+    ids = sorted(sizes)
+    return [ids[i:i + per_run] for i in range(0, len(ids), per_run)]
 
 
 def _run_name(cluster_ids: list[int]) -> str:
     return f"cluster-{cluster_ids[0]}" if len(cluster_ids) == 1 else "clusters-" + "-".join(map(str, cluster_ids))
 
 
-def _run_table(cluster_dir: Path, cluster_ids: list[int], store: storage.RunStore) -> pa.Table:
-    """The run's rows (``source``, ``target``; packed runs add ``cluster_id``), read in the trial's process:
-    no read task can then starve once the Train workers' placement group holds the CPUs (a hang seen with
-    2 concurrent trials filling a 2-CPU Ray), and a run pays no Ray Data job start-up. Read from the run's
-    store: this runs inside a Tune trial, on any node."""
-    tables = []
-    for cluster_id in cluster_ids:
-        table = read_cluster(store.path(cluster_dir), cluster_id, store.filesystem, columns=["source", "target"])
-        if len(cluster_ids) > 1:
-            table = table.append_column("cluster_id", pa.array([cluster_id] * table.num_rows, pa.int64()))
-        tables.append(table)
-    return pa.concat_tables(tables)
+def _cluster_tables(cluster_dir: Path, cluster_ids: list[int], store: storage.RunStore) -> dict[int, pa.Table]:
+    """Each cluster's rows (``source``, ``target``), read in the trial's process: no read task can then starve
+    once the Train workers' placement group holds the CPUs (a hang seen with 2 concurrent trials filling a
+    2-CPU Ray), and a run pays no Ray Data job start-up. Read from the run's store: this runs inside a Tune
+    trial, on any node."""
+    return {c: read_cluster(store.path(cluster_dir), c, store.filesystem, columns=["source", "target"])
+            for c in cluster_ids}
 
 
 def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_path: str | Path,
@@ -92,10 +81,12 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
     """The group's ``TorchTrainer``: ``train.num_workers`` workers running :func:`train_fn_per_worker`,
     a run name without timestamp (a restart resumes it), the run's rows handed to the workers.
 
-    One worker holding at most ``CACHE_ROWS`` rows keeps them in memory anyway: they travel as one object
-    (``train_loop_config["table"]``, an ObjectRef), with no Ray Data split, which costs a DatasetManager and
-    a SplitCoordinator actor per run (the worker waited ~6 s for them before its first step, 2 cores).
-    Several workers, or more rows, get them as a Ray Dataset split evenly across the workers."""
+    With one worker, every cluster of at most ``train.max_rows_in_memory`` rows is held in memory anyway: those travel
+    together as one object (``train_loop_config["table"]``, an ObjectRef, with a ``cluster_id`` column), with
+    no Ray Data split, which costs a DatasetManager and a SplitCoordinator actor per run (the worker waited
+    ~6 s for them before its first step, 2 cores). A larger cluster, or any cluster of a run with several
+    workers, is its own Ray Dataset ``cluster-<id>``, split evenly across the workers and streamed. The path
+    is chosen per cluster, by its own size: a cluster sees the same batches alone, packed or fused."""
     t = cfg.train
     callbacks = []
     if report_to_tune:  # forwards every Train report to the Tune trial (progress table, trial metrics)
@@ -105,10 +96,13 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {}),
                  **t.resources}
     storage_path, storage_fs = store.ray_storage(storage_path)
-    table = _run_table(Path(cluster_dir), cluster_ids, store)
+    tables = _cluster_tables(Path(cluster_dir), cluster_ids, store)
+    held = [c for c in cluster_ids if t.num_workers == 1 and tables[c].num_rows <= t.max_rows_in_memory]
     loop_config = {"cfg": cfg.model_dump(mode="json"), "cluster_ids": list(cluster_ids)}
-    if t.num_workers == 1 and table.num_rows <= CACHE_ROWS:
-        loop_config["table"] = ray.put(table)  # owned by this trial, which lives as long as the run
+    if held:  # owned by this trial, which lives as long as the run
+        loop_config["table"] = ray.put(pa.concat_tables(
+            tables[c].append_column("cluster_id", pa.array([c] * tables[c].num_rows, pa.int64())) for c in held))
+    datasets = {f"cluster-{c}": ray.data.from_arrow(tables[c]) for c in cluster_ids if c not in held}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -122,7 +116,7 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
             # No worker_runtime_env of ours: DeepSpeed's accelerator is set by the worker itself, and every
             # extra runtime env is one more kind of worker process Ray cannot take from those it has started.
         ),
-        datasets=None if "table" in loop_config else {"train": ray.data.from_arrow(table)},
+        datasets=datasets or None,
     )
 
 

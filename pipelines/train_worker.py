@@ -9,10 +9,11 @@
               phase one DeepSpeed engine and one step loop (:func:`tclora.train.train_loop`); then save
     cleanup   drop the temporary adapter directory (every adapter is in the last checkpoint)
 
-It is plain DeepSpeed training plus a few Ray touchpoints, each marked "Ray:". A run whose rows one
-worker holds and ``CACHE_ROWS`` fits gets them as one object (no Ray Data split), a packed run over several
-workers reads its shard once; both replay each cluster's rows from memory, reshuffled per epoch by a seed
-of the cluster: an adapter sees the same batches whether its cluster trains alone, packed or fused.
+It is plain DeepSpeed training plus a few Ray touchpoints, each marked "Ray:". With one worker, the
+clusters of at most ``train.max_rows_in_memory`` rows come as one object (no Ray Data split) and are
+replayed from memory, reshuffled per epoch by a seed of the cluster; a larger cluster, or any cluster of a
+run over several workers, streams from its own Ray Dataset shard (``cluster-<id>``). The path depends on the
+cluster alone: an adapter sees the same batches whether its cluster trains alone, packed or fused.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from tclora.train import SoloLoRI, adapter_meta, causal_lm_loss, lori_phases, ru
 log = logging.getLogger(__name__)
 
 READ_BATCH = 256  # rows per Ray Data batch; tokenised and regrouped into train batches in the worker
-CACHE_ROWS = 100_000  # shards up to this many rows are replayed from memory after the first epoch
 
 
 def lori_seed(cfg: Config, cluster_id: int) -> int:
@@ -159,7 +159,7 @@ def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
     """Endless tokenised examples from this worker's shard, epoch after epoch: a run split across
     workers, or too big to read up front (else :func:`_by_cluster` and :func:`_replay`).
 
-    The first epoch streams through Ray Data. A shard of at most ``CACHE_ROWS`` rows is then replayed
+    The first epoch streams through Ray Data. A shard of at most ``train.max_rows_in_memory`` rows is then replayed
     from memory, reshuffled per epoch: a Ray Data epoch costs a fixed 0.2-30 s on 2 cores (split
     coordination, task processes; more under load), more than a small cluster's training steps.
     Larger shards stream again every epoch.
@@ -177,21 +177,20 @@ def _examples(shard, tokenizer, cfg: Config, seed: int, stats: dict):
                 rows += 1
                 if cache is not None:
                     cache.append(example)
-                    cache = cache if len(cache) <= CACHE_ROWS else None  # too big to hold: stream each epoch
+                    too_big = len(cache) > cfg.train.max_rows_in_memory
+                    cache = None if too_big else cache  # too big to hold: stream each epoch
                 yield example
         if rows == 0:
             raise RuntimeError("this worker's data shard is empty (more workers than rows?)")
         stats["shard_rows"] = rows
 
 
-def _by_cluster(chunks, tokenizer, cfg: Config, cluster_ids: list[int]) -> dict[int, list]:
-    """Tokenised examples per cluster id from ``chunks`` (column dicts: this worker's shard read once, or the
-    run's table; they fit: ``pack_clusters`` caps a group at ``CACHE_ROWS`` rows). A one-cluster run's rows
-    carry no ``cluster_id`` column."""
+def _by_cluster(chunks, tokenizer, cfg: Config) -> dict[int, list]:
+    """Tokenised examples per ``cluster_id`` from ``chunks`` (column dicts of the run's table of clusters of at
+    most ``train.max_rows_in_memory`` rows each, ``train._trainer``)."""
     buckets: dict[int, list] = {}
     for chunk in chunks:
-        ids = chunk["cluster_id"] if "cluster_id" in chunk else [cluster_ids[0]] * len(chunk["source"])
-        for cluster_id, source, target in zip(ids, chunk["source"], chunk["target"]):
+        for cluster_id, source, target in zip(chunk["cluster_id"], chunk["source"], chunk["target"]):
             example = data.tokenize_example(tokenizer, str(source), str(target), cfg.model.max_length)
             buckets.setdefault(int(cluster_id), []).append(example)
     return buckets
@@ -237,8 +236,7 @@ class LoRIRecipe:
 
     def __init__(self, cfg: Config, cluster_ids: list[int], table=None):
         self.cfg, self.cluster_ids = cfg, cluster_ids
-        self.table = table  # ObjectRef of the run's rows when one worker holds <= CACHE_ROWS of them, else None
-        self.shard = None  # else this rank's Ray Data shard (setup)
+        self.table = table  # ObjectRef of the rows of the clusters held in memory (train._trainer), or None
         self.use_gpu = cfg.train.gpus_per_worker > 0
         context = ray.train.get_context()  # Ray: this rank's place in the run
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -259,22 +257,20 @@ class LoRIRecipe:
         os.environ["DS_ACCELERATOR"] = "cuda" if self.use_gpu else "cpu"  # read when deepspeed is imported
         import deepspeed
 
-        from tclora.models import load_base_for
+        from tclora.models import load_base_for, set_gradient_checkpointing
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.deepspeed = deepspeed
         self.base, self.tokenizer = load_base_for(self.cfg.model)
+        if self.cfg.train.gradient_checkpointing:  # stays on when adapters are attached and removed
+            set_gradient_checkpointing(self.base, True)
         if self.use_gpu:
             torch.cuda.set_device(ray.train.torch.get_device())
-        # In memory whenever one worker holds a run's rows and they fit: a cluster then sees the same batches
-        # trained alone, packed or fused (the same replay); a larger shard streams through Ray Data per epoch.
-        if self.table is not None:  # Ray: the run's rows, one object from the trial (train._trainer)
+        # Clusters one worker holds whole: the same replay alone, packed or fused (others stream: _examples).
+        self.in_memory: dict[int, list] = {}
+        if self.table is not None:  # Ray: those clusters' rows, one object from the trial (train._trainer)
             chunks = (b.to_pydict() for b in ray.get(self.table).to_batches(max_chunksize=READ_BATCH))
-        else:
-            self.shard = ray.train.get_dataset_shard("train")  # Ray: this rank's share of the run's rows
-            packed = len(self.cluster_ids) > 1
-            chunks = self.shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy") if packed else None
-        self.in_memory = _by_cluster(chunks, self.tokenizer, self.cfg, self.cluster_ids) if chunks is not None else None
+            self.in_memory = _by_cluster(chunks, self.tokenizer, self.cfg)
         return True
 
     def train(self) -> None:
@@ -325,8 +321,9 @@ class LoRIRecipe:
 
     def _examples(self, cluster_id: int, seed: int):
         example_seed = seed * 1000 + 100 * len(self.state.resumes) + self.rank
-        if self.in_memory is None:
-            return _examples(self.shard, self.tokenizer, self.cfg, example_seed, self.stats[cluster_id])
+        if cluster_id not in self.in_memory:
+            shard = ray.train.get_dataset_shard(f"cluster-{cluster_id}")  # Ray: this rank's share of the cluster
+            return _examples(shard, self.tokenizer, self.cfg, example_seed, self.stats[cluster_id])
         self.stats[cluster_id]["shard_rows"] = len(self.in_memory[cluster_id])
         return _replay(self.in_memory[cluster_id], example_seed)
 

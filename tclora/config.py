@@ -221,9 +221,16 @@ class TrainSection(_Section):
         1, ge=-1, description="Times Ray Tune retries a cluster's whole Train run after it failed for good "
         "(tune.FailureConfig.max_failures); -1: unlimited.",
     )
+    max_rows_in_memory: int = Field(
+        100_000, ge=0, description="With one Train worker, a cluster of at most this many rows is tokenised once "
+        "and replayed from memory, reshuffled per epoch; a larger one (or any, with several workers) streams "
+        "through Ray Data every epoch, which costs a fixed 0.2-30 s per epoch (2 cores) but no worker memory. "
+        "Decided per cluster, so a cluster sees the same batches alone, packed or fused.",
+    )
     clusters_per_run: int = Field(
-        1, ge=1, description="Small clusters trained one after another in one Ray Train run (same worker, "
-        "base loaded from its cache): amortises worker start-up over hundreds of clusters. Needs num_workers=1.",
+        1, ge=1, description="Clusters trained in one Ray Train run on one loaded base copy (train.fused: in one "
+        "forward/backward pass): amortises worker start-up and base loading over many clusters, and on a GPU "
+        "one base copy serves them all. Needs num_workers=1.",
     )
     fused: bool = Field(
         True, description="A run's packed clusters (clusters_per_run > 1) train together in one forward/backward "
@@ -232,6 +239,12 @@ class TrainSection(_Section):
         "after another. With "
         "clusters_per_run > 1 it needs zero_stage 0 (one worker: ZeRO has nothing to shard, and per-adapter "
         "gradient clipping reads each adapter's gradient). Plain LoRA (lori.mode: lora) trains A: never fused.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass instead of keeping "
+        "them (transformers' gradient_checkpointing_enable, non-reentrant): about one more forward pass of compute "
+        "for activation memory that no longer grows with the layer count, so a fused group of clusters_per_run "
+        "adapters (clusters_per_run x batch_size rows a step) fits one GPU beside the base. Results are unchanged.",
     )
     disentangle: float = Field(
         0.0, ge=0, description="β of a weight-disentanglement penalty for mergeable adapters: each adapter of a "

@@ -61,6 +61,23 @@ def load_base_for(model_cfg: ModelSection) -> tuple:
                      cache_dir=model_cfg.cache_dir, demo_spec=demo_spec(model_cfg))
 
 
+def set_gradient_checkpointing(model, enabled: bool) -> None:
+    """Turn transformers' gradient (activation) checkpointing on or off, non-reentrant: each decoder layer's
+    activations are recomputed in the backward pass instead of kept (``train.gradient_checkpointing``). It acts
+    in training mode only, and on frozen inputs too (LoRA, no ``enable_input_require_grads`` needed).
+
+    transformers 5.2x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and
+    deprecated the old name; older releases have only the old one.
+    """
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    if enabled and new_api:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+
+
 def module_skeleton(model_cfg: ModelSection) -> torch.nn.Module:
     """The base model of a :class:`tclora.config.ModelSection` on the meta device: its module tree only.
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_lori_params, bench_merge_quality, readme_table, run_all
+from benchmarks import bench_gpu_train, bench_lori_params, bench_merge_quality, readme_table, run_all
 
 HEADLINE_KEYS = {"metric", "value", "display", "target", "met"}
 
@@ -19,6 +19,20 @@ def lori_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-results")
     bench_lori_params.main(["--smoke", "--shapes", "mistral-7b", "--out", str(out)])
     return out, json.loads((out / "bench_lori_params_smoke.json").read_text())
+
+
+def test_gpu_train_script_runs_every_mode_on_cpu(tmp_path):
+    """The script prepared for a GPU machine, at smoke size on CPU (float32): every mode trains the same
+    adapters, so each fused adapter's B equals the one trained alone to float rounding (as tests/test_multi_lori.py
+    finds), and both merges run."""
+    bench_gpu_train.main(["--smoke", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "bench_gpu_train_smoke.json").read_text())
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["adapters"] == 2
+    assert set(result["modes"]) == set(bench_gpu_train.MODES)
+    assert all(m["adapters_per_hour"] > 0 for m in result["modes"].values())
+    assert all(d < 1e-5 for d in result["b_relative_distance"].values())
+    assert set(result["merge_seconds"]) == {"cp", "linear"}
+    assert (tmp_path / "bench_gpu_train_smoke.png").stat().st_size > 0
 
 
 def test_lori_params_writes_counts_bytes_and_headline(lori_results):

@@ -63,7 +63,10 @@ def test_real_model_config_loads_the_reference_setting(name):
     assert cfg.cluster.k == 10 and cfg.cluster.sample_fraction == 0.2
     assert cfg.merge.cp_rank == 4 and "cp" in cfg.merge.methods and "svd" in cfg.merge.methods
     assert cfg.train.lr == 1e-4 and cfg.train.sparse_lr_multiplier == 10
-    assert cfg.train.zero_stage == 2
+    # Several adapters per GPU, fused on one base copy (issue 16): ZeRO-0 and checkpointed activations.
+    assert cfg.train.fused and cfg.train.clusters_per_run >= 2 and cfg.train.zero_stage == 0
+    assert cfg.train.num_workers == 1 and cfg.train.gradient_checkpointing
+    assert cfg.train.max_concurrent * cfg.train.clusters_per_run >= cfg.cluster.k  # every cluster in one wave
     assert cfg.train.gpus_per_worker >= 1 and cfg.eval.num_gpus >= 1
     # An autoscaling cluster starts without GPUs: the concurrency cannot be derived from it at launch.
     assert cfg.train.max_concurrent is not None

@@ -139,6 +139,40 @@ def test_rows_of_one_adapter_never_touch_another_adapters_gradient(tiny_model_an
     assert group.detach() is model and not any(isinstance(m, multi_lori.RoutedLoRILinear) for m in model.modules())
 
 
+def test_gradient_checkpointing_recomputes_the_routed_layers_and_keeps_every_gradient(tiny_model_and_tokenizer):
+    """train.gradient_checkpointing (transformers' non-reentrant checkpointing) over a fused group: each routed
+    layer runs its forward again in the backward pass (so activations were dropped), and every adapter's B
+    gradient is the one without checkpointing (recomputation is exact; float32, summation order aside)."""
+    from tclora.models import set_gradient_checkpointing
+
+    model, tok = tiny_model_and_tokenizer
+    group = multi_lori.LoRIGroup(model, LORI, SEEDS)
+    with torch.no_grad():
+        for b in group.lora_b_params().values():
+            b.normal_(std=0.1)
+    batch, model = _fused_batch(tok), group.model.train()  # HF checkpoints in training mode only
+    layer = next(m for m in model.modules() if isinstance(m, multi_lori.RoutedLoRILinear))
+    calls = []
+    layer.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        multi_lori.adapter_losses(out.logits, batch["labels"], len(group)).sum().backward()
+        return {n: b.grad.clone() for n, b in group.lora_b_params().items()}
+
+    plain = grads()
+    assert len(calls) == 1
+    set_gradient_checkpointing(model, True)
+    checkpointed = grads()
+    assert len(calls) == 2  # the forward, then its recomputation inside backward
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-7, rtol=1e-6, msg=name)
+    set_gradient_checkpointing(model, False)
+    group.detach()
+
+
 def test_padding_to_the_group_width_leaves_the_loss_unchanged(tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     batch = next(data.batches(RECORDS[0], tok, 4, MAX_LENGTH, 1, seed=0))

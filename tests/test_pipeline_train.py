@@ -89,10 +89,12 @@ def packed_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fused_run(ray_session, tiny_base, cluster_dir, tmp_path_factory):
-    """Both clusters in one Train run *and* one forward/backward pass per step (train.fused), ZeRO-0; tracked
-    in a local MLflow store."""
+    """Both clusters in one Train run *and* one forward/backward pass per step (train.fused), ZeRO-0, with
+    gradient checkpointing (as the GPU configs train: it must not change the adapters); tracked in a local
+    MLflow store."""
     run_dir = tmp_path_factory.mktemp("fused")
     return _timed_train(tiny_base, cluster_dir, run_dir, zero_stage=0, clusters_per_run=2, fused=True,
+                        gradient_checkpointing=True,
                         run={"mlflow_tracking_uri": f"sqlite:///{run_dir}/mlflow.db"})
 
 
@@ -108,10 +110,33 @@ def _timed_train(tiny_base, cluster_dir, run_dir, run: dict | None = None, **tra
 def test_pack_clusters_groups_small_clusters_deterministically():
     from pipelines.train import pack_clusters
 
-    sizes = {3: 10, 0: 10, 1: 500, 2: 10, 4: 10}
+    sizes = {3: 10, 0: 10, 1: 500_000, 2: 10, 4: 10}  # any size packs: a big cluster streams (next test)
     assert pack_clusters(sizes, 1) == [[0], [1], [2], [3], [4]]
-    assert pack_clusters(sizes, 2, max_rows=100) == [[0], [1], [2, 3], [4]]  # 1 is too big to share a run
-    assert pack_clusters(sizes, 8, max_rows=10_000) == [[0, 1, 2, 3, 4]]
+    assert pack_clusters(sizes, 2) == [[0, 1], [2, 3], [4]]
+    assert pack_clusters(sizes, 8) == [[0, 1, 2, 3, 4]]
+
+
+def test_a_cluster_too_big_for_memory_streams_the_same_batches_alone_or_fused(ray_session, tiny_base, tmp_path):
+    """With train.max_rows_in_memory = 30, cluster 0 (24 rows) travels as one object and cluster 1 (40 rows)
+    streams from its own Ray Dataset, in a fused run as alone: cluster 1's adapter is the same either way
+    (every step's loss, and B to float rounding, as in test_fused_adapters_equal_the_ones_trained_one_after_another)."""
+    from safetensors.torch import load_file
+
+    from pipelines.train import train_group
+
+    clusters = write_clusters(tmp_path / "mixed", {0: _rows("copy", 24, 0), 1: _rows("flip", 40, 1)})
+    cfg = small_cfg(tmp_path, tiny_base, zero_stage=0, clusters_per_run=2, max_rows_in_memory=30, steps=8,
+                    sparse_steps=6)
+    fused = train_group([0, 1], cfg, clusters, tmp_path / "fused", tmp_path / "ray")
+    alone = train_group([1], cfg, clusters, tmp_path / "alone", tmp_path / "ray")
+    assert fused[1]["fused"] == 2 and alone[1]["fused"] == 1
+    assert fused[0]["shard_rows"] == 24 and fused[1]["shard_rows"] == alone[1]["shard_rows"] == 40
+    for phase in ("dense", "sparse"):
+        assert fused[1]["losses"][phase] == pytest.approx(alone[1]["losses"][phase], rel=1e-5)
+    want, got = (load_file(str(tmp_path / run / "cluster-1" / "adapter_model.safetensors"))
+                 for run in ("alone", "fused"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
 def test_max_concurrent_trials_from_the_scarce_resource(tmp_path):
