@@ -47,9 +47,9 @@ lint: install
 # one process. Ray files are queued first and --no-loadscope-reorder keeps that order (xdist would otherwise
 # start with the files holding the most tests). Serial, the suite kept 2 cores ~75% busy: the Ray tests wait
 # on process start-ups, polls and sleeps, which the other worker fills.
-# TEST_WORKERS=0 runs it in one process, as plain pytest. (One of seven two-worker runs hung on 2026-12-02: a
-# Tune trial's own report after its Train run deadlocked in Ray's session queues, a race that load makes likelier
-# and that users could hit too; pipelines/train.py _group_trial no longer reports.)
+# TEST_WORKERS=0 runs it in one process, as plain pytest. (Two two-worker runs hung on 2026-12-02 in Ray's
+# Train-to-Tune report forwarding, a race that load makes likelier and users could hit too: pipelines/train.py,
+# _reports_to_tune.)
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)

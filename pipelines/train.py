@@ -19,19 +19,23 @@ directory is deleted once ``<run>/train`` is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import ray
 import ray.tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Queue
 
 from pipelines import session, tracking
 from pipelines.cluster import finished_cluster, list_clusters, read_cluster
@@ -76,8 +80,52 @@ def _cluster_tables(cluster_dir: Path, cluster_ids: list[int], store: storage.Ru
             for c in cluster_ids}
 
 
+class _QueueReports(UserCallback):
+    """Runs in the Train controller: puts each report (rank 0's metrics, plus ``checkpoint_path``, as Ray's
+    ``TuneReportCallback``) on a queue that :func:`_reports_to_tune` drains in the trial."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        item = dict(metrics[0])
+        if checkpoint:
+            item["checkpoint_path"] = checkpoint.path
+        self.queue.put(item)  # unbounded: Train never waits for Tune
+
+
+@contextlib.contextmanager
+def _reports_to_tune() -> Iterator[UserCallback]:
+    """A Train callback whose reports this Tune trial reports as its own results, one by one, from a thread of
+    its own; on exit every report has been handed to Tune.
+
+    Ray's ``TuneReportCallback`` (Ray 2.60) hangs a trial when Tune asks for its next result only after the
+    training function has returned: the last Train report still waits in Ray's one-slot inter-actor queue,
+    the function trainable's closing ``RESULT_DUPLICATE`` report fills the one-slot result queue, and the
+    trial's main thread, moving the waiting report across, blocks forever on that full queue (its own
+    consumer; ``ray/train/_internal/session.py``, ``get_next``). Seen in the suite's driver-kill test and its
+    sweep: the trial showed 4 of the run's 5 reports for 20 minutes (py-spy: ``_report_training_result``
+    from ``get_next``'s last, non-blocking fetch). Here each report goes through ``ray.tune.report`` from a
+    thread that is not the consumer, and the training function returns only after the last one was put.
+    """
+    queue = Queue(actor_options={"num_cpus": 0})
+
+    def forward() -> None:
+        while (item := queue.get()) is not None:
+            ray.tune.report(item)  # blocks until the trial's main thread has taken the previous one
+
+    thread = threading.Thread(target=forward, name="tclora-train-reports", daemon=True)
+    thread.start()
+    try:
+        yield _QueueReports(queue)
+    finally:
+        queue.put(None)  # fit() has returned (or raised): the controller made its last after_report call
+        thread.join()
+        queue.shutdown()
+
+
 def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_path: str | Path,
-             store: storage.RunStore, report_to_tune: bool) -> TorchTrainer:
+             store: storage.RunStore, callbacks: list[UserCallback]) -> TorchTrainer:
     """The group's ``TorchTrainer``: ``train.num_workers`` workers running :func:`train_fn_per_worker`,
     a run name without timestamp (a restart resumes it), the run's rows handed to the workers.
 
@@ -88,11 +136,6 @@ def _trainer(cluster_ids: list[int], cfg: Config, cluster_dir: Path, storage_pat
     workers, is its own Ray Dataset ``cluster-<id>``, split evenly across the workers and streamed. The path
     is chosen per cluster, by its own size: a cluster sees the same batches alone, packed or fused."""
     t = cfg.train
-    callbacks = []
-    if report_to_tune:  # forwards every Train report to the Tune trial (progress table, trial metrics)
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker > 0 else {}),
                  **t.resources}
     storage_path, storage_fs = store.ray_storage(storage_path)
@@ -144,9 +187,11 @@ def train_group(cluster_ids: list[int], cfg: Config, cluster_dir: Path, out_dir:
     for c in cluster_ids:
         if sizes[c] < t.num_workers:
             raise ValueError(f"cluster {c} has {sizes[c]} rows, fewer than train.num_workers={t.num_workers}")
-    trainer = _trainer(cluster_ids, cfg, cluster_dir, storage_path, store, report_to_tune)
+    # In a Tune trial every Train report becomes a trial result (progress table, MLflow curves).
+    with _reports_to_tune() if report_to_tune else contextlib.nullcontext() as forward:
+        result = _trainer(cluster_ids, cfg, cluster_dir, storage_path, store, [forward] if forward else []).fit()
     summaries = {}
-    with trainer.fit().checkpoint.as_directory() as ckpt:
+    with result.checkpoint.as_directory() as ckpt:
         wall = round(time.time() - started, 2)
         for c in cluster_ids:
             src = TrainCheckpoint.adapter(ckpt, c)
@@ -180,12 +225,7 @@ def _group_trial(config: dict, cfg_json: dict, cluster_dir: str, work_dir: str, 
 
     It may run on any node: it reads and writes through ``store``, never the driver's disk.
 
-    The trial's results are the Train run's own reports, forwarded by ``TuneReportCallback``; it reports
-    nothing itself. A ``ray.tune.report`` here, after ``fit()``, deadlocked the trial (Ray 2.60; seen once
-    in seven two-worker suite runs): the last forwarded report could still sit in the session's inter-actor
-    queue, our report filled the one-slot result queue, and the trial's main thread, moving the forwarded
-    one across, blocked forever on that full queue (``ray/train/_internal/session.py``,
-    ``_get_result_from_queues``). The trial showed 5 of the run's 6 reports and never ended.
+    The trial's results are the Train run's own reports (:func:`_reports_to_tune`); it reports nothing else.
     """
     ids = [int(c) for c in config["cluster_ids"]]
     train_group(ids, Config.model_validate(cfg_json), Path(cluster_dir), Path(work_dir) / "adapters",
