@@ -103,10 +103,11 @@ def _reports_to_tune() -> Iterator[UserCallback]:
     training function has returned: the last Train report still waits in Ray's one-slot inter-actor queue,
     the function trainable's closing ``RESULT_DUPLICATE`` report fills the one-slot result queue, and the
     trial's main thread, moving the waiting report across, blocks forever on that full queue (its own
-    consumer; ``ray/train/_internal/session.py``, ``get_next``). Seen in the suite's driver-kill test and its
-    sweep: the trial showed 4 of the run's 5 reports for 20 minutes (py-spy: ``_report_training_result``
-    from ``get_next``'s last, non-blocking fetch). Here each report goes through ``ray.tune.report`` from a
-    thread that is not the consumer, and the training function returns only after the last one was put.
+    consumer; ``ray/train/_internal/session.py``, ``get_next``). Seen twice in the suite's driver-kill test,
+    once a trial showing 4 of its run's 5 reports for 20 minutes (py-spy: ``_report_training_result`` from
+    ``get_next``'s last, non-blocking fetch); ``test_pipeline_train.py`` reproduces it. Here each report goes
+    through ``ray.tune.report`` from a thread that is not the consumer, and the training function returns only
+    after the last one was put.
     """
     queue = Queue(actor_options={"num_cpus": 0})
 
