@@ -242,7 +242,8 @@ class TrainSection(_Section):
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in the backward pass instead of keeping "
-        "them (transformers' gradient_checkpointing_enable, non-reentrant): about one more forward pass of compute "
+        "them (transformers' activation checkpointing, non-reentrant; tclora.models.set_gradient_checkpointing): "
+        "about one more forward pass of compute "
         "for activation memory that no longer grows with the layer count, so a fused group of clusters_per_run "
         "adapters (clusters_per_run x batch_size rows a step) fits one GPU beside the base. Results are unchanged.",
     )
