@@ -109,11 +109,13 @@ class ActorReports:
     """
 
     def __init__(self) -> None:
-        self.entries: list[dict] = []
+        self.entries: dict[tuple, dict] = {}  # by (file, line or row)
         self.timings: dict[str, dict[str, float]] = {}
 
     def quarantine(self, entries: list[dict]) -> None:
-        self.entries += entries
+        # Once per row: a block whose actor died after reporting is embedded again and reports its rows again.
+        for entry in entries:
+            self.entries.setdefault((entry["file"], entry.get("line", entry.get("row"))), entry)
 
     def timing(self, actor: str, until_done: float | None = None, **amounts: float) -> None:
         # Every key from the first report on: an actor that got no block still reads rows 0, encode 0.
@@ -125,7 +127,7 @@ class ActorReports:
             totals["until_done"] = until_done
 
     def take(self) -> tuple[list[dict], dict[str, dict[str, float]]]:
-        entries, self.entries = self.entries, []
+        entries, self.entries = list(self.entries.values()), {}
         return entries, {a: {k: round(v, 3) for k, v in t.items()} for a, t in self.timings.items()}
 
 

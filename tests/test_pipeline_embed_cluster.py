@@ -437,3 +437,18 @@ def test_rows_with_non_finite_embeddings_are_quarantined(ray_session, tmp_path):
     held_out = [{"row_id": "eval.jsonl:1", "source": "clean"}, {"row_id": "eval.jsonl:2", "source": "poison ivy"}]
     with pytest.raises(ValueError, match=r"held-out record eval.jsonl:2: embedding is not finite"):
         route_records(held_out, tmp_path / "clusters", str(model))
+
+
+def test_a_row_reported_twice_is_quarantined_once(ray_session):
+    """A block whose embedding actor dies after reporting its non-finite rows is embedded again by Ray Data
+    and reports them again: the stage still counts and writes each row once."""
+    from pipelines.embed import ActorReports
+
+    def entry(line: int, file: str = "a.jsonl") -> dict:
+        return {"file": file, "line": line, "reason": "embedding is not finite (NaN)", "raw": f"row {line}"}
+
+    reports = ActorReports.remote()
+    ray_session.get(reports.quarantine.remote([entry(3), entry(7)]))  # the first attempt, then the actor died
+    ray_session.get(reports.quarantine.remote([entry(3), entry(7), entry(3, "b.jsonl")]))  # the retry, another file
+    entries, _ = ray_session.get(reports.take.remote())
+    assert sorted((e["file"], e["line"]) for e in entries) == [("a.jsonl", 3), ("a.jsonl", 7), ("b.jsonl", 3)]
