@@ -68,11 +68,9 @@ def record_sets(n: int, rows: int) -> list[list[dict]]:
     from tclora import demo_corpus
 
     families = list(demo_corpus.FAMILIES)
-    sets = []
-    for t in range(n):
-        rows_t = [r for r in demo_corpus.generate_split("train", rows, seed=t) if r["task_name"] == families[t % 4]]
-        sets.append(rows_t)
-    return sets
+    family = [families[t % len(families)] for t in range(n)]
+    return [[r for r in demo_corpus.generate_split("train", rows, seed=t) if r["task_name"] == family[t]]
+            for t in range(n)]
 
 
 def train_mode(mode: str, model, tokenizer, sets, lori_cfg, train_cfg, out: Path, device: str) -> dict:

@@ -96,6 +96,11 @@ class EmbedCallable:
         return batch.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
 
 
+def _row_of(entry: dict) -> tuple[str, int]:
+    """A quarantine entry's place: its file and JSON Lines line (1-based) or Parquet row (0-based)."""
+    return entry["file"], entry.get("line", entry.get("row"))
+
+
 @ray.remote(num_cpus=0)
 class ActorReports:
     """What the embedding actors report mid-stream: rows they reject, and where their time went.
@@ -115,7 +120,7 @@ class ActorReports:
     def quarantine(self, entries: list[dict]) -> None:
         # Once per row: a block whose actor died after reporting is embedded again and reports its rows again.
         for entry in entries:
-            self.entries.setdefault((entry["file"], entry.get("line", entry.get("row"))), entry)
+            self.entries.setdefault(_row_of(entry), entry)
 
     def timing(self, actor: str, until_done: float | None = None, **amounts: float) -> None:
         # Every key from the first report on: an actor that got no block still reads rows 0, encode 0.
@@ -273,16 +278,15 @@ def _quarantine_nonfinite(scan: ScanResult, entries: list[dict], quarantine_file
     """
     if not entries:
         return scan
-    entries.sort(key=lambda e: (e["file"], e.get("line", e.get("row"))))
+    entries.sort(key=_row_of)
     with open(quarantine_file, "a", encoding="utf-8") as out:
         for entry in entries:
             out.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    first = entries[0]
-    log.warning("%s: %d rows with non-finite embeddings quarantined, e.g. %s:%s", uri, len(entries),
-                first["file"], first.get("line", first.get("row")))
+    first, (file, index) = entries[0], _row_of(entries[0])
+    log.warning("%s: %d rows with non-finite embeddings quarantined, e.g. %s:%s", uri, len(entries), file, index)
     if len(entries) == scan.rows:
         raise CorpusError(f"data.path {uri!r}: no valid rows (every embedding is non-finite, e.g. "
-                          f"{first['file']}:{first.get('line', first.get('row'))}: {first['reason']})")
+                          f"{file}:{index}: {first['reason']})")
     return dataclasses.replace(scan, rows=scan.rows - len(entries), quarantined=scan.quarantined + len(entries))
 
 

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import ray
@@ -59,11 +59,11 @@ def stage_key(cfg: Config, cluster_dir: Path) -> dict:
             "config": cfg.section_hash("model", "lori", "train"), "seed": cfg.run.seed}
 
 
-def pack_clusters(sizes: dict[int, int], per_run: int) -> list[list[int]]:
+def pack_clusters(cluster_ids: Iterable[int], per_run: int) -> list[list[int]]:
     """Cluster ids in Train-run groups of up to ``per_run`` consecutive ids. Deterministic, so a restarted
     driver finds the same run names. Any size packs: each cluster's rows reach the worker as they would alone
     (:func:`_trainer`)."""
-    ids = sorted(sizes)
+    ids = sorted(cluster_ids)
     return [ids[i:i + per_run] for i in range(0, len(ids), per_run)]
 
 
@@ -298,7 +298,7 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path, final: Path | None 
     todo = [c for c in sorted(sizes)
             if not artifacts.is_complete(work / "adapters" / f"cluster-{c}", {**key, "cluster_id": c})]
     log.info("train: %d clusters, %d to train, %d reused (%s)", len(sizes), len(todo), len(sizes) - len(todo), work)
-    groups = pack_clusters({c: sizes[c] for c in todo}, cfg.train.clusters_per_run)
+    groups = pack_clusters(todo, cfg.train.clusters_per_run)
     if cfg.train.disentangle and (alone := [g[0] for g in groups if len(g) == 1]):
         log.warning("train: cluster(s) %s train alone in their Train run, so without train.disentangle's penalty "
                     "(no other cluster's rows to keep the base on)", alone)

@@ -3,6 +3,7 @@ recipe ``train_lori_adapter``), LoRI invariants per adapter, rows routed, resume
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -105,20 +106,30 @@ def _fused_batch(tok, step_seed: int = 0) -> dict[str, torch.Tensor]:
     return multi_lori.concat_batches(batches, tok.pad_token_id)
 
 
-def test_rows_of_one_adapter_never_touch_another_adapters_gradient(tiny_model_and_tokenizer):
-    model, tok = tiny_model_and_tokenizer
+def _group_with_random_b(model) -> multi_lori.LoRIGroup:
+    """The three adapters on ``model`` with non-zero B's, so every adapter's output depends on its rows."""
     group = multi_lori.LoRIGroup(model, LORI, SEEDS)
-    with torch.no_grad():  # non-zero B's, so every adapter's output depends on its rows
+    with torch.no_grad():
         for b in group.lora_b_params().values():
             b.normal_(std=0.1)
-    batch = _fused_batch(tok)
+    return group
 
-    def grads(batch, only: int | None = None) -> dict[str, torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        losses = multi_lori.adapter_losses(out.logits, batch["labels"], len(group))
-        (losses.sum() if only is None else losses[only]).backward()
-        return {n: b.grad.clone() for n, b in group.lora_b_params().items()}
+
+def _b_grads(group: multi_lori.LoRIGroup, batch: dict, only: int | None = None) -> dict[str, torch.Tensor]:
+    """Each B's gradient of the summed per-adapter losses (or of adapter ``only``'s loss) on a fused batch."""
+    model = group.model
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    losses = multi_lori.adapter_losses(out.logits, batch["labels"], len(group))
+    (losses.sum() if only is None else losses[only]).backward()
+    return {n: b.grad.clone() for n, b in group.lora_b_params().items()}
+
+
+def test_rows_of_one_adapter_never_touch_another_adapters_gradient(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    group = _group_with_random_b(model)
+    batch = _fused_batch(tok)
+    grads = functools.partial(_b_grads, group)
 
     full = grads(batch)
     # Adapter 0's loss alone: every other adapter's B gets an exactly zero gradient.
@@ -146,26 +157,17 @@ def test_gradient_checkpointing_recomputes_the_routed_layers_and_keeps_every_gra
     from tclora.models import set_gradient_checkpointing
 
     model, tok = tiny_model_and_tokenizer
-    group = multi_lori.LoRIGroup(model, LORI, SEEDS)
-    with torch.no_grad():
-        for b in group.lora_b_params().values():
-            b.normal_(std=0.1)
+    group = _group_with_random_b(model)
     batch, model = _fused_batch(tok), group.model.train()  # HF checkpoints in training mode only
     layer = next(m for m in model.modules() if isinstance(m, multi_lori.RoutedLoRILinear))
     calls = []
     layer.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
 
-    def grads() -> dict[str, torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        calls.clear()
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        multi_lori.adapter_losses(out.logits, batch["labels"], len(group)).sum().backward()
-        return {n: b.grad.clone() for n, b in group.lora_b_params().items()}
-
-    plain = grads()
+    plain = _b_grads(group, batch)
     assert len(calls) == 1
     set_gradient_checkpointing(model, True)
-    checkpointed = grads()
+    calls.clear()
+    checkpointed = _b_grads(group, batch)
     assert len(calls) == 2  # the forward, then its recomputation inside backward
     for name, g in plain.items():
         torch.testing.assert_close(checkpointed[name], g, atol=1e-7, rtol=1e-6, msg=name)

@@ -116,10 +116,10 @@ def _timed_train(tiny_base, cluster_dir, run_dir, run: dict | None = None, **tra
 def test_pack_clusters_groups_small_clusters_deterministically():
     from pipelines.train import pack_clusters
 
-    sizes = {3: 10, 0: 10, 1: 500_000, 2: 10, 4: 10}  # any size packs: a big cluster streams (cluster 1 below)
-    assert pack_clusters(sizes, 1) == [[0], [1], [2], [3], [4]]
-    assert pack_clusters(sizes, 2) == [[0, 1], [2, 3], [4]]
-    assert pack_clusters(sizes, 8) == [[0, 1, 2, 3, 4]]
+    ids = [3, 0, 1, 2, 4]  # any size packs: a big cluster streams (cluster 1 below)
+    assert pack_clusters(ids, 1) == [[0], [1], [2], [3], [4]]
+    assert pack_clusters(ids, 2) == [[0, 1], [2, 3], [4]]
+    assert pack_clusters(ids, 8) == [[0, 1, 2, 3, 4]]
 
 
 def _late_asking_tune(tmp_path: Path, callback_factory) -> list[int]:
