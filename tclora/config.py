@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +22,18 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields that say where and how robustly a stage runs, not what it produces: left out of
+    # Config.section_hash, so a finished stage rerun on another cluster (other node types, more or fewer
+    # CPUs, another concurrency or failure budget) is reused instead of redone.
+    PLACEMENT: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        # A misspelt name would silently keep a field in the hash: checked once, when the class is defined.
+        unknown = cls.PLACEMENT - set(cls.model_fields)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.PLACEMENT names no field: {sorted(unknown)}")
 
 
 class RunSection(_Section):
@@ -93,6 +105,8 @@ class ModelSection(_Section):
     )
     demo_pretrain_steps: int = Field(3000, ge=0, description="Demo base: pre-training steps (tclora.demo_base).")
 
+    PLACEMENT = frozenset({"cache_dir"})  # where the demo base is cached, not which base (its spec says that)
+
 
 class EmbedSection(_Section):
     model: str = Field(
@@ -116,6 +130,8 @@ class EmbedSection(_Section):
         "source", description="What is embedded: the whole source, or its template view (payload runs masked, "
         "tclora.template_view; fitted on up to 20000 sampled rows), which groups rows by instruction.",
     )
+
+    PLACEMENT = frozenset({"num_actors"})  # every row is embedded alike whichever actor takes its block
 
 
 class ClusterSection(_Section):
@@ -258,6 +274,14 @@ class TrainSection(_Section):
         "from 0.867 to 0.640 (README, 'Adapters that merge').",
     )
 
+    # Resources, concurrency, failure budgets, checkpoint cadence: a rerun on another cluster keeps its adapters.
+    # gradient_checkpointing recomputes the same activations (B gradients equal to 1e-7, tests/test_multi_lori.py).
+    # Not here: num_workers, gpus_per_worker, zero_stage, clusters_per_run, fused, max_rows_in_memory, which
+    # change the batches, the dtype or the optimizer's arithmetic.
+    PLACEMENT = frozenset({"cpus_per_worker", "resources", "max_concurrent", "checkpoint_every", "max_failures",
+                           "max_preemption_failures", "preemption_grace_s", "trial_max_failures",
+                           "gradient_checkpointing"})
+
     @field_validator("zero_stage")
     @classmethod
     def _no_zero3(cls, stage: int) -> int:
@@ -361,6 +385,8 @@ class EvalSection(_Section):
         "machine. Off by default."
     )
 
+    PLACEMENT = frozenset({"num_cpus", "resources"})  # not num_gpus: a GPU evaluates in its own arithmetic
+
     @field_validator("lm_eval_tasks")
     @classmethod
     def _lm_eval_installed(cls, tasks: list[str]) -> list[str]:
@@ -408,8 +434,13 @@ class Config(_Section):
         return self
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (what a stage depends on), for manifests and caching."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        """Stable hash of the named sections (what a stage depends on), for manifests and caching.
+
+        Each section's ``PLACEMENT`` fields (resources, concurrency, failure budgets) are left out: they
+        change where a stage runs, not what it writes, so changing them keeps finished stages reusable.
+        """
+        payload = {name: (section := getattr(self, name)).model_dump(mode="json", exclude=set(section.PLACEMENT))
+                   for name in sections}
         return short_hash(payload, 16)
 
 

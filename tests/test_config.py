@@ -55,6 +55,32 @@ def test_section_hash_tracks_only_the_named_sections():
     assert a.section_hash("merge") != b.section_hash("merge")
 
 
+@pytest.mark.parametrize("override", ["train.resources={gpu_node: 1}", "train.max_concurrent=7",
+                                      "train.cpus_per_worker=4", "train.checkpoint_every=3", "train.max_failures=0",
+                                      "train.gradient_checkpointing=true", "eval.num_cpus=3",
+                                      "eval.resources={eval_node: 1}", "embed.num_actors=5", "model.cache_dir=/tmp/x"])
+def test_placement_fields_leave_the_stage_hash_alone(override):
+    sections = ("model", "lori", "train", "merge", "eval", "embed", "data")
+    assert load_config(None, [override]).section_hash(*sections) == load_config(None, []).section_hash(*sections)
+
+
+@pytest.mark.parametrize("override", ["train.lr=0.01", "train.num_workers=2", "train.gpus_per_worker=1",
+                                      "train.max_rows_in_memory=5", "eval.num_gpus=1", "embed.batch_size=7",
+                                      "model.dtype=bfloat16"])
+def test_fields_that_change_outputs_change_the_stage_hash(override):
+    sections = ("model", "lori", "train", "merge", "eval", "embed", "data")
+    assert load_config(None, [override]).section_hash(*sections) != load_config(None, []).section_hash(*sections)
+
+
+def test_a_misspelt_placement_field_is_refused_when_the_section_is_defined():
+    from tclora.config import _Section
+
+    with pytest.raises(TypeError, match=r"PLACEMENT names no field: \['max_concurent'\]"):
+        class Broken(_Section):  # noqa: F841
+            max_concurrent: int = 1
+            PLACEMENT = frozenset({"max_concurent"})
+
+
 def test_cli_help_lists_subcommands_and_config_errors_exit_cleanly(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])

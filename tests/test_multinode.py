@@ -175,10 +175,11 @@ def test_autoscaler_adds_accelerator_workers_for_the_run_and_removes_them_when_i
     assert [n for n in head if FAKE_GPU in n["resources"]] == []  # min_workers 0: the run starts on a head alone
     # The reference run again, from a fresh working copy, now with training and the merge/eval actor asking
     # for the accelerator only the autoscaled worker type has (as train.gpus_per_worker / eval.num_gpus do on
-    # cluster_configs/aws.yaml): embed and cluster come back from the bucket, train and merge_eval run anew
-    # (their stage keys hash the whole train and eval sections, resources included).
+    # cluster_configs/aws.yaml): embed and cluster come back from the bucket. Resources alone would leave the
+    # finished stages reusable (placement is not in a stage's key), so another learning rate makes train, and
+    # with new adapters merge_eval, run anew.
     config = _config(tmp_path, tiny_base, seaweedfs, "single", tmp_path / "working-copy",
-                     train={"resources": {FAKE_GPU: 1}}, eval={"resources": {FAKE_GPU: 1}})
+                     train={"resources": {FAKE_GPU: 1}, "lr": 2e-3}, eval={"resources": {FAKE_GPU: 1}})
     started = time.time()
     _tclora_run(config, env, cwd=tmp_path)
     out = _outputs(seaweedfs["filesystem"], "tclora/runs/single")

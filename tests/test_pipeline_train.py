@@ -274,12 +274,17 @@ def test_adapter_beats_base_on_its_cluster(run, request, tiny_base, cluster_dir)
 
 
 def test_rerun_is_a_no_op(concurrent_run, cluster_dir):
+    """Also on another cluster: other resources, concurrency, failure budgets and checkpoint cadence (the train
+    section's PLACEMENT fields) keep the finished adapters."""
     from pipelines.train import run_train
 
     cfg, out, first_seconds = concurrent_run
+    moved = cfg.model_copy(update={"train": cfg.train.model_copy(update=dict(
+        cpus_per_worker=2.0, resources={"accelerator_type:L4": 0.001}, max_concurrent=1, checkpoint_every=7,
+        max_failures=0, trial_max_failures=5))})
     before = (out / artifacts.MANIFEST).read_bytes()
     started = time.time()
-    assert run_train(cfg, Path(cfg.run.dir), cluster_dir) == StageResult(out, reused=True)
+    assert run_train(moved, Path(cfg.run.dir), cluster_dir) == StageResult(out, reused=True)
     assert time.time() - started < 5 < first_seconds
     assert (out / artifacts.MANIFEST).read_bytes() == before
 
