@@ -262,7 +262,9 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     prepared = prepare_sets(cfg, run_dir, space, metric)
     sets = prepared.pop("sets")
 
-    fingerprint = point_config(cfg, 1, 0.0, 1).model_dump(mode="json")  # everything but the swept values
+    # Everything but the swept values and the sections' PLACEMENT fields: resubmitted with other resources or
+    # concurrency, an interrupted sweep restores its Tune experiment.
+    fingerprint = point_config(cfg, 1, 0.0, 1).section_hash(*Config.model_fields)
     samples = num_samples if search != "grid" else None
     name = "sweep-" + _tag(fingerprint, space, search, samples, metric, split, rungs)
     concurrent = max_concurrent_trials(cfg, math.prod(len(v) for v in space.values()), max_concurrent)
