@@ -262,12 +262,15 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     prepared = prepare_sets(cfg, run_dir, space, metric)
     sets = prepared.pop("sets")
 
-    # Everything but the swept values and the sections' PLACEMENT fields: resubmitted with other resources or
-    # concurrency, an interrupted sweep restores its Tune experiment.
-    fingerprint = point_config(cfg, 1, 0.0, 1).section_hash(*Config.model_fields)
+    concurrent = max_concurrent_trials(cfg, math.prod(len(v) for v in space.values()), max_concurrent)
+    # The experiment's name: everything but the swept values and the PLACEMENT fields (resubmitted with other
+    # training resources, an interrupted sweep restores its experiment), except what shapes the trials
+    # themselves: Tune restores each trial with the resources and concurrency (eval resources, the cluster's
+    # size, train.max_concurrent or --max-concurrent) it was created with.
+    point = point_config(cfg, 1, 0.0, 1)
+    fingerprint = (point.section_hash(*Config.model_fields), point.eval.num_cpus, point.eval.resources, concurrent)
     samples = num_samples if search != "grid" else None
     name = "sweep-" + _tag(fingerprint, space, search, samples, metric, split, rungs)
-    concurrent = max_concurrent_trials(cfg, math.prod(len(v) for v in space.values()), max_concurrent)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         _trial, cfg_json=cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir), sets=sets,
         metric=metric, split=split, rungs=rungs), trial_resources(cfg))

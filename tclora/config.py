@@ -22,9 +22,10 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    # Fields that say where and how robustly a stage runs, not what it produces: left out of
+    # Fields that say where and how robustly a stage runs, not what it computes: left out of
     # Config.section_hash, so a finished stage rerun on another cluster (other node types, more or fewer
-    # CPUs, another concurrency or failure budget) is reused instead of redone.
+    # CPUs, another concurrency or failure budget) is reused instead of redone. They may move results by float
+    # rounding (thread counts, summation order), as running on other hardware would.
     PLACEMENT: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
@@ -65,6 +66,8 @@ class RunSection(_Section):
     )
     mlflow_experiment: str = Field("tclora", description="MLflow experiment the run's MLflow runs go to.")
 
+    PLACEMENT = frozenset({"ray_address", "storage_options", "local_dir"})  # which cluster, endpoint, working copy
+
 
 class DataSection(_Section):
     path: str = Field(
@@ -104,8 +107,6 @@ class ModelSection(_Section):
         None, description="Where the demo base is built and cached; None uses ~/.cache/tclora."
     )
     demo_pretrain_steps: int = Field(3000, ge=0, description="Demo base: pre-training steps (tclora.demo_base).")
-
-    PLACEMENT = frozenset({"cache_dir"})  # where the demo base is cached, not which base (its spec says that)
 
 
 class EmbedSection(_Section):
@@ -277,7 +278,7 @@ class TrainSection(_Section):
     # Resources, concurrency, failure budgets, checkpoint cadence: a rerun on another cluster keeps its adapters.
     # gradient_checkpointing recomputes the same activations (B gradients equal to 1e-7, tests/test_multi_lori.py).
     # Not here: num_workers, gpus_per_worker, zero_stage, clusters_per_run, fused, max_rows_in_memory, which
-    # change the batches, the dtype or the optimizer's arithmetic.
+    # change the batches, the dtype, the optimizer's arithmetic or disentangle's groups.
     PLACEMENT = frozenset({"cpus_per_worker", "resources", "max_concurrent", "checkpoint_every", "max_failures",
                            "max_preemption_failures", "preemption_grace_s", "trial_max_failures",
                            "gradient_checkpointing"})

@@ -171,8 +171,8 @@ def test_autoscaler_adds_accelerator_workers_for_the_run_and_removes_them_when_i
                                                                                     single_node_s3_run,
                                                                                     autoscaling_cluster):
     env = autoscaling_cluster["env"]
-    head = _nodes(env)
-    assert [n for n in head if FAKE_GPU in n["resources"]] == []  # min_workers 0: the run starts on a head alone
+    before = _nodes(env)
+    assert [n for n in before if FAKE_GPU in n["resources"]] == []  # min_workers 0: the run starts on a head alone
     # The reference run again, from a fresh working copy, now with training and the merge/eval actor asking
     # for the accelerator only the autoscaled worker type has (as train.gpus_per_worker / eval.num_gpus do on
     # cluster_configs/aws.yaml): embed and cluster come back from the bucket. Resources alone would leave the
@@ -191,11 +191,11 @@ def test_autoscaler_adds_accelerator_workers_for_the_run_and_removes_them_when_i
     # by id, not by looking for a live accelerator node now: on a slow machine the worker may already have been
     # idle for idle_timeout_minutes and removed (a dead node's resources read as empty in ray.nodes()).
     eval_node = out["merge_eval"]["node_id"]
-    assert eval_node not in {n["node_id"] for n in head}, "the merge/eval actor ran on the head: nothing was launched"
+    assert eval_node not in {n["node_id"] for n in before}, "the merge/eval actor ran on the head: nothing was launched"
     deadline = time.time() + IDLE_TIMEOUT_MINUTES * 60 + 180
     while True:  # idle_timeout_minutes: every launched worker is removed again
         nodes = _nodes(env)
-        alive = [n for n in nodes if n["alive"] and n["node_id"] not in {h["node_id"] for h in head}]
+        alive = [n for n in nodes if n["alive"] and n["node_id"] not in {b["node_id"] for b in before}]
         assert all(FAKE_GPU in n["resources"] for n in alive), f"a launched node of another type: {alive}"
         if not alive:
             assert eval_node in {n["node_id"] for n in nodes}, "the launched worker is unknown to the head"

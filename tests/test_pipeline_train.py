@@ -281,7 +281,7 @@ def test_rerun_is_a_no_op(concurrent_run, cluster_dir):
     cfg, out, first_seconds = concurrent_run
     moved = cfg.model_copy(update={"train": cfg.train.model_copy(update=dict(
         cpus_per_worker=2.0, resources={"accelerator_type:L4": 0.001}, max_concurrent=1, checkpoint_every=7,
-        max_failures=0, trial_max_failures=5))})
+        max_failures=0, trial_max_failures=5, gradient_checkpointing=True))})
     before = (out / artifacts.MANIFEST).read_bytes()
     started = time.time()
     assert run_train(moved, Path(cfg.run.dir), cluster_dir) == StageResult(out, reused=True)

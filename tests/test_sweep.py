@@ -127,11 +127,11 @@ def test_rerun_trains_nothing_and_finds_the_same_best(first, tmp_path):
     before = _mtimes(stage_dirs)
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(raw))
-    # Resubmitted with other placement (the eval actor's CPUs, training concurrency, checkpoint cadence): the
-    # same Tune experiment, restored, and nothing recomputed.
+    # Resubmitted with other training placement (CPUs per worker, checkpoint cadence, failure budget): the same
+    # Tune experiment, restored, and nothing recomputed. (Not train.max_concurrent: it caps the trials at once.)
     assert cli_main(["sweep", "--config", str(config), "--k", "1,2", "--cp-rank", "1,2", "--sparsity", "0.8",
-                     "--set", "eval.num_cpus=0.5", "--set", "train.max_concurrent=1",
-                     "--set", "train.checkpoint_every=9"]) == 0
+                     "--set", "train.cpus_per_worker=2", "--set", "train.checkpoint_every=9",
+                     "--set", "train.max_failures=0"]) == 0
     again = json.loads((sweep_dir / "sweep_results.json").read_text())
     assert again["training"]["adapters_trained"] == 0 and again["training"]["adapters_reused"] == 3
     assert again["embed"]["reused"] and again["tune"]["restored"]
