@@ -224,6 +224,16 @@ def _rungs(search: str, cap: int | None) -> list[int | None]:
     return [cap]
 
 
+def experiment_name(cfg: Config, concurrent: int, *search_settings) -> str:
+    """The Tune experiment's name: a hash of the config but the swept values and the PLACEMENT fields (so a
+    sweep resubmitted with other training resources restores its experiment), of what shapes the trials
+    themselves (Tune restores each trial with the resources and concurrency it was created with: eval
+    resources, then the cluster's size, train.max_concurrent or --max-concurrent), and of the search."""
+    point = point_config(cfg, 1, 0.0, 1)
+    trials = (point.eval.num_cpus, point.eval.resources, concurrent)
+    return "sweep-" + _tag(point.section_hash(*Config.model_fields), trials, *search_settings)
+
+
 def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = None,
           sparsities: list[float] | None = None, *, search: str = "grid", num_samples: int | None = None,
           metric: str = "cp", split: str | None = None, max_concurrent: int | None = None) -> dict:
@@ -263,14 +273,8 @@ def sweep(cfg: Config, ks: list[int] | None = None, ranks: list[int] | None = No
     sets = prepared.pop("sets")
 
     concurrent = max_concurrent_trials(cfg, math.prod(len(v) for v in space.values()), max_concurrent)
-    # The experiment's name: everything but the swept values and the PLACEMENT fields (resubmitted with other
-    # training resources, an interrupted sweep restores its experiment), except what shapes the trials
-    # themselves: Tune restores each trial with the resources and concurrency (eval resources, the cluster's
-    # size, train.max_concurrent or --max-concurrent) it was created with.
-    point = point_config(cfg, 1, 0.0, 1)
-    fingerprint = (point.section_hash(*Config.model_fields), point.eval.num_cpus, point.eval.resources, concurrent)
     samples = num_samples if search != "grid" else None
-    name = "sweep-" + _tag(fingerprint, space, search, samples, metric, split, rungs)
+    name = experiment_name(cfg, concurrent, space, search, samples, metric, split, rungs)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(
         _trial, cfg_json=cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir), sets=sets,
         metric=metric, split=split, rungs=rungs), trial_resources(cfg))
