@@ -438,7 +438,7 @@ class Config(_Section):
         """Stable hash of the named sections (what a stage depends on), for manifests and caching.
 
         Each section's ``PLACEMENT`` fields (resources, concurrency, failure budgets) are left out: they
-        change where a stage runs, not what it writes, so changing them keeps finished stages reusable.
+        change where a stage runs, not what it computes, so changing them keeps finished stages reusable.
         """
         payload = {name: (section := getattr(self, name)).model_dump(mode="json", exclude=set(section.PLACEMENT))
                    for name in sections}

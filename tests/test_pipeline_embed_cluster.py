@@ -155,7 +155,8 @@ def test_rerun_is_a_fast_no_op(embedded, corpus):
     run_dir, embed_dir = embedded
     before = (embed_dir / "manifest.json").read_bytes()
     started = time.perf_counter()
-    moved = _config().model_copy(update={"embed": _config().embed.model_copy(update={"num_actors": 2})})
+    cfg = _config()
+    moved = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"num_actors": 2})})
     assert run_embed(moved, run_dir, str(corpus)) == StageResult(embed_dir, reused=True)  # placement only
     assert time.perf_counter() - started < 5
     assert (embed_dir / "manifest.json").read_bytes() == before
