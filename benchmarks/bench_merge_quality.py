@@ -4,6 +4,7 @@
     python -m benchmarks.bench_merge_quality --smoke          # tiny base, 2 families, 5 steps: ~1 min
     python -m benchmarks.bench_merge_quality --kinds lori_s lori_d lora shared_a   # adapter kind x merge matrix
     python -m benchmarks.bench_merge_quality --disentangle 3    # adapters trained with train.disentangle = 3
+    python -m benchmarks.bench_merge_quality --merge-aware 0 0.25   # and without/with train.merge_aware = 0.25
 
 Per seed, single process, no Ray:
 
@@ -11,7 +12,8 @@ Per seed, single process, no Ray:
    adapters; payloads, and so rows, differ by seed);
 2. train one adapter per trained family on the cached demo base (``tclora.demo_base``, built once into
    ~/.cache/tclora): LoRI kinds fused in one group (``train_lori_group``, as a run's train stage does, with
-   ``--disentangle`` as ``train.disentangle``), plain LoRA one at a time (``train_lori_adapter``);
+   ``--disentangle`` and ``--merge-aware`` as ``train.disentangle`` and ``train.merge_aware``), plain LoRA one at
+   a time (``train_lori_adapter``);
 3. for every merge method, pick λ (``scale``: the merged update computed with weights 1, times λ) and
    the method's knobs (TIES/KnOTS density, DARE keep rate, CP combine rule, TSV-M fraction) as a run
    does (``compare.tune_all``), by exact match on a capped ``validation`` subset, its only use;
@@ -155,16 +157,27 @@ def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) ->
     return result.params, merge_adapters(factors, name, None, result.params), result.trials
 
 
-def variants(args) -> list[tuple[str, str, float]]:
-    """(name, adapter kind, train.disentangle β) for every kind x β; plain LoRA is never fused, so only β = 0."""
-    out = [(kind if not beta else f"{kind}+disentangle{beta:g}", kind, beta)
-           for kind in args.kinds for beta in args.disentangle if not (beta and kind == "lora")]
+FUSED_LOSSES = ("disentangle", "merge_aware")  # train fields that shape a fused group's adapters: one variant each
+
+
+def variants(args) -> list[tuple[str, str, dict]]:
+    """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware),
+    named ``<kind>[+disentangle<β>][+merge_aware<γ>]``; plain LoRA is never fused, so only β = γ = 0."""
+    out = []
+    for kind in args.kinds:
+        for beta in args.disentangle:
+            for gamma in args.merge_aware:
+                train = {"disentangle": beta, "merge_aware": gamma}
+                if kind == "lora" and (beta or gamma):
+                    continue
+                out.append(("".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v)]), kind, train))
     if not out:
-        raise SystemExit("nothing to run: plain LoRA (--kinds lora) is never fused, so it has only --disentangle 0")
+        raise SystemExit("nothing to run: plain LoRA (--kinds lora) is never fused, so it has only "
+                         "--disentangle 0 and --merge-aware 0")
     return out
 
 
-def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path, disentangle: float = 0.0) -> dict:
+def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path, train: dict | None = None) -> dict:
     """Corpus -> one adapter per family -> λ-tuned merges -> scores on every split, for one seed."""
     t0 = time.perf_counter()
     paths = build_demo_corpus(work / "corpus", train_per_task=args.train_per_task,
@@ -181,16 +194,15 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
                            mode="lori_s" if kind == "shared_a" else kind, shared_a=kind == "shared_a")
     train_cfg = TrainSection(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              sparse_lr_multiplier=args.sparse_lr_multiplier,
-                             disentangle=disentangle,
-                             clusters_per_run=len(fams))
+                             clusters_per_run=len(fams), **(train or {}))
     record_sets = [[r for r in rows["train"] if r["task_name"] == family] for family in fams]
     seeds = [seed * 1000 if lori_cfg.shared_a else seed * 1000 + cid for cid in range(len(fams))]  # independent
     out_dirs = [work / f"cluster-{cid}" for cid in range(len(fams))]                                # across seeds
-    if kind == "lora":  # trainable A: one adapter at a time (never fused, so never disentangled)
+    if kind == "lora":  # trainable A: one adapter at a time (never fused, so no fused-group losses)
         metas = [train_lori_adapter(model, tok, records, lori_cfg, train_cfg, seed=a_seed, out_dir=out,
                                     max_length=args.max_length, base_model_name_or_path=str(base_path))
                  for records, a_seed, out in zip(record_sets, seeds, out_dirs)]
-    else:  # fused: at β = 0 each adapter equals the one trained alone on the same batches (test_multi_lori.py)
+    else:  # fused: at β = γ = 0 each adapter equals the one trained alone on the same batches (test_multi_lori.py)
         metas = train_lori_group(model, tok, record_sets, lori_cfg, train_cfg, seeds=seeds, out_dirs=out_dirs,
                                  max_length=args.max_length, base_model_name_or_path=str(base_path))
     factors, train_meta = {}, {}
@@ -372,6 +384,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--disentangle", type=float, nargs="+", default=[0.0],
                    help="train.disentangle β values, each a variant of every LoRI kind (reported as "
                         "'<kind>+disentangle<β>'; 0: off, the plain kind)")
+    p.add_argument("--merge-aware", type=float, nargs="+", default=[0.0],
+                   help="train.merge_aware γ values, each a variant of every LoRI kind (and β): adapters also "
+                        "trained for their sum ('<kind>+merge_aware<γ>'; 0: off)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-per-task", type=int, default=300, help="training rows per family")
     p.add_argument("--eval-per-task", type=int, default=40, help="rows per task in every evaluation split")
@@ -408,7 +423,7 @@ def combine(args) -> dict:
         result["headline"] += headlines(result["summary"][kind], kind)
     result["config"]["seeds"] = sorted({int(s) for runs in result["per_seed"].values() for s in runs})
     result["config"]["variants"] = list(result["per_seed"])
-    for key in ("kinds", "disentangle"):  # the union over the parts (each list-valued in its own config)
+    for key in ("kinds", *FUSED_LOSSES):  # the union over the parts (each list-valued in its own config)
         result["config"][key] = list(dict.fromkeys(v for part in parts for v in part["config"].get(key, [])))
     result["seconds"] = {"per_run": [p["seconds"] for p in parts]}
     result["cpu_seconds"] = sum(p["cpu_seconds"] for p in parts)
@@ -436,9 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "oracle_routing": "by family; compositions to their last component's adapter"},
               "summary": {}, "per_seed": {}, "headline": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, adapter_kind, beta in variants(args):
+        for kind, adapter_kind, train in variants(args):
             per_seed = {seed: run_seed(seed, adapter_kind, model, tok, base_path, args,
-                                       (args.work or Path(tmp)) / f"{kind}-{seed}", disentangle=beta)
+                                       (args.work or Path(tmp)) / f"{kind}-{seed}", train)
                         for seed in args.seeds}
             result["summary"][kind] = summarise(per_seed)
             result["per_seed"][kind] = {str(s): r for s, r in per_seed.items()}

@@ -299,9 +299,9 @@ def run_train(cfg: Config, run_dir: Path, cluster_dir: Path, final: Path | None 
             if not artifacts.is_complete(work / "adapters" / f"cluster-{c}", {**key, "cluster_id": c})]
     log.info("train: %d clusters, %d to train, %d reused (%s)", len(sizes), len(todo), len(sizes) - len(todo), work)
     groups = pack_clusters(todo, cfg.train.clusters_per_run)
-    if cfg.train.disentangle and (alone := [g[0] for g in groups if len(g) == 1]):
+    if (cfg.train.disentangle or cfg.train.merge_aware) and (alone := [g[0] for g in groups if len(g) == 1]):
         log.warning("train: cluster(s) %s train alone in their Train run, so without train.disentangle's penalty "
-                    "(no other cluster's rows to keep the base on)", alone)
+                    "or train.merge_aware's merged-sum loss (no other cluster of their run)", alone)
     concurrent = train_clusters(groups, cfg, cluster_dir, work, store) if todo else 0
     extra: dict[str, Any] = {}
     with artifacts.stage_dir(final, key, extra) as tmp:

@@ -35,10 +35,12 @@ def short_adapter_config(cfg: Config) -> Config:
     ``cluster.mbc_steps`` steps from one shared initial A (``lori.shared_a``), everything else as the
     run's own adapters. A shared start matters: early on ``dW ~ -lr G A^T A`` (B starts at zero), so two
     tasks with the same gradient G but different random A's would look unrelated. Plain LoRA is never
-    fused, so ``train.disentangle`` is off for them (it shapes the run's own adapters only)."""
+    fused, so ``train.disentangle`` and ``train.merge_aware`` are off for them (they shape the run's own adapters
+    only)."""
     return cfg.model_copy(update={"lori": cfg.lori.model_copy(update={"mode": "lora", "shared_a": True}),
                                   "train": cfg.train.model_copy(update={"steps": cfg.cluster.mbc_steps,
-                                                                        "sparse_steps": None, "disentangle": 0.0})})
+                                                                        "sparse_steps": None, "disentangle": 0.0,
+                                                                        "merge_aware": 0.0})})
 
 
 def update_gram(adapters: Sequence[Mapping[str, LowRank]]) -> np.ndarray:

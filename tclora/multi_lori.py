@@ -66,10 +66,15 @@ class RoutedLoRILinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=False)
         self.lora_B = nn.Parameter(torch.zeros(n, w.shape[0], rank, device=w.device, dtype=w.dtype))
         self.scaling = scaling
+        self.summed = False  # True: every row through the sum of all T adapters (LoRIGroup.summed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         n = self.lora_A.shape[0]
+        if self.summed:  # Σ_t B_t A_t = [B_1 … B_T] [A_1; …; A_T]: the rank-(T·r) product, never d_out x d_in
+            a = self.lora_A.reshape(-1, x.shape[-1])                        # (T·r, d_in)
+            b = self.lora_B.transpose(0, 1).reshape(self.lora_B.shape[1], -1)  # (d_out, T·r)
+            return out + (F.linear(F.linear(x.to(a.dtype), a), b) * self.scaling).to(out.dtype)
         if x.shape[0] % n:
             raise ValueError(f"a fused batch has {x.shape[0]} rows, not a multiple of its {n} adapters")
         xs = x.reshape(n, -1, x.shape[-1]).to(self.lora_A.dtype)  # (T, b·L, d_in): segment t → adapter t
@@ -125,6 +130,19 @@ class LoRIGroup:
             yield
         finally:
             self._swap(routed=True)
+
+    @contextlib.contextmanager
+    def summed(self) -> Iterator[None]:
+        """Every row through the sum of all T adapters while inside: the base plus Σ_t s·B_t A_t, the model
+        a task-arithmetic merge of the group at λ = 1 (``linear`` at scale 1, ``cat``) gives; differentiable
+        in every B."""
+        for layer in self.layers.values():
+            layer.summed = True
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.summed = False
 
     def lora_b_params(self) -> dict[str, nn.Parameter]:
         """Stacked B's, (T, d_out, r), keyed by base-model module name."""
@@ -269,10 +287,34 @@ def other_cluster_kl(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor])
     return totals / torch.bincount(owner, minlength=n).clamp(min=1).to(kl.dtype)
 
 
-def routed_loss(group: "LoRIGroup", disentangle: float = 0.0):
-    """``loss_fn`` for :func:`tclora.train.train_loop`: backpropagates the sum of the adapters' losses
-    (plus ``disentangle`` x :func:`other_cluster_kl` when > 0 and the group has other clusters) and
-    records the list of per-adapter cross-entropy losses."""
+def summed_losses(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(T,) the merged sum's cross-entropy on each segment: the model with every adapter of the group
+    added (:meth:`LoRIGroup.summed`, task arithmetic at λ = 1) on cluster t's rows, the mean over their
+    label tokens, as :func:`adapter_losses` takes the routed model's.
+
+    Adapters trained each on one cluster learn their skill unconditionally (issue 12: on the demo each
+    answered 55-62% of the other families' prompts with its own skill), so their sum has nothing left to
+    select with. Training every adapter for the sum as well, on all of the group's rows, is the multi-task
+    gradient that merging approximates, taken during tuning rather than after it (ATM, alternating tuning
+    and merging: Zhou et al., arXiv 2411.03055); each adapter's own loss keeps it a working adapter alone.
+    One more forward and backward pass of the fused batch per step.
+
+    Raises:
+        ValueError: a group of one adapter (its sum is itself).
+    """
+    n = len(group)
+    if n < 2:
+        raise ValueError("the merged-sum loss needs a fused group of at least 2 adapters")
+    with group.summed():
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return adapter_losses(logits, batch["labels"], n)
+
+
+def routed_loss(group: "LoRIGroup", disentangle: float = 0.0, merge_aware: float = 0.0):
+    """``loss_fn`` for :func:`tclora.train.train_loop`: backpropagates the sum of the adapters' losses,
+    plus ``disentangle`` x :func:`other_cluster_kl` and ``merge_aware`` x :func:`summed_losses` (each
+    summed over adapters, when > 0 and the group has other clusters), and records the list of
+    per-adapter cross-entropy losses of the routed model."""
     n = len(group)
 
     def loss_fn(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
@@ -281,6 +323,8 @@ def routed_loss(group: "LoRIGroup", disentangle: float = 0.0):
         total = losses.sum()
         if disentangle and n > 1:
             total = total + disentangle * other_cluster_kl(engine, group, batch).sum()
+        if merge_aware and n > 1:
+            total = total + merge_aware * summed_losses(engine, group, batch).sum()
         return total, losses.tolist()
 
     return loss_fn
@@ -361,6 +405,7 @@ def train_lori_group(
     group, started = LoRIGroup(model, lori_cfg, seeds), time.time()
     metas = [{"seed": s, "rank": lori_cfg.rank, "alpha": lori_cfg.alpha, "mode": lori_cfg.mode, "fused": len(seeds),
               "disentangle": train_cfg.disentangle if len(seeds) > 1 else 0.0,
+              "merge_aware": train_cfg.merge_aware if len(seeds) > 1 else 0.0,
               "sparsity": lori_cfg.sparsity, "mask_scope": lori_cfg.mask_scope, "rows": len(r)}
              for s, r in zip(seeds, record_sets)]
     masks, masked = None, None
@@ -373,7 +418,8 @@ def train_lori_group(
                    for r, s in zip(record_sets, seeds)]
         fused = (concat_batches(step, tokenizer.pad_token_id) for step in zip(*streams))
         losses = train_loop(make_engine(group.model, phase.lr), fused, phase.steps, masked=masked,
-                            loss_fn=routed_loss(group, train_cfg.disentangle), desc=f"LoRI {phase.name} x{len(group)}",
+                            loss_fn=routed_loss(group, train_cfg.disentangle, train_cfg.merge_aware),
+                            desc=f"LoRI {phase.name} x{len(group)}",
                             max_grad_norm=train_cfg.max_grad_norm, n_adapters=len(group))
         for t, meta in enumerate(metas):
             mine = [step[t] for step in losses]

@@ -97,6 +97,20 @@ def test_scripts_explain_themselves():
     assert {"lori_params", "merge_quality"} <= set(run_all.BENCHMARKS)
 
 
+def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
+    args = bench_merge_quality.parse_args(["--kinds", "lori_s", "lora", "--disentangle", "0", "3",
+                                           "--merge-aware", "0", "0.25"])
+    got = {name: (kind, train) for name, kind, train in bench_merge_quality.variants(args)}
+    assert got == {  # plain LoRA is never fused: it has neither fused-group loss
+        "lori_s": ("lori_s", {"disentangle": 0.0, "merge_aware": 0.0}),
+        "lori_s+merge_aware0.25": ("lori_s", {"disentangle": 0.0, "merge_aware": 0.25}),
+        "lori_s+disentangle3": ("lori_s", {"disentangle": 3.0, "merge_aware": 0.0}),
+        "lori_s+disentangle3+merge_aware0.25": ("lori_s", {"disentangle": 3.0, "merge_aware": 0.25}),
+        "lora": ("lora", {"disentangle": 0.0, "merge_aware": 0.0})}
+    with pytest.raises(SystemExit, match="never fused"):
+        bench_merge_quality.variants(bench_merge_quality.parse_args(["--kinds", "lora", "--merge-aware", "1"]))
+
+
 def test_merge_quality_summary_gain_kept_and_targets():
     splits = bench_merge_quality.SPLITS
 

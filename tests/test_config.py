@@ -121,20 +121,32 @@ def test_fused_training_needs_zero_stage_0():
     assert load_config(None, ["train.clusters_per_run=1", "train.fused=true", "train.zero_stage=2"])  # nothing to fuse
 
 
-def test_disentangle_needs_a_fused_group_of_lori_adapters():
-    """train.disentangle uses the other clusters of a fused group: refused where there are none."""
-    fused = ["train.clusters_per_run=2", "train.fused=true", "train.disentangle=3"]
-    assert load_config(None, fused).train.disentangle == 3.0
-    with pytest.raises(ConfigError, match=r"disentangle=3.0 needs fused=true and clusters_per_run >= 2"):
-        load_config(None, ["train.clusters_per_run=1", "train.disentangle=3"])
-    with pytest.raises(ConfigError, match=r"disentangle=3.0 needs fused=true .*fused=False"):
-        load_config(None, ["train.clusters_per_run=2", "train.fused=false", "train.disentangle=3"])
-    with pytest.raises(ConfigError, match=r"train.disentangle needs fused training, which plain LoRA"):
+@pytest.mark.parametrize("field", ["disentangle", "merge_aware"])
+def test_fused_group_losses_need_a_fused_group_of_lori_adapters(field):
+    """train.disentangle and train.merge_aware use the other clusters of a fused group: refused where there are none."""
+    fused = ["train.clusters_per_run=2", "train.fused=true", f"train.{field}=3"]
+    assert getattr(load_config(None, fused).train, field) == 3.0
+    with pytest.raises(ConfigError, match=rf"{field}=3.0 needs fused=true and clusters_per_run >= 2"):
+        load_config(None, ["train.clusters_per_run=1", f"train.{field}=3"])
+    with pytest.raises(ConfigError, match=rf"{field}=3.0 needs fused=true .*fused=False"):
+        load_config(None, ["train.clusters_per_run=2", "train.fused=false", f"train.{field}=3"])
+    with pytest.raises(ConfigError, match=rf"train.{field} needs fused training, which plain LoRA"):
         load_config(None, [*fused, "lori.mode=lora"])
-    with pytest.raises(ConfigError, match="disentangle"):
-        load_config(None, ["train.disentangle=-1"])
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, [f"train.{field}=-1"])
+
+
+def test_disentangle_needs_a_row_of_each_other_cluster_per_row():
     with pytest.raises(ConfigError, match=r"needs batch_size >= clusters_per_run - 1 \(got 2 and 4\)"):
         load_config(None, ["train.clusters_per_run=4", "train.batch_size=2", "train.disentangle=3"])
+    assert load_config(None, ["train.clusters_per_run=4", "train.batch_size=2", "train.merge_aware=3"])  # any batch
+
+
+def test_merge_aware_is_refused_with_gradient_checkpointing():
+    # Measured: torch's non-reentrant checkpoint recomputes the routed forward in backward and fails on the
+    # recomputed tensors' shapes, deep inside autograd.
+    with pytest.raises(ConfigError, match=r"merge_aware=0.5 cannot be combined with gradient_checkpointing"):
+        load_config(None, ["train.clusters_per_run=2", "train.merge_aware=0.5", "train.gradient_checkpointing=true"])
 
 
 def test_mbc_short_adapters_are_plain_lora_without_the_disentanglement_penalty():
@@ -143,6 +155,7 @@ def test_mbc_short_adapters_are_plain_lora_without_the_disentanglement_penalty()
     from tclora.config import validate
     from tclora.mbc import short_adapter_config
 
-    cfg = load_config(None, ["train.clusters_per_run=2", "train.disentangle=3"])
+    cfg = load_config(None, ["train.clusters_per_run=2", "train.disentangle=3", "train.merge_aware=0.5"])
     short = validate(short_adapter_config(cfg).model_dump(mode="json"))
     assert short.lori.mode == "lora" and short.train.disentangle == 0.0 and cfg.train.disentangle == 3.0
+    assert short.train.merge_aware == 0.0 and cfg.train.merge_aware == 0.5

@@ -35,8 +35,9 @@ RUN_TIMEOUT = int(os.environ.get("TCLORA_TEST_RUN_TIMEOUT", "2400"))  # seconds;
 
 
 def _config(tmp: Path, base: Path, seaweedfs: dict, name: str, local_dir: Path, **sections) -> Path:
-    # Both clusters' adapters in one Train run, as configs/demo.yaml packs them: half the worker start-ups.
-    sections["train"] = {"clusters_per_run": 2, **sections.get("train", {})}
+    # Both clusters' adapters in one Train run, fused and trained for their sum as well, as configs/demo.yaml
+    # trains them: half the worker start-ups.
+    sections["train"] = {"clusters_per_run": 2, "merge_aware": 0.25, **sections.get("train", {})}
     raw = demo_run_config(Path("unused"), base, **sections)
     raw["run"].update(dir=f"s3://{seaweedfs['bucket']}/runs/{name}", local_dir=str(local_dir),
                       storage_options={"endpoint": seaweedfs["endpoint"]})
@@ -63,8 +64,11 @@ def _outputs(fs: pafs.FileSystem, root: str) -> dict:
              if f.type == pafs.FileType.File}
     adapters = {p: load_safetensors(_read(fs, f"{root}/{p}")) for p in files
                 if p.startswith("train/cluster-") and p.endswith(".safetensors")}
+    lori_meta = {p: json.loads(_read(fs, f"{root}/{p}")) for p in files
+                 if p.startswith("train/cluster-") and p.endswith("/lori.json")}
     return {"files": {_comparable_path(f) for f in files}, "metrics": json.loads(_read(fs, f"{root}/metrics.json")),
-            "adapters": adapters, "merge_eval": json.loads(_read(fs, f"{root}/merge_eval/manifest.json"))}
+            "adapters": adapters, "lori": lori_meta,
+            "merge_eval": json.loads(_read(fs, f"{root}/merge_eval/manifest.json"))}
 
 
 def _comparable_path(path: str) -> str:
@@ -131,6 +135,9 @@ def test_s3_run_dir_outputs_are_read_back_from_the_bucket(single_node_s3_run):
         "train/cluster-0/adapter_model.safetensors", "train/cluster-1/adapter_model.safetensors"]  # k=2 (+ LoRI masks)
     assert not any(f.startswith(".staging/") or "/.train_work/" in f or f.startswith(".train_work/") for f in files)
     assert out["metrics"]["data"]["rows"] > 0 and "cp" in out["metrics"]["eval"]
+    for cid in (0, 1):  # the Train worker trained them as one fused group, with the merged-sum loss
+        meta = out["lori"][f"train/cluster-{cid}/lori.json"]
+        assert meta["fused"] == 2 and meta["merge_aware"] == 0.25
     for cwd in (run["tmp"], ROOT):  # the driver's, and the suite's Ray workers' (started from the checkout)
         assert not (cwd / "s3:").exists(), "run.dir=s3://... must never become a local directory 's3:'"
 

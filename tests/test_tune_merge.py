@@ -129,6 +129,7 @@ def test_report_shows_settings_and_the_recommended_merge():
     evals["ties"]["splits"]["test"] = 0.3  # 25%: the line says what to do instead
     assert "keeps 25% of the routed adapters' gain" in report.recommended_line(metrics)
     assert "serve the farm's routed adapters (tclora route)" in report.recommended_line(metrics)
+    assert "train the adapters for their sum as well (train.merge_aware" in report.recommended_line(metrics)
     evals["adapters"]["splits"]["test"] = 0.1  # adapters no better than the base: no share to give
     assert report.gain_kept(metrics, "ties") is None
 
