@@ -36,6 +36,7 @@ Writes ``bench_merge_quality[_smoke].json`` and ``.png``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import statistics
 import tempfile
@@ -165,11 +166,9 @@ def variants(args) -> list[tuple[str, str, dict]]:
     named ``<kind>[+disentangle<β>][+merge_aware<γ>]``; plain LoRA is never fused, so only β = γ = 0."""
     out = []
     for kind in args.kinds:
-        for beta in args.disentangle:
-            for gamma in args.merge_aware:
-                train = {"disentangle": beta, "merge_aware": gamma}
-                if kind == "lora" and (beta or gamma):
-                    continue
+        for values in itertools.product(*(getattr(args, field) for field in FUSED_LOSSES)):
+            train = dict(zip(FUSED_LOSSES, values))
+            if kind != "lora" or not any(values):
                 out.append(("".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v)]), kind, train))
     if not out:
         raise SystemExit("nothing to run: plain LoRA (--kinds lora) is never fused, so it has only "
