@@ -96,7 +96,7 @@ def recommended_line(metrics: Mapping[str, Any]) -> str:
         line += f"\n  it keeps {kept:.0%} of the routed adapters' gain over the base on {metrics['eval_split']}"
         if kept < 0.5:
             line += ("; under half: serve the farm's routed adapters (tclora route) where routing is possible, or "
-                     "train the adapters for their sum as well (train.merge_aware, 0.25 on the demo; fused groups of "
+                     "train the adapters for their sum as well (train.merge_aware, 0.1 on the demo; fused groups of "
                      "train.clusters_per_run clusters; README 'Adapters that merge')")
     return line
 

@@ -37,7 +37,7 @@ RUN_TIMEOUT = int(os.environ.get("TCLORA_TEST_RUN_TIMEOUT", "2400"))  # seconds;
 def _config(tmp: Path, base: Path, seaweedfs: dict, name: str, local_dir: Path, **sections) -> Path:
     # Both clusters' adapters in one Train run, fused and trained for their sum as well, as configs/demo.yaml
     # trains them: half the worker start-ups.
-    sections["train"] = {"clusters_per_run": 2, "merge_aware": 0.25, **sections.get("train", {})}
+    sections["train"] = {"clusters_per_run": 2, "merge_aware": 0.1, **sections.get("train", {})}
     raw = demo_run_config(Path("unused"), base, **sections)
     raw["run"].update(dir=f"s3://{seaweedfs['bucket']}/runs/{name}", local_dir=str(local_dir),
                       storage_options={"endpoint": seaweedfs["endpoint"]})
@@ -137,7 +137,7 @@ def test_s3_run_dir_outputs_are_read_back_from_the_bucket(single_node_s3_run):
     assert out["metrics"]["data"]["rows"] > 0 and "cp" in out["metrics"]["eval"]
     for cid in (0, 1):  # the Train worker trained them as one fused group, with the merged-sum loss
         meta = out["lori"][f"train/cluster-{cid}/lori.json"]
-        assert meta["fused"] == 2 and meta["merge_aware"] == 0.25
+        assert meta["fused"] == 2 and meta["merge_aware"] == 0.1
     for cwd in (run["tmp"], ROOT):  # the driver's, and the suite's Ray workers' (started from the checkout)
         assert not (cwd / "s3:").exists(), "run.dir=s3://... must never become a local directory 's3:'"
 
