@@ -36,6 +36,7 @@ Writes ``bench_merge_quality[_smoke].json`` and ``.png``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import statistics
@@ -394,6 +395,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the demo's matrices are tiny)")
     p.add_argument("--cache-dir", type=Path, default=None, help="demo base cache (default ~/.cache/tclora)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="the demo base's pre-training steps (model.demo_pretrain_steps; default: the demo's)")
     p.add_argument("--work", type=Path, default=None, help="keep corpora and adapters here (default: a temp dir)")
     p.add_argument("--combine", type=Path, nargs="+", default=None,
                    help="re-summarise the per-seed results of earlier runs' JSON files (e.g. one process per seed)")
@@ -439,6 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     torch.set_num_threads(args.threads)
     spec = DemoBaseSpec(**TINY_DEMO_SPEC) if args.smoke else DemoBaseSpec()
+    if args.pretrain_steps is not None:
+        spec = dataclasses.replace(spec, pretrain_steps=args.pretrain_steps)
     started, cpu_started = time.perf_counter(), time.process_time()
     base_path = build_demo_base(args.cache_dir, spec)  # cached after the first build
     model, tok = load_base(str(base_path))

@@ -294,7 +294,8 @@ def score_arrow(model, tokenizer, splits: Mapping[str, Sequence[Mapping]], adapt
     with arrow_applied(model, adapter_dirs, cfg.arrow_top_k) as routed:
         for name, records in splits.items():
             evals[name][ARROW] = score_records(routed, tokenizer, records, cfg)
-            choices[name] = arrow_choices(routed, tokenizer, [r["source"] for r in records], cfg.chat_template)
+            choices[name] = arrow_choices(routed, tokenizer, [r["source"] for r in records], cfg.chat_template,
+                                          cfg.batch_size)
     return choices
 
 

@@ -32,12 +32,15 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from tclora import artifacts
 from tclora.cluster import assign, routing_vectors
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -143,41 +146,60 @@ def arrow_applied(model, adapter_dirs: Sequence[str | Path], top_k: int = 2, tem
         routed.unload()
 
 
-def arrow_choices(routed, tokenizer, sources: Sequence[str], chat_template: bool = False) -> list[int]:
-    """Per source, the adapter Arrow relies on most: the index (in the order given to :func:`arrow_applied`)
-    of the largest routing weight summed over the prompt's tokens and every adapted module.
+def arrow_weights(routed, tokenizer, sources: Sequence[str], chat_template: bool = False,
+                  batch_size: int = 32) -> torch.Tensor:
+    """Per source, Arrow's routing weight of each adapter summed over the prompt's tokens and every adapted
+    module: ``(len(sources), n_adapters)``, adapters in the order given to :func:`arrow_applied`.
 
-    One forward pass per prompt over exactly the ids generation starts from (``evaluate.prompt_ids``). The
-    weights are recomputed in a forward hook with PEFT's formula (``ArrowLoraLinearLayer.forward``:
-    softmax over the top-k of ``|h · v_t|``, divided by the router temperature); PEFT keeps no copy.
+    The prompts are exactly the ids generation starts from (``evaluate.prompt_ids``), right-padded into
+    batches of ``batch_size``: causal attention leaves a real token's hidden state as it is without the
+    padding, and padded positions are masked out of the sums. The weights are recomputed in a forward
+    hook with PEFT's formula (``ArrowLoraLinearLayer.forward``: softmax over the top-k of ``|h · v_t|``,
+    divided by the router temperature); PEFT keeps no copy.
     """
     import torch
     from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
     from tclora.evaluate import prompt_ids
 
-    total: list = []
+    mask: torch.Tensor | None = None  # (B, L) of the batch being run, 1 on real tokens
+    total: torch.Tensor | None = None  # (B, n_adapters)
 
     def weights(layer, args, output) -> None:
-        tok = args[0].reshape(-1, args[0].shape[-1]).to(layer.prototypes.dtype)  # (tokens, d_in)
-        sim = (tok @ layer.prototypes.T).abs()  # (tokens, adapters)
-        top, idx = sim.topk(layer.top_k, dim=1)
-        coeff = torch.full_like(sim, float("-inf")).scatter(1, idx, top).div(layer.temperature).softmax(1)
-        total.append(coeff.sum(0))  # (adapters,)
+        nonlocal total
+        hidden = args[0].to(layer.prototypes.dtype)  # (B, L, d_in)
+        sim = (hidden @ layer.prototypes.T).abs()  # (B, L, n_adapters)
+        top, idx = sim.topk(layer.top_k, dim=-1)
+        coeff = torch.full_like(sim, float("-inf")).scatter(-1, idx, top).div(layer.temperature).softmax(-1)
+        summed = (coeff * mask[..., None]).sum(1)  # (B, n_adapters): real tokens only
+        total = summed if total is None else total + summed
 
     hooks = [m.register_forward_hook(weights) for m in routed.modules() if isinstance(m, ArrowLoraLinearLayer)]
-    choices = []
+    prompts = [prompt_ids(tokenizer, s, None, chat_template) for s in sources]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
     try:
         device = next(routed.parameters()).device
         with torch.inference_mode():
-            for source in sources:
-                total.clear()
-                routed(input_ids=torch.tensor([prompt_ids(tokenizer, source, None, chat_template)], device=device))
-                choices.append(int(torch.stack(total).sum(0).argmax()))
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                width = max(len(p) for p in chunk)
+                ids = torch.tensor([p + [pad] * (width - len(p)) for p in chunk], device=device)  # (B, L)
+                mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in chunk], device=device)
+                total = None
+                routed(input_ids=ids, attention_mask=mask)
+                out.append(total.float().cpu())
     finally:
         for h in hooks:
             h.remove()
-    return choices
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def arrow_choices(routed, tokenizer, sources: Sequence[str], chat_template: bool = False,
+                  batch_size: int = 32) -> list[int]:
+    """Per source, the adapter Arrow relies on most: the index (in the order given to :func:`arrow_applied`)
+    of the largest :func:`arrow_weights` total."""
+    return arrow_weights(routed, tokenizer, sources, chat_template, batch_size).argmax(1).tolist()
 
 
 class Farm:

@@ -162,6 +162,24 @@ def test_arrow_choices_follow_the_adapters_not_their_order(served_farm):
     assert set(forward) <= {0, 1} and backward == [1 - c for c in forward]  # the same adapter, renumbered
 
 
+def test_arrow_weights_of_a_padded_batch_equal_one_prompt_at_a_time(served_farm):
+    """Batched prompts of different lengths (right-padded) get the totals each prompt gets alone."""
+    import torch
+
+    from tclora.farm import arrow_applied, arrow_weights
+    from tclora.models import load_base
+
+    farm = Farm.load(served_farm)
+    model, tok = load_base(farm.base_model)
+    prompts = [*GROUPS[0], *GROUPS[1], FAR]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) > 1  # the batch really is padded
+    with arrow_applied(model, [farm.adapter_dir(0), farm.adapter_dir(1)], top_k=2) as routed:
+        alone = arrow_weights(routed, tok, prompts, batch_size=1)
+        batched = arrow_weights(routed, tok, prompts, batch_size=len(prompts))
+    assert alone.shape == (len(prompts), 2) and (alone > 0).any(1).all()
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def served_farm(tiny_base, tmp_path_factory):
     """A farm of two adapters saved by plain PEFT on the tiny demo base, with a linear merge to fall back on."""
