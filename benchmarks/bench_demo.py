@@ -3,6 +3,7 @@
     python -m benchmarks.bench_demo                       # configs/demo.yaml in a fresh run directory
     python -m benchmarks.bench_demo --smoke               # k = 2, 5 + 5 steps: checks the script runs
     python -m benchmarks.bench_demo --set train.clusters_per_run=6
+    python -m benchmarks.bench_demo --fresh               # as on a fresh clone: the run builds the base
 
 Runs ``tclora run --config configs/demo.yaml`` as a subprocess (the user's command: interpreter start,
 imports, Ray start-up and shutdown all count) in a temporary run directory, so nothing is reused
@@ -11,7 +12,9 @@ from an earlier run. The demo base model is built once per machine and cached (`
 how long that took. Per-stage wall seconds come from the run's ``metrics.json``; the rest of the
 total (imports, corpus generation, Ray start-up, the summary) is reported as ``overhead``. The driver
 process's CPU is sampled throughout (``driver_cpu``: whole run, and while the train stage runs).
-Writes ``bench_demo[_smoke].json`` and ``.png`` to ``--out``.
+``--fresh`` points ``model.cache_dir`` at an empty directory instead, so the timed run pre-trains the base
+itself, as ``make demo`` does on a fresh clone after the install (``bench_demo_fresh.json``).
+Writes ``bench_demo[_fresh][_smoke].json`` and ``.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, arg_parser, headline, machine_info, result_stem, setup_logging, write_result
+from tclora import artifacts
 
 log = logging.getLogger("benchmarks.demo")
 TARGET_SECONDS = 300
+FRESH_TARGET_SECONDS = 480  # issue 16: <= 8 min from a fresh clone, install excluded
 DRIVER_CPU_TARGET = 0.10  # of one core, while the train stage runs
-SMOKE_SETS = ["cluster.k=2", "train.steps=5", "data.demo_train_per_task=40", "data.demo_eval_per_task=4"]
+SMOKE_SETS = ["cluster.k=2", "train.steps=5", "data.demo_train_per_task=40", "data.demo_eval_per_task=4",
+              "model.demo_pretrain_steps=20"]
 
 
 def build_base_once(config: Path, sets: list[str]) -> float:
@@ -102,10 +108,11 @@ def plot(result: dict, path: Path) -> None:
     for name, seconds in parts.items():
         ax.barh([0], [seconds], left=left, label=f"{name} {seconds:.0f}s")
         left += seconds
-    ax.axvline(TARGET_SECONDS, color="k", ls="--", lw=0.8)
+    target = FRESH_TARGET_SECONDS if result.get("fresh") else TARGET_SECONDS
+    ax.axvline(target, color="k", ls="--", lw=0.8)
     ax.set_yticks([])
     ax.set_xlabel("wall seconds")
-    ax.set_title(f"demo end to end: {result['total_seconds']:.0f} s (target {TARGET_SECONDS} s)", fontsize=10)
+    ax.set_title(f"demo end to end: {result['total_seconds']:.0f} s (target {target} s)", fontsize=10)
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -118,13 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
                    help="run config (default the demo's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides, as for tclora run")
+    p.add_argument("--fresh", action="store_true",
+                   help="time the base's pre-training too, in an empty model cache (a fresh clone after install)")
     args = p.parse_args(argv)
     setup_logging()
     sets = (SMOKE_SETS if args.smoke else []) + args.set
-    base_seconds = build_base_once(args.config, sets)
-    result = {"benchmark": "demo", "smoke": args.smoke, "machine": machine_info(),
-              "config": {"config": str(args.config), "set": sets, "base_build_seconds": round(base_seconds, 1)}}
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
+        if args.fresh:
+            sets = [*sets, f"model.cache_dir={tmp}/cache"]
+        base_seconds = 0.0 if args.fresh else build_base_once(args.config, sets)
+        result = {"benchmark": "demo", "smoke": args.smoke, "fresh": args.fresh, "machine": machine_info(),
+                  "config": {"config": str(args.config), "set": sets, "base_build_seconds": round(base_seconds, 1)}}
         cmd = [sys.executable, "-m", "pipelines.cli", "run", "--config", str(args.config),
                "--set", f"run.dir={tmp}/run", *[a for s in sets for a in ("--set", s)]]
         log.info("%s", " ".join(cmd[1:]))
@@ -132,22 +143,29 @@ def main(argv: list[str] | None = None) -> dict:
         driver = run_sampling_cpu(cmd)
         total = time.perf_counter() - started
         metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+        if args.fresh:  # the base's own manifest says how long its pre-training took inside the run
+            built = next(Path(tmp, "cache").glob("demo-base-*"), None)
+            manifest = artifacts.read_manifest(built) if built else None
+            result["base_pretrain_seconds"] = (manifest or {}).get("pretrain_seconds")
     stages = {name: s["wall_seconds"] for name, s in metrics["stages"].items()}
     result.update(total_seconds=round(total, 1), stages=stages, driver_cpu=driver,
                   overhead_seconds=round(total - sum(stages.values()), 1),
                   adapters=len(metrics["clustering"]["sizes"]),
                   scores={name: e.get("mean") for name, e in metrics["eval"].items()})
     per_stage = ", ".join(f"{name} {s:.0f}" for name, s in stages.items())
+    target = FRESH_TARGET_SECONDS if args.fresh else TARGET_SECONDS
+    what = "fresh clone, install excluded" if args.fresh else "make demo, base cached"
+    base = f", base pre-training {result['base_pretrain_seconds']:.0f}" if result.get("base_pretrain_seconds") else ""
     result["headline"] = [headline(
-        "demo end to end (make demo, base cached)", result["total_seconds"],
-        f"{total:.0f} s ({per_stage}, other {result['overhead_seconds']:.0f})",
-        target=f"<= {TARGET_SECONDS} s on 2 cores", met=total <= TARGET_SECONDS)]
-    if driver.get("train") is not None:
+        f"demo end to end ({what})", result["total_seconds"],
+        f"{total:.0f} s ({per_stage}, other {result['overhead_seconds']:.0f}{base})",
+        target=f"<= {target} s on 2 cores", met=total <= target)]
+    if driver.get("train") is not None and not args.fresh:  # fresh: the same run, its CPU row is the cached one's
         result["headline"].append(headline(
             "demo driver CPU while training", driver["train"], f"{driver['train']:.1%} of a core "
             f"(whole run {driver['whole']:.1%}, imports included)", target=f"< {DRIVER_CPU_TARGET:.0%} of a core",
             met=driver["train"] < DRIVER_CPU_TARGET))
-    write_result(args.out, result_stem("demo", args.smoke), result, plot)
+    write_result(args.out, result_stem("demo_fresh" if args.fresh else "demo", args.smoke), result, plot)
     return result
 
 

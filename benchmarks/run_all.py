@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "parallel_train": ("benchmarks.bench_parallel_train", [], ["--smoke"]),
     "scale": ("benchmarks.bench_scale", [], ["--smoke"]),
     "demo": ("benchmarks.bench_demo", [], ["--smoke"]),
+    "demo_fresh": ("benchmarks.bench_demo", ["--fresh"], ["--smoke", "--fresh"]),  # pre-trains the base: ~8 min
     "cluster_scale": ("benchmarks.bench_cluster_scale", [], ["--smoke"]),  # full: 1M and 10M rows, ~18 GiB of disk
 }
 
