@@ -66,14 +66,20 @@ def set_gradient_checkpointing(model, enabled: bool) -> None:
     activations are recomputed in the backward pass instead of kept (``train.gradient_checkpointing``). It acts
     in training mode only, and on frozen inputs too (LoRA, no ``enable_input_require_grads`` needed).
 
+    The recomputation runs fused LoRI groups' layers in the mode their forward ran in
+    (``tclora.multi_lori.checkpoint_context``), so ``train.merge_aware``'s summed pass is recomputed summed.
+
     transformers 5.2x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and
     deprecated the old name; older releases have only the old one.
     """
+    from tclora.multi_lori import checkpoint_context
+
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_context}
     new_api = hasattr(model, "activation_checkpointing_enable")
     if enabled and new_api:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
 

@@ -25,6 +25,7 @@ on a PEFT adapter holding adapter t's A and B), so files are identical in layout
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 from pathlib import Path
@@ -49,6 +50,30 @@ def adapter_masks(masks: dict[str, torch.Tensor], t: int) -> dict[str, torch.Ten
     return {key[len(prefix):]: m for key, m in masks.items() if key.startswith(prefix)}
 
 
+# Whether the routed layers run every row through the sum of their group's adapters (LoRIGroup.summed). A context
+# variable, not a flag on each layer, so that activation checkpointing can recompute a layer in backward in the
+# mode its forward ran in (checkpoint_context): by backward time the `with group.summed()` block has long exited.
+_SUMMED: contextvars.ContextVar[bool] = contextvars.ContextVar("tclora_lori_summed", default=False)
+
+
+@contextlib.contextmanager
+def _summed_mode(value: bool) -> Iterator[None]:
+    token = _SUMMED.set(value)
+    try:
+        yield
+    finally:
+        _SUMMED.reset(token)
+
+
+def checkpoint_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for torch's non-reentrant activation checkpointing (``torch.utils.checkpoint``): called
+    at each checkpointed forward, it returns the forward's context (nothing to add) and the recomputation's,
+    which runs the routed layers in the mode (routed or :meth:`LoRIGroup.summed`) that forward ran in.
+    Without it a summed forward would be recomputed routed, with other shapes. Neutral for models without
+    routed layers. ``tclora.models.set_gradient_checkpointing`` passes it."""
+    return contextlib.nullcontext(), _summed_mode(_SUMMED.get())
+
+
 class RoutedLoRILinear(nn.Module):
     """A frozen linear layer plus T LoRI adapters; rows of segment t of the batch see adapter t only.
 
@@ -66,12 +91,11 @@ class RoutedLoRILinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=False)
         self.lora_B = nn.Parameter(torch.zeros(n, w.shape[0], rank, device=w.device, dtype=w.dtype))
         self.scaling = scaling
-        self.summed = False  # True: every row through the sum of all T adapters (LoRIGroup.summed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         n = self.lora_A.shape[0]
-        if self.summed:  # Σ_t B_t A_t = [B_1 … B_T] [A_1; …; A_T]: the rank-(T·r) product, never d_out x d_in
+        if _SUMMED.get():  # Σ_t B_t A_t = [B_1 … B_T] [A_1; …; A_T]: the rank-(T·r) product, never d_out x d_in
             a = self.lora_A.reshape(-1, x.shape[-1])                        # (T·r, d_in)
             b = self.lora_B.transpose(0, 1).reshape(self.lora_B.shape[1], -1)  # (d_out, T·r)
             return out + (F.linear(F.linear(x.to(a.dtype), a), b) * self.scaling).to(out.dtype)
@@ -135,14 +159,9 @@ class LoRIGroup:
     def summed(self) -> Iterator[None]:
         """Every row through the sum of all T adapters while inside: the base plus Σ_t s·B_t A_t, the model
         a task-arithmetic merge of the group at λ = 1 (``linear`` at scale 1, ``cat``) gives; differentiable
-        in every B."""
-        for layer in self.layers.values():
-            layer.summed = True
-        try:
+        in every B. Activation checkpointing recomputes in the same mode (:func:`checkpoint_context`)."""
+        with _summed_mode(True):
             yield
-        finally:
-            for layer in self.layers.values():
-                layer.summed = False
 
     def lora_b_params(self) -> dict[str, nn.Parameter]:
         """Stacked B's, (T, d_out, r), keyed by base-model module name."""

@@ -142,13 +142,6 @@ def test_disentangle_needs_a_row_of_each_other_cluster_per_row():
     assert load_config(None, ["train.clusters_per_run=4", "train.batch_size=2", "train.merge_aware=3"])  # any batch
 
 
-def test_merge_aware_is_refused_with_gradient_checkpointing():
-    # Measured: torch's non-reentrant checkpoint recomputes the routed forward in backward and fails on the
-    # recomputed tensors' shapes, deep inside autograd.
-    with pytest.raises(ConfigError, match=r"merge_aware=0.5 cannot be combined with gradient_checkpointing"):
-        load_config(None, ["train.clusters_per_run=2", "train.merge_aware=0.5", "train.gradient_checkpointing=true"])
-
-
 def test_mbc_short_adapters_are_plain_lora_without_the_disentanglement_penalty():
     """cluster.by=adapters trains short plain-LoRA adapters from the run's config: they must validate (the
     train stage re-validates its config) and never carry the fused-only penalty."""

@@ -175,6 +175,43 @@ def test_gradient_checkpointing_recomputes_the_routed_layers_and_keeps_every_gra
     group.detach()
 
 
+def test_gradient_checkpointing_recomputes_the_summed_pass_summed(tiny_model_and_tokenizer):
+    """train.merge_aware with train.gradient_checkpointing: the merged-sum pass is recomputed in backward as a
+    sum (multi_lori.checkpoint_context), not as the routed forward, and every B gradient of the routed plus
+    summed loss is the one without checkpointing. Once refused: torch then recomputed the summed pass routed
+    and failed deep in autograd on the recomputed shapes."""
+    from tclora.config import TrainSection
+    from tclora.models import set_gradient_checkpointing
+
+    assert TrainSection(clusters_per_run=2, merge_aware=0.5, gradient_checkpointing=True).merge_aware == 0.5
+    model, tok = tiny_model_and_tokenizer
+    group = _group_with_random_b(model)
+    batch, model = _fused_batch(tok), group.model.train()
+    layer = next(m for m in model.modules() if isinstance(m, multi_lori.RoutedLoRILinear))
+    widths = []  # the delta's rank each call of the layer used: r (routed) or T·r (summed)
+    layer.register_forward_hook(lambda *_: widths.append(
+        layer.lora_A.shape[1] * (len(group) if multi_lori._SUMMED.get() else 1)))
+    loss_fn = multi_lori.routed_loss(group, merge_aware=0.5)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch)[0].backward()
+        return {n: b.grad.clone() for n, b in group.lora_b_params().items()}
+
+    plain = grads()
+    rank, summed_rank = layer.lora_A.shape[1], layer.lora_A.shape[1] * len(group)
+    assert widths == [rank, summed_rank]
+    set_gradient_checkpointing(model, True)
+    widths.clear()
+    checkpointed = grads()
+    # Both forwards, then each recomputed in backward in its own mode.
+    assert widths[:2] == [rank, summed_rank] and sorted(widths[2:]) == sorted([rank, summed_rank])
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-7, rtol=1e-6, msg=name)
+    set_gradient_checkpointing(model, False)
+    group.detach()
+
+
 def test_padding_to_the_group_width_leaves_the_loss_unchanged(tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     batch = next(data.batches(RECORDS[0], tok, 4, MAX_LENGTH, 1, seed=0))
