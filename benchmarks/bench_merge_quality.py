@@ -170,7 +170,10 @@ def variants(args) -> list[tuple[str, str, dict]]:
         for values in itertools.product(*(getattr(args, field) for field in FUSED_LOSSES)):
             train = dict(zip(FUSED_LOSSES, values))
             if kind != "lora" or not any(values):
-                out.append(("".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v)]), kind, train))
+                split = kind != "lora" and args.clusters_per_run and args.clusters_per_run < len(args.families)
+                name = "".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v),
+                                f"+per_run{args.clusters_per_run}" if split else ""])
+                out.append((name, kind, train))
     if not out:
         raise SystemExit("nothing to run: plain LoRA (--kinds lora) is never fused, so it has only "
                          "--disentangle 0 and --merge-aware 0")
@@ -192,9 +195,10 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
     val = compare.cap_per_task([r for r in rows["validation"] if r["task_name"] in fams], args.tune_per_task)
     lori_cfg = LoRISection(rank=args.rank, alpha=2 * args.rank, sparsity=args.sparsity,
                            mode="lori_s" if kind == "shared_a" else kind, shared_a=kind == "shared_a")
+    per_run = min(args.clusters_per_run or len(fams), len(fams))
     train_cfg = TrainSection(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              sparse_lr_multiplier=args.sparse_lr_multiplier,
-                             clusters_per_run=len(fams), **(train or {}))
+                             clusters_per_run=per_run, **(train or {}))
     record_sets = [[r for r in rows["train"] if r["task_name"] == family] for family in fams]
     seeds = [seed * 1000 if lori_cfg.shared_a else seed * 1000 + cid for cid in range(len(fams))]  # independent
     out_dirs = [work / f"cluster-{cid}" for cid in range(len(fams))]                                # across seeds
@@ -203,8 +207,10 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
                                     max_length=args.max_length, base_model_name_or_path=str(base_path))
                  for records, a_seed, out in zip(record_sets, seeds, out_dirs)]
     else:  # fused: at β = γ = 0 each adapter equals the one trained alone on the same batches (test_multi_lori.py)
-        metas = train_lori_group(model, tok, record_sets, lori_cfg, train_cfg, seeds=seeds, out_dirs=out_dirs,
-                                 max_length=args.max_length, base_model_name_or_path=str(base_path))
+        metas = [meta for i in range(0, len(fams), per_run)  # groups of per_run families, as the train stage packs them
+                 for meta in train_lori_group(model, tok, record_sets[i:i + per_run], lori_cfg, train_cfg,
+                                              seeds=seeds[i:i + per_run], out_dirs=out_dirs[i:i + per_run],
+                                              max_length=args.max_length, base_model_name_or_path=str(base_path))]
     factors, train_meta = {}, {}
     for cid, (family, meta) in enumerate(zip(fams, metas)):
         factors[cid] = adapters.load_factors(out_dirs[cid])
@@ -387,6 +393,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--merge-aware", type=float, nargs="+", default=[0.0],
                    help="train.merge_aware γ values, each a variant of every LoRI kind (and β): adapters also "
                         "trained for their sum ('<kind>+merge_aware<γ>'; 0: off)")
+    p.add_argument("--clusters-per-run", type=int, default=None,
+                   help="LoRI kinds: fused groups of this many families (train.clusters_per_run), trained apart "
+                        "and merged together, as a run with more clusters than clusters_per_run does "
+                        "('<variant>+per_run<G>'; default: every family in one group)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-per-task", type=int, default=300, help="training rows per family")
     p.add_argument("--eval-per-task", type=int, default=40, help="rows per task in every evaluation split")

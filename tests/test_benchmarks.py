@@ -109,6 +109,12 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
         "lora": ("lora", {"disentangle": 0.0, "merge_aware": 0.0})}
     with pytest.raises(SystemExit, match="never fused"):
         bench_merge_quality.variants(bench_merge_quality.parse_args(["--kinds", "lora", "--merge-aware", "1"]))
+    # Fused groups smaller than the family count are named; plain LoRA trains alone whatever the group size.
+    split = bench_merge_quality.parse_args(["--kinds", "lori_s", "lora", "--merge-aware", "0.1",
+                                            "--clusters-per-run", "2"])
+    assert [name for name, _, _ in bench_merge_quality.variants(split)] == ["lori_s+merge_aware0.1+per_run2"]
+    whole = bench_merge_quality.parse_args(["--clusters-per-run", "4"])  # the demo's 4 families
+    assert [name for name, _, _ in bench_merge_quality.variants(whole)] == ["lori_s"]
 
 
 def test_merge_quality_summary_gain_kept_and_targets():
