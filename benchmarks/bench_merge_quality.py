@@ -426,13 +426,18 @@ def combine(args) -> dict:
     import json
 
     parts = [json.loads(p.read_text()) for p in args.combine]
-    result = {**parts[0], "summary": {}, "per_seed": {}, "headline": [],
+    result = {**parts[0], "summary": {}, "per_seed": {}, "headline": [], "variant_machine": {},
               "combined_from": [str(p) for p in args.combine]}
     for kind in dict.fromkeys(k for part in parts for k in part["per_seed"]):
         per_seed = {int(s): r for part in parts for s, r in part["per_seed"].get(kind, {}).items()}
         result["per_seed"][kind] = {str(s): r for s, r in sorted(per_seed.items())}
         result["summary"][kind] = summarise(per_seed)
-        result["headline"] += headlines(result["summary"][kind], kind)
+        # The machine (and date) a variant ran on: that of the last part holding it, as its seeds are (a part
+        # that is itself combined says per variant); the README table shows it on the variant's rows.
+        last = [part for part in parts if kind in part["per_seed"]][-1]
+        result["variant_machine"][kind] = last.get("variant_machine", {}).get(kind, last["machine"])
+        result["headline"] += [{**h, "run_machine": result["variant_machine"][kind]}
+                               for h in headlines(result["summary"][kind], kind)]
     result["config"]["seeds"] = sorted({int(s) for runs in result["per_seed"].values() for s in runs})
     result["config"]["variants"] = list(result["per_seed"])
     for key in ("kinds", *FUSED_LOSSES):  # the union over the parts (each list-valued in its own config)

@@ -133,7 +133,11 @@ def rows_of(path: Path, r: dict) -> list[dict]:
     else:
         heads = [headline("?", None, f"no `headline` in {path.name}")]
     label = name + (" (smoke)" if is_smoke(path, r) else "")
-    return [{**h, "benchmark": label, "machine": machine(r), "date": date(path, r)} for h in heads]
+    rows = []
+    for h in heads:  # a row of a combined result may name the run it came from (``run_machine``)
+        run = {"machine": h.pop("run_machine")} if h.get("run_machine") else r
+        rows.append({**h, "benchmark": label, "machine": machine(run), "date": date(path, run)})
+    return rows
 
 
 def collect(results_dir: Path) -> list[dict]:

@@ -6,6 +6,7 @@ Nothing here is timed; the numbers checked are counts that follow from the shape
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,31 @@ def test_readme_table_prefers_full_results_and_reads_legacy_json(tmp_path):
     rows = readme_table.collect(tmp_path)
     assert [r["benchmark"] for r in rows] == ["kmeans", "x"]  # x's smoke result is superseded by the full one
     assert rows[0]["met"] is None and "1.5 s" in rows[0]["display"]  # judged only at the target's 1M rows
+    assert rows[1]["date"] == "2026-01-01 00:00"
+    # A combined result's row dated by the run it came from, not by the file's first part.
+    later = {**head[0], "run_machine": {"date": "2026-02-03T04:05:00+00:00", "cpus": 2}}
+    (tmp_path / "bench_x.json").write_text(json.dumps({"benchmark": "x", "smoke": False, "headline": [*head, later],
+                                                       "machine": {"date": "2026-01-01T00:00:00+00:00"}}))
+    dated = [(r["date"], r["machine"]) for r in readme_table.collect(tmp_path) if r["benchmark"] == "x"]
+    assert dated == [("2026-01-01 00:00", "?"), ("2026-02-03 04:05", "2 CPUs")]
+
+
+def test_combined_merge_quality_keeps_each_variants_run(tmp_path):
+    """bench_merge_quality --combine: each variant keeps the machine and date of the last part that ran it."""
+    def part(name: str, date: str, variants: list[str]) -> Path:
+        seed = {"scores": {m: {s: v for s in bench_merge_quality.SPLITS}
+                           for m, v in (("base", 0.0), ("adapters", 0.8), ("linear", 0.5))}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"machine": {"date": date}, "config": {"kinds": ["lori_s"]}, "seconds": {},
+                                    "cpu_seconds": 1.0, "per_seed": {v: {"0": seed} for v in variants}}))
+        return path
+
+    old, new = part("old", "2026-01-01", ["lori_s", "lori_d"]), part("new", "2026-02-02", ["lori_s"])
+    args = bench_merge_quality.parse_args(["--combine", str(old), str(new)])
+    result = bench_merge_quality.combine(args)
+    assert result["variant_machine"] == {"lori_s": {"date": "2026-02-02"}, "lori_d": {"date": "2026-01-01"}}
+    runs = {h["metric"].split("(")[1].split(")")[0]: h["run_machine"]["date"] for h in result["headline"]}
+    assert runs == {"lori_s": "2026-02-02", "lori_d": "2026-01-01"}
 
 
 def test_scripts_explain_themselves():
