@@ -152,14 +152,15 @@ def arrow_weights(routed, tokenizer, sources: Sequence[str], chat_template: bool
     module: ``(len(sources), n_adapters)``, adapters in the order given to :func:`arrow_applied`.
 
     The prompts are exactly the ids generation starts from (``evaluate.prompt_ids``), right-padded into
-    batches of ``batch_size``: causal attention leaves a real token's hidden state as it is without the
-    padding, and padded positions are masked out of the sums. The weights are recomputed in a forward
-    hook with PEFT's formula (``ArrowLoraLinearLayer.forward``: softmax over the top-k of ``|h · v_t|``,
-    divided by the router temperature); PEFT keeps no copy.
+    batches of ``batch_size`` (``data.collate``): causal attention leaves a real token's hidden state as it is
+    without the padding, and padded positions are masked out of the sums. The weights are recomputed in a
+    forward hook with PEFT's formula (``ArrowLoraLinearLayer.forward``: softmax over the top-k of
+    ``|h · v_t|``, divided by the router temperature); PEFT keeps no copy. No sources: a ``(0, 0)`` tensor.
     """
     import torch
     from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
+    from tclora.data import collate
     from tclora.evaluate import prompt_ids
 
     mask: torch.Tensor | None = None  # (B, L) of the batch being run, 1 on real tokens
@@ -182,12 +183,9 @@ def arrow_weights(routed, tokenizer, sources: Sequence[str], chat_template: bool
         device = next(routed.parameters()).device
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
-                width = max(len(p) for p in chunk)
-                ids = torch.tensor([p + [pad] * (width - len(p)) for p in chunk], device=device)  # (B, L)
-                mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in chunk], device=device)
-                total = None
-                routed(input_ids=ids, attention_mask=mask)
+                batch = collate([{"input_ids": p, "labels": p} for p in prompts[start : start + batch_size]], pad)
+                mask, total = batch["attention_mask"].to(device), None  # (B, L)
+                routed(input_ids=batch["input_ids"].to(device), attention_mask=mask)
                 out.append(total.float().cpu())
     finally:
         for h in hooks:
@@ -199,6 +197,8 @@ def arrow_choices(routed, tokenizer, sources: Sequence[str], chat_template: bool
                   batch_size: int = 32) -> list[int]:
     """Per source, the adapter Arrow relies on most: the index (in the order given to :func:`arrow_applied`)
     of the largest :func:`arrow_weights` total."""
+    if not sources:
+        return []
     return arrow_weights(routed, tokenizer, sources, chat_template, batch_size).argmax(1).tolist()
 
 

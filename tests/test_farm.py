@@ -166,7 +166,7 @@ def test_arrow_weights_of_a_padded_batch_equal_one_prompt_at_a_time(served_farm)
     """Batched prompts of different lengths (right-padded) get the totals each prompt gets alone."""
     import torch
 
-    from tclora.farm import arrow_applied, arrow_weights
+    from tclora.farm import arrow_applied, arrow_choices, arrow_weights
     from tclora.models import load_base
 
     farm = Farm.load(served_farm)
@@ -176,6 +176,7 @@ def test_arrow_weights_of_a_padded_batch_equal_one_prompt_at_a_time(served_farm)
     with arrow_applied(model, [farm.adapter_dir(0), farm.adapter_dir(1)], top_k=2) as routed:
         alone = arrow_weights(routed, tok, prompts, batch_size=1)
         batched = arrow_weights(routed, tok, prompts, batch_size=len(prompts))
+        assert arrow_choices(routed, tok, []) == []  # a split with no rows routes none (as before batching)
     assert alone.shape == (len(prompts), 2) and (alone > 0).any(1).all()
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-5)
 

@@ -115,13 +115,18 @@ def _group_with_random_b(model) -> multi_lori.LoRIGroup:
     return group
 
 
-def _b_grads(group: multi_lori.LoRIGroup, batch: dict, only: int | None = None) -> dict[str, torch.Tensor]:
-    """Each B's gradient of the summed per-adapter losses (or of adapter ``only``'s loss) on a fused batch."""
+def _b_grads(group: multi_lori.LoRIGroup, batch: dict, only: int | None = None,
+             merge_aware: float = 0.0) -> dict[str, torch.Tensor]:
+    """Each B's gradient of the summed per-adapter losses (or of adapter ``only``'s loss) on a fused batch, plus
+    ``merge_aware`` x the merged sum's losses (train.merge_aware's term, multi_lori.summed_losses)."""
     model = group.model
     model.zero_grad(set_to_none=True)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     losses = multi_lori.adapter_losses(out.logits, batch["labels"], len(group))
-    (losses.sum() if only is None else losses[only]).backward()
+    loss = losses.sum() if only is None else losses[only]
+    if merge_aware:
+        loss = loss + merge_aware * multi_lori.summed_losses(model, group, batch).sum()
+    loss.backward()
     return {n: b.grad.clone() for n, b in group.lora_b_params().items()}
 
 
@@ -191,12 +196,7 @@ def test_gradient_checkpointing_recomputes_the_summed_pass_summed(tiny_model_and
     widths = []  # the delta's rank each call of the layer used: r (routed) or T·r (summed)
     layer.register_forward_hook(lambda *_: widths.append(
         layer.lora_A.shape[1] * (len(group) if multi_lori._SUMMED.get() else 1)))
-    loss_fn = multi_lori.routed_loss(group, merge_aware=0.5)
-
-    def grads() -> dict[str, torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, batch)[0].backward()
-        return {n: b.grad.clone() for n, b in group.lora_b_params().items()}
+    grads = functools.partial(_b_grads, group, batch, merge_aware=0.5)
 
     plain = grads()
     rank, summed_rank = layer.lora_A.shape[1], layer.lora_A.shape[1] * len(group)
