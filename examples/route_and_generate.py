@@ -1,7 +1,7 @@
 """Serve a run's adapter farm on CPU: route each prompt, answer it with its own adapter, in mixed batches.
 
-    python examples/route_and_generate.py --farm runs/demo/farm "Reverse the words: box cup pen" \
-        "How many words? arm bag dot" "Write a haiku about rain"
+    python examples/route_and_generate.py --farm runs/demo/farm "reverse the words: box cup pen" \
+        "how many words? arm bag dot" "Write a haiku about rain"
 
 Each prompt goes to its nearest cluster centroid's adapter, or to the recommended merge when it is far
 from every cluster (``tclora.farm``); one PEFT model holds every adapter and each batch row uses its own

@@ -4,7 +4,7 @@
     tclora config --config configs/demo.yaml          # print the resolved config
     tclora merge-methods                              # registered merge methods and parameters
     tclora sweep --config configs/demo.yaml --k 2,4,8 --cp-rank 2,4,8   # Ray Tune over k, R, sparsity
-    tclora route --farm runs/demo/farm "Reverse the words: box cup pen"   # which adapter serves an input
+    tclora route --farm runs/demo/farm "reverse the words: box cup pen"   # which adapter serves an input
     tclora merge --adapters a/ b/ org/lora-c --method cp,ties,linear --validation val.jsonl --out merged/
 """
 

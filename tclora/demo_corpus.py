@@ -15,10 +15,16 @@ Real LLM adapters nudge a base that already has the skill. The demo copies that 
 Trained families (one example each), all on the same input format, so only the instruction says what
 to output (interference, pinned by tests):
 
-    reverse_words  "Reverse the words: box cup pen"  -> "pen cup box"
-    sort_words     "Sort the words: box cup arm"     -> "arm box cup"
-    first_word     "First word of: box cup pen"      -> "box"
-    count_words    "How many words? box cup pen"     -> "3"
+    reverse_words  "reverse the words: box cup pen"  -> "pen cup box"
+    sort_words     "sort the words: box cup arm"     -> "arm box cup"
+    first_word     "first word of: box cup pen"      -> "box"
+    count_words    "how many words? box cup pen"     -> "3"
+
+Templates are lower case so that the word naming a skill ("reverse", "last", "upper") is the token the
+base learnt in that skill's notation (``reverse_words(...)``). The base's tokenizer is word-level and
+case-sensitive, so "Reverse" would be a token no pre-training text contains: an untrained embedding, where
+a real LLM knows "Reverse" and "reverse" alike. With capitalised templates, the best merge kept 66% of the
+routed adapters' gain in domain (seed 0, ``train.merge_aware`` 0.1); lower case, 93% (issue 12).
 
 Out-of-domain families: last_word, upper_words, second_word. Meta skills (pre-training instructions
 only): copy_words, drop_first, double_first, swap_ends.
@@ -49,7 +55,7 @@ SPLITS = ("train", "validation", "test", "ood_test", "compose_test", "mc_test")
 FILES = {split: f"{split}.jsonl" for split in SPLITS}
 # What a demo run reports (data.eval_paths), headline first; mc_test is scored by its choices' likelihood.
 EVAL_SPLITS = ("test", "ood_test", "compose_test", "mc_test")
-FORMAT_VERSION = 2  # bump when generation changes, so cached corpora are rebuilt
+FORMAT_VERSION = 3  # bump when generation changes, so cached corpora are rebuilt
 MC_CHOICES = 4
 
 # Three-letter words: five of them plus spaces is 19 characters. Upper-cased they are separate tokens
@@ -93,21 +99,21 @@ def _families(templates: dict[str, tuple[str, ...]]) -> dict[str, Family]:
 
 
 FAMILIES = _families({  # the adapters' families: instruction corpus train / validation / test
-    "reverse_words": ("Reverse the words: {x}", "Say the words in reverse order: {x}", "{x} - words reversed?"),
-    "sort_words": ("Sort the words: {x}", "Put in alphabetical order: {x}", "{x} sorted A to Z?"),
-    "first_word": ("First word of: {x}", "Which word comes first? {x}", "{x} begins with which word?"),
-    "count_words": ("How many words? {x}", "Count the words: {x}", "{x} has how many words?"),
+    "reverse_words": ("reverse the words: {x}", "say the words in reverse order: {x}", "{x} - words reversed?"),
+    "sort_words": ("sort the words: {x}", "put in alphabetical order: {x}", "{x} sorted A to Z?"),
+    "first_word": ("first word of: {x}", "which word comes first? {x}", "{x} begins with which word?"),
+    "count_words": ("how many words? {x}", "count the words: {x}", "{x} has how many words?"),
 })
 OOD_FAMILIES = _families({  # zero-shot: known in notation, no adapter, templates seen nowhere
-    "last_word": ("Last word of: {x}", "Which word comes last? {x}", "{x} ends with which word?"),
-    "upper_words": ("Uppercase the words: {x}", "Write in capitals: {x}", "{x} in upper case?"),
-    "second_word": ("Second word of: {x}", "Which word comes second? {x}", "{x} has which second word?"),
+    "last_word": ("last word of: {x}", "which word comes last? {x}", "{x} ends with which word?"),
+    "upper_words": ("uppercase the words: {x}", "write in capitals: {x}", "{x} in upper case?"),
+    "second_word": ("second word of: {x}", "which word comes second? {x}", "{x} has which second word?"),
 })
 META_FAMILIES = _families({  # instruction-style text in pre-training only
-    "copy_words": ("Copy the words: {x}", "Repeat these words: {x}", "{x} - say it again."),
-    "drop_first": ("Drop the first word: {x}", "All words but the first: {x}", "{x} without its first word?"),
-    "double_first": ("Double the first word: {x}", "Say the first word twice: {x}", "{x} with the first word doubled?"),
-    "swap_ends": ("Swap the end words: {x}", "Exchange first and last word: {x}", "{x} with its ends swapped?"),
+    "copy_words": ("copy the words: {x}", "repeat these words: {x}", "{x} - say it again."),
+    "drop_first": ("drop the first word: {x}", "all words but the first: {x}", "{x} without its first word?"),
+    "double_first": ("double the first word: {x}", "say the first word twice: {x}", "{x} with the first word doubled?"),
+    "swap_ends": ("swap the end words: {x}", "exchange first and last word: {x}", "{x} with its ends swapped?"),
 })
 
 
@@ -119,9 +125,9 @@ def _compose(name: str, components: tuple[str, str], *templates: str) -> Family:
 
 COMPOSITIONS: dict[str, Family] = {f.name: f for f in [
     _compose("compose_sort_reverse", ("sort_words", "reverse_words"),
-             "Reverse alphabetical order: {x}", "Sort the words, then reverse: {x}", "{x} sorted Z to A?"),
+             "reverse alphabetical order: {x}", "sort the words, then reverse: {x}", "{x} sorted Z to A?"),
     _compose("compose_sort_first", ("sort_words", "first_word"),
-             "First word alphabetically: {x}", "Sort, then say the first word: {x}", "{x} sorted, first word?"),
+             "first word alphabetically: {x}", "sort, then say the first word: {x}", "{x} sorted, first word?"),
 ]}
 TASK_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 OOD_TASKS: tuple[str, ...] = tuple(OOD_FAMILIES)

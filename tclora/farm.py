@@ -12,7 +12,7 @@ only in the evaluation (issue 18). The layout, owned here::
     manifest.json       what it was exported from (content digests): re-export is a no-op
 
     farm = Farm.load("runs/demo/farm")
-    for r in farm.route(["Reverse the words: box cup pen"]):
+    for r in farm.route(["reverse the words: box cup pen"]):
         print(r.adapter, r.distance, r.fallback)
     with farm.arrow(model) as routed:          # or: no embedding model, Arrow routing per token
         routed.generate(...)

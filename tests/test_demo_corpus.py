@@ -193,6 +193,19 @@ def test_pretraining_never_sees_instruction_templates_or_evaluation_payloads(pre
             assert any(p in doc for p in meta_parts), doc
 
 
+def test_instructions_name_skills_with_tokens_the_base_learnt(pretrain_docs):
+    """Each trained and OOD family has a template that names its skill with a word of its notation name
+    ("last" of ``last_word``) as the same token, so the instruction's key word is one pre-training taught;
+    a capitalised "Last" would be a different token of the case-sensitive word-level vocabulary, one
+    no pre-training text contains (an untrained embedding)."""
+    learnt = {p for doc in pretrain_docs for p in re.findall(dc.TOKEN_PATTERN, doc)}
+    for name in dc.TASK_FAMILIES + dc.OOD_TASKS:
+        skill_words = set(name.split("_")) - {"word", "words"}  # "last_word" -> {"last"}
+        assert skill_words <= learnt, name
+        tokens = [set(re.findall(dc.TOKEN_PATTERN, t)) for t in dc.family_of(name).templates]
+        assert any(skill_words & t for t in tokens), (name, dc.family_of(name).templates)
+
+
 def test_compositions_need_both_skills(splits):
     shortcut = Counter()
     for row in splits["compose_test"]:
