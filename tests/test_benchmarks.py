@@ -166,3 +166,23 @@ def test_merge_quality_summary_gain_kept_and_targets():
     failed = bench_merge_quality.summarise({0: seed_run(0.6, 0.4), 1: seed_run(None, 0.4)})
     assert failed["splits"]["test"]["cp"]["mean"] == pytest.approx(0.6)
     assert failed["gain_kept"]["cp"]["mean"] == pytest.approx(0.5 / 0.7)
+
+
+def test_merge_quality_one_merge_for_both_targets():
+    """The best merge in domain and the best out of domain are different methods here; only one merge meets
+    both targets (kept >= 60% and OOD >= +0.10), and it is neither of them."""
+    def scores(test: float, ood: float) -> dict:
+        return {"test": test, "ood_test": ood, "compose_test": 0.0, "mc_test": 0.0}
+
+    run = {"scores": {"base": scores(0.0, 0.0), "adapters": scores(1.0, 0.0),
+                      "cat": scores(0.9, 0.05),     # kept 90%, +0.05: misses OOD
+                      "isoc": scores(0.2, 0.30),    # kept 20%, +0.30: misses in domain
+                      "ties": scores(0.65, 0.12)}}  # kept 65%, +0.12: meets both
+    summary = bench_merge_quality.summarise({0: run, 1: run})
+    assert summary["best_merge"] == "cat" and summary["best_ood_merge"] == "isoc"
+    assert summary["both_merge"] == "ties"
+    assert summary["targets"]["one_merge_both"]["value"] == pytest.approx(min(0.65 / 0.6, 0.12 / 0.10))
+    assert summary["targets"]["one_merge_both"]["met"]
+    run["scores"]["ties"] = scores(0.65, 0.08)  # now none meets both: the closest is named, target missed
+    summary = bench_merge_quality.summarise({0: run, 1: run})
+    assert summary["both_merge"] == "ties" and not summary["targets"]["one_merge_both"]["met"]
