@@ -437,8 +437,10 @@ def combine(args) -> dict:
     import json
 
     parts = [json.loads(p.read_text()) for p in args.combine]
-    result = {**parts[0], "summary": {}, "per_seed": {}, "headline": [], "variant_machine": {},
-              "combined_from": [str(p) for p in args.combine]}
+    # A machine dict of its own: write_result stamps load_avg_end on it, which must not reach the first part's
+    # machine, also the run machine of that part's variants.
+    result = {**parts[0], "machine": dict(parts[0]["machine"]), "summary": {}, "per_seed": {}, "headline": [],
+              "variant_machine": {}, "combined_from": [str(p) for p in args.combine]}
     for kind in dict.fromkeys(k for part in parts for k in part["per_seed"]):
         per_seed = {int(s): r for part in parts for s, r in part["per_seed"].get(kind, {}).items()}
         result["per_seed"][kind] = {str(s): r for s, r in sorted(per_seed.items())}
