@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks import bench_gpu_train, bench_lori_params, bench_merge_quality, readme_table, run_all
 from benchmarks.common import write_result
+from tclora.demo_corpus import TASK_FAMILIES
 
 HEADLINE_KEYS = {"metric", "value", "display", "target", "met"}
 
@@ -141,7 +142,7 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     split = bench_merge_quality.parse_args(["--kinds", "lori_s", "lora", "--merge-aware", "0.1",
                                             "--clusters-per-run", "2"])
     assert [name for name, _, _ in bench_merge_quality.variants(split)] == ["lori_s+merge_aware0.1+per_run2"]
-    whole = bench_merge_quality.parse_args(["--clusters-per-run", "4"])  # the demo's 4 families
+    whole = bench_merge_quality.parse_args(["--clusters-per-run", str(len(TASK_FAMILIES))])  # every family
     assert [name for name, _, _ in bench_merge_quality.variants(whole)] == ["lori_s"]
 
 

@@ -65,10 +65,10 @@ def test_report_markdown_and_plots(tmp_path):
     assert plot_criterion({2: 0.1, 3: 0.5}, 3, tmp_path / "c.png").stat().st_size > 0
 
 
-def test_template_view_of_a_small_demo_corpus_is_its_twelve_templates():
+def test_template_view_of_a_small_demo_corpus_is_its_templates():
     from tclora import demo_corpus
 
-    rows = [r["source"] for r in demo_corpus.generate_split("train", 40, 0)]  # 160 rows, 40 per family
+    rows = [r["source"] for r in demo_corpus.generate_split("train", 40, 0)]  # 40 rows per family
     expected = {t.replace(" {x}", " ...").replace("{x} ", "... ").replace("{x}", "...")
                 for f in demo_corpus.FAMILIES.values() for t in f.templates}
     assert set(TemplateMiner.fit(rows).views(rows)) == {e.replace("... -", "...-") for e in expected}

@@ -1,8 +1,8 @@
 """``cluster.by: adapters`` (model-based clustering) through the real pipeline on a local Ray: embed,
 one short LoRA per task through the train stage (Ray Train + DeepSpeed), tasks grouped by their updates.
 
-The corpus is the demo's four families, each split into two task names (``<family>-0``, ``<family>-1``):
-eight tasks whose halves ask the same thing, so grouping them into k=4 must pair the halves.
+The corpus is the demo's trained families, each split into two task names (``<family>-0``, ``<family>-1``):
+tasks whose halves ask the same thing, so grouping them into k = one per family must pair the halves.
 """
 
 from __future__ import annotations
@@ -18,19 +18,20 @@ from peft import PeftModel
 
 from tclora.config import ConfigError, validate
 from tclora.data import write_jsonl
-from tclora.demo_corpus import generate_split
+from tclora.demo_corpus import TASK_FAMILIES, generate_split
 from tests.helpers import demo_run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 MBC_STEPS = 6
+K = len(TASK_FAMILIES)  # one cluster per family
 
 
 def _raw(run_dir: Path, base: Path, corpus: Path) -> dict:
     return demo_run_config(run_dir, base, data={"path": str(corpus)}, embed={"view": "source"},
-                           cluster={"k": 4, "by": "adapters", "mbc_steps": MBC_STEPS},
+                           cluster={"k": K, "by": "adapters", "mbc_steps": MBC_STEPS},
                            lori={"target_modules": ["q_proj", "v_proj", "down_proj"]},
-                           train={"clusters_per_run": 8, "lr": 1e-2})
+                           train={"clusters_per_run": 2 * K, "lr": 1e-2})
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +50,17 @@ def mbc_run(ray_session, tiny_base, tmp_path_factory):
 
 def test_mbc_pairs_the_halves_of_each_family_and_writes_a_cluster_stage(mbc_run):
     root, _, _ = mbc_run
-    final = next((root / "run" / "cluster").glob("mbc-k4-*"))
+    final = next((root / "run" / "cluster").glob(f"mbc-k{K}-*"))
     report = json.loads((final / "report.json").read_text())
     info = json.loads((final / "mbc.json").read_text())
     families = {t: t.rsplit("-", 1)[0] for t in info["tasks"]}
     pairs = {}
     for task, cluster in info["cluster_of"].items():
         pairs.setdefault(cluster, set()).add(families[task])
-    assert sorted(len(f) for f in pairs.values()) == [1, 1, 1, 1], info["cluster_of"]  # halves together
-    assert report["by"] == "adapters" and report["k"] == 4 and report["n_rows"] == 4 * 24
+    assert sorted(len(f) for f in pairs.values()) == [1] * K, info["cluster_of"]  # halves together
+    assert report["by"] == "adapters" and report["k"] == K and report["n_rows"] == K * 24
     # Every row once, whole tasks: each task's rows are all in its cluster's partition.
-    for cid in range(4):
+    for cid in range(K):
         part = pq.read_table(final / "clusters" / f"cluster={cid}", partitioning=None)
         assert {info["cluster_of"][t] for t in part.column("task_name").to_pylist()} == {cid}
     assert (final / "centroids.npy").is_file() and (final / "mbc_similarity.png").is_file()
@@ -72,7 +73,7 @@ def test_mbc_similarity_is_the_cosine_of_peft_deltas_of_plain_lora_adapters(mbc_
     from tclora.models import load_base
 
     root, raw, _ = mbc_run
-    final = next((root / "run" / "cluster").glob("mbc-k4-*"))
+    final = next((root / "run" / "cluster").glob(f"mbc-k{K}-*"))
     info = json.loads((final / "mbc.json").read_text())
     short = next(p for p in (root / "run" / "cluster").glob("tasks-*-adapters"))
     flat = []
@@ -89,16 +90,16 @@ def test_mbc_similarity_is_the_cosine_of_peft_deltas_of_plain_lora_adapters(mbc_
     flat = torch.stack(flat)
     unit = flat / flat.norm(dim=1, keepdim=True)
     np.testing.assert_allclose(info["similarity"], (unit @ unit.T).numpy(), atol=1e-5)
-    expected = KMeans(4, n_init=10, random_state=raw["run"]["seed"]).fit_predict(np.array(info["similarity"]))
+    expected = KMeans(K, n_init=10, random_state=raw["run"]["seed"]).fit_predict(np.array(info["similarity"]))
     got = [info["cluster_of"][t] for t in info["tasks"]]
-    assert len({(e, g) for e, g in zip(expected, got)}) == 4  # the same partition as scikit-learn's
+    assert len({(e, g) for e, g in zip(expected, got)}) == K  # the same partition as scikit-learn's
 
 
 def test_mbc_rerun_is_a_no_op_and_another_k_reuses_the_short_adapters(mbc_run):
     from pipelines.run import run
 
     root, raw, _ = mbc_run
-    final = next((root / "run" / "cluster").glob("mbc-k4-*"))
+    final = next((root / "run" / "cluster").glob(f"mbc-k{K}-*"))
     short = next((root / "run" / "cluster").glob("tasks-*-adapters"))
     before, short_before = (final / "manifest.json").read_bytes(), (short / "manifest.json").read_bytes()
     # The main adapters' own settings (LoRI-S steps) are not what the short LoRAs train with: no re-clustering.
