@@ -5,6 +5,7 @@
     python -m benchmarks.bench_merge_quality --kinds lori_s lori_d lora shared_a   # adapter kind x merge matrix
     python -m benchmarks.bench_merge_quality --disentangle 3    # adapters trained with train.disentangle = 3
     python -m benchmarks.bench_merge_quality --merge-aware 0 0.25   # and without/with train.merge_aware = 0.25
+    python -m benchmarks.bench_merge_quality --merge-aware 0.03 --merge-aware-dropout 0.5   # sums of random subsets
 
 Per seed, single process, no Ray:
 
@@ -159,16 +160,21 @@ def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) ->
     return result.params, merge_adapters(factors, name, None, result.params), result.trials
 
 
-FUSED_LOSSES = ("disentangle", "merge_aware")  # train fields that shape a fused group's adapters: one variant each
+FUSED_LOSSES = ("disentangle", "merge_aware", "merge_aware_dropout")  # train fields that shape a fused group's
+# adapters: one variant each
 
 
 def variants(args) -> list[tuple[str, str, dict]]:
-    """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware),
-    named ``<kind>[+disentangle<β>][+merge_aware<γ>]``; plain LoRA is never fused, so only β = γ = 0."""
+    """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware) x
+    adapter dropout (train.merge_aware_dropout, with γ > 0 only), named
+    ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>]``; plain LoRA is never fused, so only
+    β = γ = 0."""
     out = []
     for kind in args.kinds:
         for values in itertools.product(*(getattr(args, field) for field in FUSED_LOSSES)):
             train = dict(zip(FUSED_LOSSES, values))
+            if train["merge_aware_dropout"] and not train["merge_aware"]:
+                continue  # nothing to drop adapters from
             if kind != "lora" or not any(values):
                 split = kind != "lora" and args.clusters_per_run and args.clusters_per_run < len(args.families)
                 name = "".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v),
@@ -404,6 +410,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--merge-aware", type=float, nargs="+", default=[0.0],
                    help="train.merge_aware γ values, each a variant of every LoRI kind (and β): adapters also "
                         "trained for their sum ('<kind>+merge_aware<γ>'; 0: off)")
+    p.add_argument("--merge-aware-dropout", type=float, nargs="+", default=[0.0],
+                   help="train.merge_aware_dropout values, each a variant of every γ > 0: the summed pass of a "
+                        "cluster's rows leaves out each other adapter with this probability "
+                        "('<variant>+merge_aware_dropout<p>'; 0: the full sum)")
     p.add_argument("--clusters-per-run", type=int, default=None,
                    help="LoRI kinds: fused groups of this many families (train.clusters_per_run), trained apart "
                         "and merged together, as a run with more clusters than clusters_per_run does "

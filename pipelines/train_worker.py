@@ -292,7 +292,7 @@ class LoRIRecipe:
             self.adapters = multi_lori.LoRIGroup(self.base, self.cfg.lori, seeds)
             model = self.adapters.model
             self.loss_fn = multi_lori.routed_loss(self.adapters, self.cfg.train.disentangle,
-                                                   self.cfg.train.merge_aware)
+                                                   self.cfg.train.merge_aware, self.cfg.train.merge_aware_dropout)
         if self.use_gpu:
             model.to(ray.train.torch.get_device())
         self.stats: dict[int, dict] = {c: {} for c in group}
@@ -386,7 +386,8 @@ class LoRIRecipe:
                             zero_stage=self.cfg.train.zero_stage, steps=steps, resumes=s.resumes,
                             shard_rows=self.stats[cluster_id].get("shard_rows"), fused=len(self.group),
                             disentangle=self.cfg.train.disentangle if fused else 0.0,
-                            merge_aware=self.cfg.train.merge_aware if fused else 0.0)
+                            merge_aware=self.cfg.train.merge_aware if fused else 0.0,
+                            merge_aware_dropout=self.cfg.train.merge_aware_dropout if fused else 0.0)
         meta["losses"] = losses  # not a keyword: adapter_meta's third argument already has that name
         return meta
 

@@ -40,7 +40,8 @@ def short_adapter_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"lori": cfg.lori.model_copy(update={"mode": "lora", "shared_a": True}),
                                   "train": cfg.train.model_copy(update={"steps": cfg.cluster.mbc_steps,
                                                                         "sparse_steps": None, "disentangle": 0.0,
-                                                                        "merge_aware": 0.0})})
+                                                                        "merge_aware": 0.0,
+                                                                        "merge_aware_dropout": 0.0})})
 
 
 def update_gram(adapters: Sequence[Mapping[str, LowRank]]) -> np.ndarray:

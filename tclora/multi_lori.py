@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -50,14 +51,15 @@ def adapter_masks(masks: dict[str, torch.Tensor], t: int) -> dict[str, torch.Ten
     return {key[len(prefix):]: m for key, m in masks.items() if key.startswith(prefix)}
 
 
-# Whether the routed layers run every row through the sum of their group's adapters (LoRIGroup.summed). A context
-# variable, not a flag on each layer, so that activation checkpointing can recompute a layer in backward in the
-# mode its forward ran in (checkpoint_context): by backward time the `with group.summed()` block has long exited.
-_SUMMED: contextvars.ContextVar[bool] = contextvars.ContextVar("tclora_lori_summed", default=False)
+# Whether the routed layers run every row through the sum of their group's adapters (LoRIGroup.summed): False,
+# True, or a (T, T) 0/1 mask, row t saying which adapters segment t's rows are summed over. A context variable, not
+# a flag on each layer, so that activation checkpointing can recompute a layer in backward in the mode its forward
+# ran in (checkpoint_context): by backward time the `with group.summed()` block has long exited.
+_SUMMED: contextvars.ContextVar[bool | torch.Tensor] = contextvars.ContextVar("tclora_lori_summed", default=False)
 
 
 @contextlib.contextmanager
-def _summed_mode(value: bool) -> Iterator[None]:
+def _summed_mode(value: bool | torch.Tensor) -> Iterator[None]:
     token = _SUMMED.set(value)
     try:
         yield
@@ -95,10 +97,15 @@ class RoutedLoRILinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         n = self.lora_A.shape[0]
-        if _SUMMED.get():  # Σ_t B_t A_t = [B_1 … B_T] [A_1; …; A_T]: the rank-(T·r) product, never d_out x d_in
+        summed = _SUMMED.get()
+        if summed is not False:  # Σ_t B_t A_t = [B_1 … B_T] [A_1; …; A_T]: the rank-(T·r) product, never d_out x d_in
             a = self.lora_A.reshape(-1, x.shape[-1])                        # (T·r, d_in)
             b = self.lora_B.transpose(0, 1).reshape(self.lora_B.shape[1], -1)  # (d_out, T·r)
-            return out + (F.linear(F.linear(x.to(a.dtype), a), b) * self.scaling).to(out.dtype)
+            h = F.linear(x.to(a.dtype), a)                                  # (..., T·r)
+            if isinstance(summed, torch.Tensor):  # segment t's rows keep adapter s's rank-r block where mask[t, s]
+                rows = h.reshape(n, -1, n, self.lora_A.shape[1])            # (T segments, b·L, T adapters, r)
+                h = (rows * summed.to(h)[:, None, :, None]).reshape(h.shape)
+            return out + (F.linear(h, b) * self.scaling).to(out.dtype)
         if x.shape[0] % n:
             raise ValueError(f"a fused batch has {x.shape[0]} rows, not a multiple of its {n} adapters")
         xs = x.reshape(n, -1, x.shape[-1]).to(self.lora_A.dtype)  # (T, b·L, d_in): segment t → adapter t
@@ -156,11 +163,18 @@ class LoRIGroup:
             self._swap(routed=True)
 
     @contextlib.contextmanager
-    def summed(self) -> Iterator[None]:
+    def summed(self, mask: torch.Tensor | None = None) -> Iterator[None]:
         """Every row through the sum of all T adapters while inside: the base plus Σ_t s·B_t A_t, the model
         a task-arithmetic merge of the group at λ = 1 (``linear`` at scale 1, ``cat``) gives; differentiable
-        in every B. Activation checkpointing recomputes in the same mode (:func:`checkpoint_context`)."""
-        with _summed_mode(True):
+        in every B. Activation checkpointing recomputes in the same mode (:func:`checkpoint_context`).
+
+        Args:
+            mask: (T, T) 0/1, or None for all ones: segment t's rows of a fused batch go through the sum of
+                the adapters s with ``mask[t, s] = 1`` only (a merge of that subset).
+        """
+        if mask is not None and mask.shape != (len(self), len(self)):
+            raise ValueError(f"summed: mask must be ({len(self)}, {len(self)}), got {tuple(mask.shape)}")
+        with _summed_mode(True if mask is None else mask):
             yield
 
     def lora_b_params(self) -> dict[str, nn.Parameter]:
@@ -306,7 +320,21 @@ def other_cluster_kl(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor])
     return totals / torch.bincount(owner, minlength=n).clamp(min=1).to(kl.dtype)
 
 
-def summed_losses(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def adapter_dropout_mask(n_adapters: int, dropout: float, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(T, T) 0/1 mask for :meth:`LoRIGroup.summed`: segment t keeps its own adapter and each other one with
+    probability ``1 - dropout``, independently.
+
+    Drawn from a generator seeded by the batch's token ids: a fused step's batch is fixed by the adapters'
+    seeds and the step, so a worker resumed from a checkpoint draws the same masks at the same steps without
+    carrying RNG state in the checkpoint.
+    """
+    ids = batch["input_ids"].flatten().tolist()
+    seed = int(hashlib.blake2b(repr(ids).encode(), digest_size=8).hexdigest(), 16) % 2**63
+    keep = torch.rand(n_adapters, n_adapters, generator=torch.Generator().manual_seed(seed)) >= dropout
+    return (keep | torch.eye(n_adapters, dtype=torch.bool)).float()
+
+
+def summed_losses(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor], dropout: float = 0.0) -> torch.Tensor:
     """(T,) the merged sum's cross-entropy on each segment: the model with every adapter of the group
     added (:meth:`LoRIGroup.summed`, task arithmetic at λ = 1) on cluster t's rows, the mean over their
     label tokens, as :func:`adapter_losses` takes the routed model's.
@@ -318,22 +346,31 @@ def summed_losses(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor]) ->
     and merging: Zhou et al., arXiv 2411.03055); each adapter's own loss keeps it a working adapter alone.
     One more forward and backward pass of the fused batch per step.
 
+    ``dropout`` > 0 sums a random subset instead (:func:`adapter_dropout_mask`: cluster t's rows through its
+    own adapter plus each other one with probability 1 - dropout, drawn per step and cluster; dropout, here
+    of whole adapters, as Srivastava et al., JMLR 2014). Trained on the full sum only, the adapters learn the
+    four-family sum's own shortcuts: on the demo it answered unseen instructions by their shape ("which word
+    comes last?" with the first word, the trained "which word comes first?"); subsets of the group make
+    each adapter's part hold up in any company (issue 12, README 'Adapters that merge').
+
     Raises:
         ValueError: a group of one adapter (its sum is itself).
     """
     n = len(group)
     if n < 2:
         raise ValueError("the merged-sum loss needs a fused group of at least 2 adapters")
-    with group.summed():
+    mask = adapter_dropout_mask(n, dropout, batch) if dropout else None
+    with group.summed(mask):
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return adapter_losses(logits, batch["labels"], n)
 
 
-def routed_loss(group: "LoRIGroup", disentangle: float = 0.0, merge_aware: float = 0.0):
+def routed_loss(group: "LoRIGroup", disentangle: float = 0.0, merge_aware: float = 0.0,
+                merge_aware_dropout: float = 0.0):
     """``loss_fn`` for :func:`tclora.train.train_loop`: backpropagates the sum of the adapters' losses,
-    plus ``disentangle`` x :func:`other_cluster_kl` and ``merge_aware`` x :func:`summed_losses` (each
-    summed over adapters, when > 0 and the group has other clusters), and records the list of
-    per-adapter cross-entropy losses of the routed model."""
+    plus ``disentangle`` x :func:`other_cluster_kl` and ``merge_aware`` x :func:`summed_losses` (with
+    ``merge_aware_dropout``; each summed over adapters, when > 0 and the group has other clusters), and
+    records the list of per-adapter cross-entropy losses of the routed model."""
     n = len(group)
 
     def loss_fn(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
@@ -343,7 +380,7 @@ def routed_loss(group: "LoRIGroup", disentangle: float = 0.0, merge_aware: float
         if disentangle and n > 1:
             total = total + disentangle * other_cluster_kl(engine, group, batch).sum()
         if merge_aware and n > 1:
-            total = total + merge_aware * summed_losses(engine, group, batch).sum()
+            total = total + merge_aware * summed_losses(engine, group, batch, merge_aware_dropout).sum()
         return total, losses.tolist()
 
     return loss_fn
@@ -425,6 +462,7 @@ def train_lori_group(
     metas = [{"seed": s, "rank": lori_cfg.rank, "alpha": lori_cfg.alpha, "mode": lori_cfg.mode, "fused": len(seeds),
               "disentangle": train_cfg.disentangle if len(seeds) > 1 else 0.0,
               "merge_aware": train_cfg.merge_aware if len(seeds) > 1 else 0.0,
+              "merge_aware_dropout": train_cfg.merge_aware_dropout if len(seeds) > 1 else 0.0,
               "sparsity": lori_cfg.sparsity, "mask_scope": lori_cfg.mask_scope, "rows": len(r)}
              for s, r in zip(seeds, record_sets)]
     masks, masked = None, None
@@ -437,7 +475,8 @@ def train_lori_group(
                    for r, s in zip(record_sets, seeds)]
         fused = (concat_batches(step, tokenizer.pad_token_id) for step in zip(*streams))
         losses = train_loop(make_engine(group.model, phase.lr), fused, phase.steps, masked=masked,
-                            loss_fn=routed_loss(group, train_cfg.disentangle, train_cfg.merge_aware),
+                            loss_fn=routed_loss(group, train_cfg.disentangle, train_cfg.merge_aware,
+                                                train_cfg.merge_aware_dropout),
                             desc=f"LoRI {phase.name} x{len(group)}",
                             max_grad_norm=train_cfg.max_grad_norm, n_adapters=len(group))
         for t, meta in enumerate(metas):

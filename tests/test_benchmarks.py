@@ -130,12 +130,16 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     args = bench_merge_quality.parse_args(["--kinds", "lori_s", "lora", "--disentangle", "0", "3",
                                            "--merge-aware", "0", "0.25"])
     got = {name: (kind, train) for name, kind, train in bench_merge_quality.variants(args)}
+    off = {"disentangle": 0.0, "merge_aware": 0.0, "merge_aware_dropout": 0.0}
     assert got == {  # plain LoRA is never fused: it has neither fused-group loss
-        "lori_s": ("lori_s", {"disentangle": 0.0, "merge_aware": 0.0}),
-        "lori_s+merge_aware0.25": ("lori_s", {"disentangle": 0.0, "merge_aware": 0.25}),
-        "lori_s+disentangle3": ("lori_s", {"disentangle": 3.0, "merge_aware": 0.0}),
-        "lori_s+disentangle3+merge_aware0.25": ("lori_s", {"disentangle": 3.0, "merge_aware": 0.25}),
-        "lora": ("lora", {"disentangle": 0.0, "merge_aware": 0.0})}
+        "lori_s": ("lori_s", off),
+        "lori_s+merge_aware0.25": ("lori_s", {**off, "merge_aware": 0.25}),
+        "lori_s+disentangle3": ("lori_s", {**off, "disentangle": 3.0}),
+        "lori_s+disentangle3+merge_aware0.25": ("lori_s", {**off, "disentangle": 3.0, "merge_aware": 0.25}),
+        "lora": ("lora", off)}
+    dropout = bench_merge_quality.parse_args(["--merge-aware", "0", "0.03", "--merge-aware-dropout", "0", "0.5"])
+    assert [name for name, _, _ in bench_merge_quality.variants(dropout)] == [  # adapter dropout only with γ > 0
+        "lori_s", "lori_s+merge_aware0.03", "lori_s+merge_aware0.03+merge_aware_dropout0.5"]
     with pytest.raises(SystemExit, match="never fused"):
         bench_merge_quality.variants(bench_merge_quality.parse_args(["--kinds", "lora", "--merge-aware", "1"]))
     # Fused groups smaller than the family count are named; plain LoRA trains alone whatever the group size.

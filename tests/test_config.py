@@ -148,7 +148,16 @@ def test_mbc_short_adapters_are_plain_lora_without_the_disentanglement_penalty()
     from tclora.config import validate
     from tclora.mbc import short_adapter_config
 
-    cfg = load_config(None, ["train.clusters_per_run=2", "train.disentangle=3", "train.merge_aware=0.5"])
+    cfg = load_config(None, ["train.clusters_per_run=2", "train.disentangle=3", "train.merge_aware=0.5",
+                             "train.merge_aware_dropout=0.5"])
     short = validate(short_adapter_config(cfg).model_dump(mode="json"))
     assert short.lori.mode == "lora" and short.train.disentangle == 0.0 and cfg.train.disentangle == 3.0
     assert short.train.merge_aware == 0.0 and cfg.train.merge_aware == 0.5
+    assert short.train.merge_aware_dropout == 0.0 and cfg.train.merge_aware_dropout == 0.5
+
+
+def test_merge_aware_dropout_needs_merge_aware_and_is_a_probability():
+    with pytest.raises(ConfigError, match=r"merge_aware_dropout=0.5 needs merge_aware > 0"):
+        load_config(None, ["train.clusters_per_run=2", "train.merge_aware_dropout=0.5"])
+    with pytest.raises(ConfigError, match="merge_aware_dropout"):
+        load_config(None, ["train.clusters_per_run=2", "train.merge_aware=0.1", "train.merge_aware_dropout=1"])

@@ -486,6 +486,54 @@ def test_summed_forward_is_peft_cat_merge_of_the_saved_adapters(tiny_base, tmp_p
         multi_lori.summed_losses(model, multi_lori.LoRIGroup(load_base(str(tiny_base))[0], LORI, SEEDS[:1]), batch)
 
 
+def test_summed_with_a_mask_gives_each_segment_the_peft_cat_merge_of_its_subset(tiny_base, tmp_path):
+    """``LoRIGroup.summed(mask)``: segment t's rows see the base plus the adapters s with mask[t, s] = 1 only,
+    which is PEFT's own ``cat`` merge of that subset of the saved adapters (train.merge_aware_dropout)."""
+    from tclora.models import load_base
+
+    model, tok = load_base(str(tiny_base))
+    group = _group_with_random_b(model)
+    batch = _fused_batch(tok)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for t in range(3):
+        group.save_adapter(t, tmp_path / f"adapter-{t}", None, {})
+    peft_model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(tmp_path / "adapter-0"), adapter_name="a0")
+    for t in (1, 2):
+        peft_model.load_adapter(str(tmp_path / f"adapter-{t}"), adapter_name=f"a{t}")
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    with group.summed(mask):
+        got = model(**inputs).logits.detach()
+    rows = got.shape[0] // 3
+    for t in range(3):
+        subset = [f"a{s}" for s in range(3) if mask[t, s]]
+        if len(subset) > 1:
+            peft_model.add_weighted_adapter(subset, [1.0] * len(subset), f"sum{t}", combination_type="cat")
+        peft_model.set_adapter(f"sum{t}" if len(subset) > 1 else subset[0])
+        with torch.no_grad():
+            expected = peft_model(**inputs).logits[t * rows:(t + 1) * rows]
+        torch.testing.assert_close(got[t * rows:(t + 1) * rows], expected, atol=1e-5, rtol=1e-4)
+    with group.summed(torch.ones(3, 3)):
+        ones = model(**inputs).logits.detach()
+    with group.summed():
+        torch.testing.assert_close(ones, model(**inputs).logits.detach())
+    with pytest.raises(ValueError, match=r"mask must be \(3, 3\)"):
+        with group.summed(torch.ones(2, 2)):
+            pass
+
+
+def test_adapter_dropout_mask_keeps_each_own_adapter_and_others_at_the_rate_and_is_fixed_by_the_batch():
+    batch = {"input_ids": torch.arange(40).view(4, 10)}
+    torch.testing.assert_close(multi_lori.adapter_dropout_mask(4, 0.0, batch), torch.ones(4, 4))
+    masks = [multi_lori.adapter_dropout_mask(4, 0.3, {"input_ids": torch.randint(0, 50, (4, 10))}) for _ in range(400)]
+    stacked = torch.stack(masks)
+    assert torch.all(torch.diagonal(stacked, dim1=1, dim2=2) == 1)  # a cluster's rows always keep their adapter
+    off = stacked[:, ~torch.eye(4, dtype=torch.bool)]  # (400, 12) others: kept with probability 0.7
+    assert off.mean().item() == pytest.approx(0.7, abs=0.03)  # 4,800 draws: 3 standard errors is 0.02
+    assert set(stacked.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(multi_lori.adapter_dropout_mask(4, 0.3, batch),
+                               multi_lori.adapter_dropout_mask(4, 0.3, {"input_ids": batch["input_ids"].clone()}))
+
+
 def test_merge_aware_adapters_sum_to_a_better_model_and_each_still_learns(tiny_base, tmp_path):
     """Same batches, same seeds: with train.merge_aware the sum of the three saved adapters (PEFT's ``cat``
     merge) fits the three clusters' rows better than the sum of adapters trained without it (the summed loss
