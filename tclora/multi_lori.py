@@ -348,10 +348,11 @@ def summed_losses(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor], dr
 
     ``dropout`` > 0 sums a random subset instead (:func:`adapter_dropout_mask`: cluster t's rows through its
     own adapter plus each other one with probability 1 - dropout, drawn per step and cluster; dropout, here
-    of whole adapters, as Srivastava et al., JMLR 2014). Trained on the full sum only, the adapters learn the
-    four-family sum's own shortcuts: on the demo it answered unseen instructions by their shape ("which word
-    comes last?" with the first word, the trained "which word comes first?"); subsets of the group make
-    each adapter's part hold up in any company (issue 12, README 'Adapters that merge').
+    of whole adapters, as Srivastava et al., JMLR 2014). Trained on one fixed sum, the adapters learn that
+    sum's shortcuts: on the demo it answered unseen instructions by their shape ("which word comes last?"
+    with the first word of the trained "which word comes first?"). Measured there (issue 12, README 'Adapters
+    that merge'; γ = 0.03, 3 seeds): dropout 0.5 moved the best merge from 82% to 70% of the routed adapters'
+    gain in domain and from +0.067 to +0.114 over the base out of domain.
 
     Raises:
         ValueError: a group of one adapter (its sum is itself).
