@@ -451,20 +451,28 @@ def test_routed_loss_adds_beta_times_the_penalty_gamma_times_the_summed_loss_and
     assert plain.item() == pytest.approx(ce.sum().item(), rel=1e-6)
 
 
-def test_summed_forward_is_peft_cat_merge_of_the_saved_adapters(tiny_base, tmp_path):
-    """``LoRIGroup.summed()`` is the base plus every adapter's update: PEFT's own ``cat`` merge (weights 1) of
-    the three saved adapters gives the same logits, and the merged-sum loss of each segment reaches every B."""
+def _group_and_its_saved_adapters_in_peft(tiny_base, tmp_path):
+    """A group with random B's on a fused batch, and its three adapters saved and loaded into one PEFT model
+    (adapters "a0", "a1", "a2"): the reference a summed forward is checked against."""
     from tclora.models import load_base
 
     model, tok = load_base(str(tiny_base))
     group = _group_with_random_b(model)
-    batch = _fused_batch(tok)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     for t in range(3):
         group.save_adapter(t, tmp_path / f"adapter-{t}", None, {})
     peft_model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(tmp_path / "adapter-0"), adapter_name="a0")
     for t in (1, 2):
         peft_model.load_adapter(str(tmp_path / f"adapter-{t}"), adapter_name=f"a{t}")
+    return model, group, _fused_batch(tok), peft_model
+
+
+def test_summed_forward_is_peft_cat_merge_of_the_saved_adapters(tiny_base, tmp_path):
+    """``LoRIGroup.summed()`` is the base plus every adapter's update: PEFT's own ``cat`` merge (weights 1) of
+    the three saved adapters gives the same logits, and the merged-sum loss of each segment reaches every B."""
+    from tclora.models import load_base
+
+    model, group, batch, peft_model = _group_and_its_saved_adapters_in_peft(tiny_base, tmp_path)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     peft_model.add_weighted_adapter(["a0", "a1", "a2"], [1.0, 1.0, 1.0], "sum", combination_type="cat")
     peft_model.set_adapter("sum")
     with torch.no_grad():
@@ -489,17 +497,8 @@ def test_summed_forward_is_peft_cat_merge_of_the_saved_adapters(tiny_base, tmp_p
 def test_summed_with_a_mask_gives_each_segment_the_peft_cat_merge_of_its_subset(tiny_base, tmp_path):
     """``LoRIGroup.summed(mask)``: segment t's rows see the base plus the adapters s with mask[t, s] = 1 only,
     which is PEFT's own ``cat`` merge of that subset of the saved adapters (train.merge_aware_dropout)."""
-    from tclora.models import load_base
-
-    model, tok = load_base(str(tiny_base))
-    group = _group_with_random_b(model)
-    batch = _fused_batch(tok)
+    model, group, batch, peft_model = _group_and_its_saved_adapters_in_peft(tiny_base, tmp_path)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    for t in range(3):
-        group.save_adapter(t, tmp_path / f"adapter-{t}", None, {})
-    peft_model = PeftModel.from_pretrained(load_base(str(tiny_base))[0], str(tmp_path / "adapter-0"), adapter_name="a0")
-    for t in (1, 2):
-        peft_model.load_adapter(str(tmp_path / f"adapter-{t}"), adapter_name=f"a{t}")
     mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     with group.summed(mask):
         got = model(**inputs).logits.detach()
