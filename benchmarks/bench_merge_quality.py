@@ -68,6 +68,7 @@ TINY_DEMO_SPEC = dict(hidden=48, layers=2, heads=2, intermediate=96, pretrain_st
 SMOKE = dict(families=["first_word", "count_words"], steps=5, rank=4, batch_size=8, train_per_task=40, eval_per_task=4,
              tune_per_task=2, methods=["linear", "ties", "cp"], lambdas=[0.5, 1.0], cp_iters=10)
 CP_COMBINES = ("mean", "sum", "shared")  # each also reported alone ("cp:shared"), beside cp with the rule tuned
+DEFAULT_CP_RANK = 4  # demo.yaml's merge.cp_rank
 TARGETS = {"base_max": 0.2, "oracle_min": 0.85, "gain_kept_min": 0.6, "ood_gain_min": 0.10}
 
 
@@ -167,8 +168,8 @@ FUSED_LOSSES = ("disentangle", "merge_aware", "merge_aware_dropout")  # train fi
 def variants(args) -> list[tuple[str, str, dict]]:
     """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware) x
     adapter dropout (train.merge_aware_dropout, with γ > 0 only), named
-    ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>]``; plain LoRA is never fused, so only
-    β = γ = 0."""
+    ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>][+per_run<G>][+cp_rank<R>]``; plain
+    LoRA is never fused, so only β = γ = 0."""
     out = []
     for kind in args.kinds:
         for values in itertools.product(*(getattr(args, field) for field in FUSED_LOSSES)):
@@ -178,7 +179,8 @@ def variants(args) -> list[tuple[str, str, dict]]:
             if kind != "lora" or not any(values):
                 split = kind != "lora" and args.clusters_per_run and args.clusters_per_run < len(args.families)
                 name = "".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v),
-                                f"+per_run{args.clusters_per_run}" if split else ""])
+                                f"+per_run{args.clusters_per_run}" if split else "",
+                                f"+cp_rank{args.cp_rank}" if args.cp_rank != DEFAULT_CP_RANK else ""])
                 out.append((name, kind, train))
     if not out:
         raise SystemExit("nothing to run: plain LoRA (--kinds lora) is never fused, so it has only "
@@ -396,7 +398,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--methods", nargs="+", default=registry.names(), help="merge methods (default: all registered)")
     p.add_argument("--lambdas", type=float, nargs="+", default=None,
                    help="λ grid tuned on validation (default: the run's, tclora.tune_merge.SCALES plus 1/T)")
-    p.add_argument("--cp-rank", type=int, default=4, help="CP rank R (merge.cp_rank; demo.yaml's)")
+    p.add_argument("--cp-rank", type=int, default=DEFAULT_CP_RANK,
+                   help="CP rank R, also the SVD merge's rank (merge.cp_rank; default demo.yaml's; another R is "
+                        "reported as '<variant>+cp_rank<R>')")
     p.add_argument("--tune-per-task", type=int, default=10, help="validation rows per family used for tuning")
     p.add_argument("--steps", type=int, default=120, help="LoRI-D steps per adapter; LoRI-S runs as many (demo.yaml's)")
     p.add_argument("--rank", type=int, default=8, help="LoRI rank r (alpha = 2r)")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks import bench_gpu_train, bench_lori_params, bench_merge_quality, readme_table, run_all
 from benchmarks.common import write_result
@@ -148,6 +149,11 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     assert [name for name, _, _ in bench_merge_quality.variants(split)] == ["lori_s+merge_aware0.1+per_run2"]
     whole = bench_merge_quality.parse_args(["--clusters-per-run", str(len(TASK_FAMILIES))])  # every family
     assert [name for name, _, _ in bench_merge_quality.variants(whole)] == ["lori_s"]
+    # A CP / SVD rank other than demo.yaml's is named, so such a run combines beside the default one.
+    rank = bench_merge_quality.parse_args(["--kinds", "lori_s", "lora", "--cp-rank", "12"])
+    assert [name for name, _, _ in bench_merge_quality.variants(rank)] == ["lori_s+cp_rank12", "lora+cp_rank12"]
+    assert bench_merge_quality.DEFAULT_CP_RANK == yaml.safe_load(
+        (Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())["merge"]["cp_rank"]
 
 
 def test_merge_quality_summary_gain_kept_and_targets():
