@@ -49,7 +49,7 @@ import torch
 
 from benchmarks.common import arg_parser, headline, machine_info, result_stem, setup_logging, write_result
 from tclora import adapters, compare, evaluate
-from tclora.config import EvalSection, LoRISection, MergeSection, TrainSection
+from tclora.config import FUSED_LOSS_FIELDS, EvalSection, LoRISection, MergeSection, TrainSection
 from tclora.data import read_jsonl
 from tclora.demo_base import DemoBaseSpec, build_demo_base
 from tclora.demo_corpus import COMPOSITIONS, SKILLS, TASK_FAMILIES, build_demo_corpus, payload_of
@@ -161,8 +161,7 @@ def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) ->
     return result.params, merge_adapters(factors, name, None, result.params), result.trials
 
 
-FUSED_LOSSES = ("disentangle", "merge_aware", "merge_aware_dropout")  # train fields that shape a fused group's
-# adapters: one variant each
+FUSED_LOSSES = FUSED_LOSS_FIELDS  # train fields that shape a fused group's adapters: one variant each
 
 
 def variants(args) -> list[tuple[str, str, dict]]:

@@ -385,9 +385,7 @@ class LoRIRecipe:
                             cluster_id=cluster_id, shared_a=self.cfg.lori.shared_a, world_size=self.world,
                             zero_stage=self.cfg.train.zero_stage, steps=steps, resumes=s.resumes,
                             shard_rows=self.stats[cluster_id].get("shard_rows"), fused=len(self.group),
-                            disentangle=self.cfg.train.disentangle if fused else 0.0,
-                            merge_aware=self.cfg.train.merge_aware if fused else 0.0,
-                            merge_aware_dropout=self.cfg.train.merge_aware_dropout if fused else 0.0)
+                            **self.cfg.train.fused_losses(len(self.group)))
         meta["losses"] = losses  # not a keyword: adapter_meta's third argument already has that name
         return meta
 

@@ -201,6 +201,10 @@ class LoRISection(_Section):
     )
 
 
+# The TrainSection fields that weight a fused group's extra losses: each 0 where a group has one adapter.
+FUSED_LOSS_FIELDS = ("disentangle", "merge_aware", "merge_aware_dropout")
+
+
 class TrainSection(_Section):
     steps: int = Field(300, ge=1, description="Optimizer steps of the LoRI-D phase.")
     sparse_steps: int | None = Field(None, ge=1, description="Steps of the LoRI-S phase; None reuses steps.")
@@ -340,6 +344,11 @@ class TrainSection(_Section):
                              f"{self.batch_size} and {self.clusters_per_run}): each step, every adapter sees rows of "
                              "each other cluster of its group, one per row of its own batch")
         return self
+
+    def fused_losses(self, n_adapters: int) -> dict[str, float]:
+        """{field: weight} of :data:`FUSED_LOSS_FIELDS` as a group of ``n_adapters`` trains with them (all 0 for
+        one adapter: it has no other cluster), for the adapters' ``lori.json``."""
+        return {name: getattr(self, name) if n_adapters > 1 else 0.0 for name in FUSED_LOSS_FIELDS}
 
 
 class MergeSection(_Section):

@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from tclora.config import Config, ConfigError
+from tclora.config import FUSED_LOSS_FIELDS, Config, ConfigError
 from tclora.merge.base import LowRank
 from tclora.plots import pyplot, save_figure
 
@@ -35,13 +35,12 @@ def short_adapter_config(cfg: Config) -> Config:
     ``cluster.mbc_steps`` steps from one shared initial A (``lori.shared_a``), everything else as the
     run's own adapters. A shared start matters: early on ``dW ~ -lr G A^T A`` (B starts at zero), so two
     tasks with the same gradient G but different random A's would look unrelated. Plain LoRA is never
-    fused, so ``train.disentangle`` and ``train.merge_aware`` are off for them (they shape the run's own adapters
-    only)."""
+    fused, so the fused-group losses (``config.FUSED_LOSS_FIELDS``: ``train.disentangle``, ``train.merge_aware``
+    and its dropout) are off for them (they shape the run's own adapters only)."""
     return cfg.model_copy(update={"lori": cfg.lori.model_copy(update={"mode": "lora", "shared_a": True}),
                                   "train": cfg.train.model_copy(update={"steps": cfg.cluster.mbc_steps,
-                                                                        "sparse_steps": None, "disentangle": 0.0,
-                                                                        "merge_aware": 0.0,
-                                                                        "merge_aware_dropout": 0.0})})
+                                                                        "sparse_steps": None,
+                                                                        **dict.fromkeys(FUSED_LOSS_FIELDS, 0.0)})})
 
 
 def update_gram(adapters: Sequence[Mapping[str, LowRank]]) -> np.ndarray:

@@ -461,9 +461,7 @@ def train_lori_group(
     make_engine = make_engine or (lambda m, lr: TorchEngine(m, lr, train_cfg.weight_decay))
     group, started = LoRIGroup(model, lori_cfg, seeds), time.time()
     metas = [{"seed": s, "rank": lori_cfg.rank, "alpha": lori_cfg.alpha, "mode": lori_cfg.mode, "fused": len(seeds),
-              "disentangle": train_cfg.disentangle if len(seeds) > 1 else 0.0,
-              "merge_aware": train_cfg.merge_aware if len(seeds) > 1 else 0.0,
-              "merge_aware_dropout": train_cfg.merge_aware_dropout if len(seeds) > 1 else 0.0,
+              **train_cfg.fused_losses(len(seeds)),
               "sparsity": lori_cfg.sparsity, "mask_scope": lori_cfg.mask_scope, "rows": len(r)}
              for s, r in zip(seeds, record_sets)]
     masks, masked = None, None
