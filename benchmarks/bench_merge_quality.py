@@ -148,12 +148,12 @@ def oracle_scores(model, tok, factors: dict, data: dict, args) -> dict:
 
 
 def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) -> tuple[dict, dict, list]:
-    """The run's own protocol (``compare.tune_all``: λ and the method's knobs by coordinate search on the
-    validation subset): returns (chosen params, merged deltas at them, every trial)."""
+    """The run's own protocol (``compare.tune_all``: every (knobs, λ) of the grid scored on the validation
+    subset, the argmax kept): returns (chosen params, merged deltas at them, every trial)."""
     name, _, combine = method.partition(":")  # "cp:shared": CP with that combine rule, λ still tuned
     grid = {**({"scale": args.lambdas} if args.lambdas else {}), **({"combine": [combine]} if combine else {})}
-    # The rule is the start point as well as the only value tried: in the grid alone, coordinate search
-    # starts from the default rule and keeps it unless the named one scores strictly better.
+    # The rule is the start point as well as the only value tried: in the grid alone, the search would
+    # start from the default rule and keep it unless the named one scored strictly better.
     merge_cfg = MergeSection(methods=[name], cp_rank=args.cp_rank, cp_iters=args.cp_iters, tune_grid={name: grid},
                              params={name: {"combine": combine}} if combine else {})
     eval_cfg = EvalSection(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens, rouge=False)

@@ -366,8 +366,8 @@ class MergeSection(_Section):
         "λ, the multiplier on each method's update (see `tclora merge-methods`).",
     )
     tune: bool | None = Field(
-        None, description="Choose each method's λ and knobs on the validation split (tclora.tune_merge: coordinate "
-        "search over a small grid), then report the test splits at the chosen setting. None: on when "
+        None, description="Choose each method's λ and knobs on the validation split (tclora.tune_merge: every "
+        "setting of a small grid), then report the test splits at the chosen setting. None: on when "
         "data.validation_path exists; false: the configured settings, reported as untuned.",
     )
     tune_max_per_task: int | None = Field(

@@ -16,7 +16,7 @@ def _adapters(T=2, value=0.5):
     return {c: {"q": LowRank(torch.tensor([[value]]), torch.tensor([[1.0]]))} for c in range(T)}
 
 
-def test_tune_method_picks_the_validation_argmax_by_coordinate_search():
+def test_tune_method_picks_the_validation_argmax_over_the_lambda_grid():
     factors = list(_adapters(T=3).values())  # Σ_t ΔW_t = 1.5
     seen = []
 
@@ -45,6 +45,34 @@ def test_tune_method_varies_each_knob_and_keeps_the_default_on_ties():
     assert peaked.params == {"density": 1.0, "scale": 3.0}  # ties of 2 x 0.5 at density 1: disjoint mean 0.5
     with pytest.raises(ValueError, match="densty"):
         tune_merge.grid_for("ties", 2, {"densty": [0.1]})
+
+
+def test_tune_method_finds_the_argmax_a_coordinate_search_misses(monkeypatch):
+    """A knob that changes what λ means (as CP's combine rule does: mean = sum / T): the best λ at the
+    default knob (λ = 2, score 0.6) is a local optimum no single-coordinate move leaves (every other
+    density at λ = 2 scores 0), while density 1.0 at λ = 0.1 scores 1. The search tries every pair."""
+    update = {0.2: 1.0, 0.1: 0.1, 0.5: 10.0, 1.0: 4.0}  # density -> merged update at λ = 1 (stands in for TIES)
+    merged_at = []
+
+    def fake_merge(factors, method, weights, params):
+        merged_at.append(params["density"])
+        return {"q": LowRank(torch.tensor([[update[params["density"]]]]), torch.tensor([[1.0]]))}
+
+    monkeypatch.setattr(tune_merge, "merge_adapters", fake_merge)
+    peaks = {2.0: 0.6, 0.4: 1.0}  # merged weight -> score
+
+    def score(deltas):
+        w = float(dense(deltas["q"]))
+        return next((v for k, v in peaks.items() if abs(w - k) < 1e-6), 0.0)  # float32 weights
+
+    result = tune_merge.tune_method(list(_adapters(T=2).values()), "ties", {}, score)
+    assert result.params == {"density": 1.0, "scale": 0.1} and result.score == 1.0
+    assert result.score == max(t["score"] for t in result.trials)
+    scales = {1 / 2, *tune_merge.SCALES}
+    tried = {(t["params"]["density"], t["params"]["scale"]) for t in result.trials}
+    assert tried == {(d, s) for d in update for s in scales}  # the whole grid, each pair scored once
+    assert len(result.trials) == len(tried)
+    assert sorted(merged_at) == sorted(update)  # one merge per density: λ only rescales it
 
 
 class _Spy:
