@@ -17,12 +17,12 @@ every clustering and never overwrites one another trial is training on):
 Three passes, none holding all rows on the driver: (1) a seeded hash sample of row ids brings only the
 sample's embeddings to the driver for the fit; (2) every row is assigned in ``map_batches`` and only
 (cluster, task) counts come back, to apply the small-cluster rule and build the report; (3) rows are
-assigned again with the final ids and written partitioned by cluster.
+assigned again with the final ids and written partitioned by cluster. The tasks' functions live in
+:mod:`pipelines.cluster_tasks`, which never imports torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -37,6 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import session
+from pipelines.cluster_tasks import N_EXAMPLES, count_batch, embedding_matrix, label_batch, sample_batch
 from pipelines.io import read_parquet
 from tclora import cluster as km
 from tclora import storage, template_view
@@ -56,63 +57,6 @@ from tclora.mbc import short_adapter_config
 log = logging.getLogger(__name__)
 
 PROJECTION_ROWS = 3000  # rows of the fit sample drawn in cluster_pca.png
-N_EXAMPLES = 3
-
-
-def embedding_matrix(batch: pa.Table) -> np.ndarray:
-    """The ``embedding`` column (fixed_size_list<float32>[d]) as an (n, d) array, without copies."""
-    col = batch.column("embedding").combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-
-
-def _row_hashes(row_ids: list[str], seed: int) -> np.ndarray:
-    """Seeded 64-bit hash of each row id: uniform, and independent of how rows are laid out in blocks."""
-    key = str(seed).encode()
-    return np.array([int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8, key=key).digest(), "big")
-                     for r in row_ids], dtype=np.uint64)
-
-
-# ---- worker functions (map_batches; stateless tasks, centroids passed in, never re-fitted) ----------
-def sample_batch(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
-    """The rows whose hash falls below ``fraction``: their hash (to order the sample), embedding and task."""
-    hashes = _row_hashes(batch.column("row_id").to_pylist(), seed)
-    cut = int(fraction * 2**64)
-    mask = np.ones(len(hashes), bool) if cut >= 2**64 else hashes < np.uint64(cut)
-    keep = pa.array(mask)
-    return pa.table({"hash": pa.array(hashes[mask]), "embedding": batch.column("embedding").filter(keep),
-                     "task_name": batch.column("task_name").filter(keep)})
-
-
-def count_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
-    """One row per batch: JSON of (k-means label, task) counts and the first few sources per label."""
-    labels, _ = km.assign(embedding_matrix(batch), centroids)
-    # Grouped in Arrow, not row by row in Python (the pass reads every row: 10M at scale).
-    pairs = pa.table({"label": labels, "task": batch.column("task_name")})
-    counts = pairs.group_by(["label", "task"]).aggregate([([], "count_all")])
-    examples = {}
-    for label in np.unique(labels).tolist():
-        first = pa.array(np.flatnonzero(labels == label)[:N_EXAMPLES])
-        examples[label] = [text[:200] for text in batch.column("source").take(first).to_pylist()]
-    payload = {"counts": [[int(r["label"]), r["task"], r["count_all"]] for r in counts.to_pylist()],
-               "examples": examples}
-    return pa.table({"summary": [json.dumps(payload)]})
-
-
-def with_labels(batch: pa.Table, labels: np.ndarray, dists: np.ndarray, final: np.ndarray) -> pa.Table:
-    """``batch`` without its embeddings, plus ``kmeans_cluster`` (labels), ``distance`` (squared, to the
-    row's centroid) and ``cluster`` (final id): the rows a cluster stage writes. All arrays (n,)."""
-    out = batch.drop_columns(["embedding"])
-    out = out.append_column("kmeans_cluster", pa.array(labels, pa.int32()))
-    out = out.append_column("distance", pa.array(dists, pa.float32()))
-    return out.append_column("cluster", pa.array(final, pa.int32()))
-
-
-def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -> pa.Table:
-    """Rows with their k-means label, final cluster id (after the small-cluster rule) and distance."""
-    labels, dists = km.assign(embedding_matrix(batch), centroids)
-    return with_labels(batch, labels, dists, final_ids[labels])
-
-
 # ---- driver ---------------------------------------------------------------------------------------
 def _fit_on_sample(ds, cfg: Config, n_rows: int) -> tuple[km.KMeansModel, float, dict]:
     """k-means on a hash sample (:func:`tclora.cluster.fit_fraction`: every row of a corpus up to

@@ -24,16 +24,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from pipelines.cluster import (
-    N_EXAMPLES,
-    embedding_matrix,
-    stage_path,
-    with_labels,
-    write_by_cluster,
-    write_router,
-)
+from pipelines.cluster import stage_path, write_by_cluster, write_router
+from pipelines.cluster_tasks import N_EXAMPLES, task_label_batch, task_summary_batch
 from pipelines.io import read_parquet
 from pipelines.train import run_train
 from tclora import cluster as km
@@ -52,33 +45,6 @@ from tclora.cluster_quality import report_markdown
 from tclora.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
-
-
-# ---- worker functions (map_batches) -----------------------------------------------------------------
-def task_summary_batch(batch: pa.Table) -> pa.Table:
-    """One row per task in the batch (None: rows without a task_name): row count, embedding sum, first sources."""
-    tasks = batch.column("task_name").to_pylist()
-    vectors = embedding_matrix(batch)
-    sources, row_ids = batch.column("source").to_pylist(), batch.column("row_id").to_pylist()
-    out: dict[str | None, dict] = {}
-    for i, task in enumerate(tasks):
-        entry = out.setdefault(task, {"n": 0, "sum": np.zeros(vectors.shape[1]), "examples": [],
-                                      "first": row_ids[i]})
-        entry["n"] += 1
-        entry["sum"] += vectors[i]
-        if len(entry["examples"]) < N_EXAMPLES:
-            entry["examples"].append(sources[i][:200])
-    return pa.table({"task": list(out), "n": [e["n"] for e in out.values()],
-                     "sum": [e["sum"].tolist() for e in out.values()],
-                     "examples": [e["examples"] for e in out.values()],
-                     "first_row": [e["first"] for e in out.values()]})
-
-
-def task_label_batch(batch: pa.Table, cluster_of: dict[str, int], centroids: np.ndarray) -> pa.Table:
-    """Rows with their cluster (their task's) and squared distance to its centroid, as ``label_batch``."""
-    labels = np.array([cluster_of[t] for t in batch.column("task_name").to_pylist()], dtype=np.int32)
-    dists = ((embedding_matrix(batch) - centroids[labels]) ** 2).sum(axis=1)
-    return with_labels(batch, labels, dists, labels)
 
 
 # ---- driver -------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""k-means at scale (Ray-free): k-means++ restarts, chunked Lloyd, assignment, small clusters, reports.
+"""k-means at scale (Ray-free): k-means++ restarts, chunked Lloyd, small clusters, reports (assignment:
+:mod:`tclora.centroids`, torch-free, re-exported here).
 
 Distances are squared Euclidean, computed as ``|x|^2 - 2 x.c + |c|^2`` with one BLAS matmul per chunk of
 rows, so memory stays at ``chunk_rows x k`` however many rows there are. Embeddings are unit vectors, so
@@ -7,9 +8,9 @@ Euclidean k-means is cosine k-means up to a monotone transform.
 Restarts are cheap by design: the ``n_init`` greedy k-means++ seedings and their Lloyd runs happen on a
 subsample of ``init_size`` rows; the best of them (lowest inertia) is refined with Lloyd on all of ``x``.
 Measured (``benchmarks/bench_kmeans.py``) at 1M x 384, k=64, fit on a 20% sample then assign all rows:
-14.0 s of single-thread CPU (fit 12.1, assign 1.9) for an inertia 1.0% *below* scikit-learn ``KMeans`` on
-all rows (347 s single-thread CPU; its one k-means++ run lands in a worse local minimum), while
-``MiniBatchKMeans`` took 18.2 s for 0.7% below, and 0.8% *above* at 100k rows.
+14.0 s of single-thread CPU (fit 12.1, assign 1.9 with the torch assignment of then) for an inertia 1.0%
+*below* scikit-learn ``KMeans`` on all rows (347 s single-thread CPU; its one k-means++ run lands in a worse
+local minimum), while ``MiniBatchKMeans`` took 18.2 s for 0.7% below, and 0.8% *above* at 100k rows.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from tclora.centroids import CHUNK_ROWS, assign, check_finite
 from tclora.config import ConfigError
 from tclora.plots import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 32768  # rows per distance matmul: 32768 x k floats of scratch, whatever n is
 MIN_ROWS_PER_CLUSTER_IN_SAMPLE = 50  # a fit sample never has fewer than this many rows per cluster (if it can)
 
 
@@ -101,26 +102,6 @@ def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def check_finite(x: torch.Tensor, what: str = "x", chunk_rows: int = CHUNK_ROWS) -> None:
-    """Fail naming the first row of ``x`` (n, d) that holds NaN or ±inf.
-
-    k-means cannot place such a row: seeding fails deep inside torch ("invalid multinomial
-    distribution") and every distance to it is NaN, so ``min`` would silently call it cluster 0. Checked
-    in chunks, so the scratch stays ``chunk_rows x d`` bools however many rows there are.
-
-    Raises:
-        ValueError: naming ``what``, the first bad row index (0-based) and how many rows are bad.
-    """
-    if x.shape[0] == 0:
-        return
-    bad = torch.cat([~torch.isfinite(x[s : s + chunk_rows]).all(1) for s in range(0, x.shape[0], chunk_rows)])  # (n,)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).flatten()
-        raise ValueError(f"{what}: row {int(rows[0])} holds a non-finite value (NaN or inf); {len(rows)} such "
-                         f"row(s) in all, e.g. {rows[:5].tolist()}. k-means needs finite vectors: drop or "
-                         "re-embed those rows (the embed stage quarantines them)")
-
-
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1).square_()  # (n,); 6x faster than (x * x).sum(1)
 
@@ -134,26 +115,6 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None,
         best, labels = d2.min(1)
         best += x_sq[start : start + len(xb)] if x_sq is not None else _sq_norms(xb)  # + |x|^2
         yield start, labels, best.clamp_(min=0.0)  # float32 cancellation can dip below 0
-
-
-def assign(x: np.ndarray, centroids: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row: ``(labels int32 (n,), squared distances float32 (n,))``.
-
-    Args:
-        x: (n, d) rows; centroids: (k, d).
-
-    Raises:
-        ValueError: a row of ``x`` or of ``centroids`` is not finite (named by its index).
-    """
-    xt, ct = _as_tensor(x), _as_tensor(centroids)
-    check_finite(ct, "centroids")
-    check_finite(xt, "assign: x", chunk_rows)
-    labels = np.empty(xt.shape[0], dtype=np.int32)
-    dists = np.empty(xt.shape[0], dtype=np.float32)
-    for start, lab, d2 in _nearest(xt, ct, chunk_rows=chunk_rows):
-        labels[start : start + len(lab)] = lab.numpy()
-        dists[start : start + len(lab)] = d2.numpy()
-    return labels, dists
 
 
 def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -239,7 +200,7 @@ def fit_kmeans(
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of rows ({n})")
     xt = _as_tensor(x)
-    check_finite(xt, "fit_kmeans: x")
+    check_finite(xt.numpy(), "fit_kmeans: x")
     gen = torch.Generator().manual_seed(seed)
     abs_tol = tol * float(xt.var(0).mean()) if n > 1 else 0.0
     m = min(n, init_size or max(20000, 100 * k))
