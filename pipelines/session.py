@@ -130,8 +130,12 @@ WORKER_ENV_DEFAULTS = {
     # in the packed-run test). Polling a few workers 4x a second costs the controller next to nothing.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }
+# And on a local instance only (one machine: no node can be preempted under a live driver), without Ray
+# Train's preemption watcher, an actor per Train run that polls the nodes' drain state (3.3 s of a core each
+# to start, measured with a tiny run); a cluster keeps it, for train.max_preemption_failures.
+LOCAL_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 WORKER_ENV_FORWARDED = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN_PATH",
-                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job manager for a submitted job's driver
 
 
@@ -145,16 +149,17 @@ def job_env_vars(environ: dict | None = None) -> dict | None:
     return dict(runtime_env.get("env_vars") or {})
 
 
-def driver_runtime_env(environ: dict | None = None) -> dict | None:
+def driver_runtime_env(environ: dict | None = None, local: bool = False) -> dict | None:
     """The runtime env this driver adds: only the variables the job's runtime env does not set.
 
     Ray refuses a driver runtime env that sets a variable the submitted job's runtime env also sets
     ("Failed to merge the Job's runtime env"), so inside a job the job's values win and ours are only
-    defaults for what it left out. Values come from :data:`WORKER_ENV_DEFAULTS`, overridden by this
+    defaults for what it left out. Values come from :data:`WORKER_ENV_DEFAULTS` (and
+    :data:`LOCAL_ENV_DEFAULTS` when ``local``: the driver starts its own instance), overridden by this
     process's environment for the :data:`WORKER_ENV_FORWARDED` names.
     """
     environ = os.environ if environ is None else environ
-    env = dict(WORKER_ENV_DEFAULTS)
+    env = {**WORKER_ENV_DEFAULTS, **(LOCAL_ENV_DEFAULTS if local else {})}
     env.update({name: environ[name] for name in WORKER_ENV_FORWARDED if name in environ})
     job = job_env_vars(environ)
     if job is not None:
@@ -179,7 +184,8 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    address, runtime_env = ray_address(cfg), driver_runtime_env()
+    address = ray_address(cfg)
+    runtime_env = driver_runtime_env(local=address == "local")
     if address != "local":
         log.info("Ray: connecting to the cluster at %s (%s)", address,
                  "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS")

@@ -71,7 +71,7 @@ def ray_session():
         from pipelines.session import driver_runtime_env
 
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env=driver_runtime_env())  # what a run's driver passes (HF_HUB_OFFLINE is set above)
+                 runtime_env=driver_runtime_env(local=True))  # what a run's driver starting its own passes
     yield ray
     ray.shutdown()
 

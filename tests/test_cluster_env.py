@@ -29,6 +29,8 @@ def test_init_ray_says_which_ray_it_uses(monkeypatch, caplog):
         session.init_ray(validate({}))
         session.init_ray(validate({"run": {"ray_address": "10.0.0.1:6379"}}))
     assert [c["address"] for c in calls] == ["local", "10.0.0.1:6379"]
+    local, cluster = (c["runtime_env"]["env_vars"] for c in calls)
+    assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in cluster
     assert "starting a local instance" in caplog.text
     assert "connecting to the cluster at 10.0.0.1:6379 (run.ray_address)" in caplog.text
 
@@ -39,6 +41,10 @@ def test_outside_a_job_the_driver_sets_its_defaults_and_forwards_hf_settings():
                                 "HF_HOME": "/cache/hf", "HF_HUB_OFFLINE": "1"}}
     told = session.driver_runtime_env({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"})  # the user's value wins
     assert told["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1"
+    # A local instance is one machine: Ray Train's preemption watcher (default on) is left out, unless asked for.
+    assert session.driver_runtime_env({}, local=True)["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    asked = session.driver_runtime_env({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}, local=True)
+    assert asked["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 
 def test_inside_a_job_the_driver_never_sets_what_the_jobs_runtime_env_sets():
