@@ -4,7 +4,8 @@ A module of their own, importing NumPy and PyArrow only, because a Ray worker ru
 module that defines its function: defined in :mod:`pipelines.cluster` (k-means fitting, reports) or
 :mod:`pipelines.mbc` (the train stage), they made every task worker process import torch (2.7 s of a core
 each; four such processes in a tiny run, and every worker of every node that labels rows at scale). Pinned
-by ``tests/test_config.py``; the k-means tasks by :mod:`pipelines.cluster`, the MBC ones by :mod:`pipelines.mbc`.
+by ``tests/test_config.py``. The k-means tasks are run by :mod:`pipelines.cluster`, the MBC ones by
+:mod:`pipelines.mbc`.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ def label_batch(batch: pa.Table, centroids: np.ndarray, final_ids: np.ndarray) -
     """Rows with their k-means label, final cluster id (after the small-cluster rule) and distance."""
     labels, dists = assign(embedding_matrix(batch), centroids)
     return with_labels(batch, labels, dists, final_ids[labels])
-
 
 
 # ---- MBC (cluster.by: adapters) -----------------------------------------------------------------

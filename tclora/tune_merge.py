@@ -11,7 +11,7 @@ and then a search that moves one coordinate at a time never leaves the first rul
 ``combine`` is one: ``mean`` is ``sum`` / T, so its best λ is T times theirs. On the demo world (LoRI-S,
 ``train.merge_aware`` 0.05 with adapter dropout 0.5, CP rank 12, seed 0) coordinate search kept
 ``mean`` at λ = 2.0 (validation 0.475: at λ = 2.0 the other rules score 0.05 and 0.075) where
-``shared`` at λ = 1.0 scores 0.65, and the shipped CP merge scored 0.39 on test instead of 0.69.
+``shared`` at λ = 1.0 scores 0.65, and the tuned CP merge scored 0.39 on test instead of 0.69.
 
 Ties keep the first candidate seen (the configured setting first, then the grid in order), so a flat
 score keeps the default setting. λ multiplies every method's update exactly (tests/test_merge.py), so
