@@ -14,6 +14,7 @@ nothing of the killed attempt reaches the stage, which only appears once the who
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -56,21 +57,41 @@ def _empty(directory: Path) -> None:
             path.unlink()
 
 
+@functools.lru_cache(maxsize=1)
+def _reused_base(model_json: str, cuda: bool) -> tuple:
+    """The base (and tokenizer) of the last ``model`` section this process loaded with ``reuse_base``.
+
+    Safe to share between stages because nothing keeps a change to it: every merge is applied for the
+    length of a block and copied back (:func:`tclora.adapters.deltas_applied`), Arrow's LoRA layers are
+    unloaded (:func:`tclora.farm.arrow_applied`). One entry: a process holds one base at a time.
+    """
+    from tclora.config import ModelSection
+    from tclora.models import load_base_for
+
+    model, tokenizer = load_base_for(ModelSection.model_validate_json(model_json))
+    return (model.to("cuda") if cuda else model), tokenizer
+
+
 class MergeEval:
     """The stage's work on one loaded base: merge the run's adapters, save the merges, score everything.
 
     ``tclora run`` runs it as :class:`MergeEvalActor`; a sweep trial runs it in its own process, which
     is already a Ray actor holding the eval resources (a second process would import torch,
-    transformers and PEFT again and load the base again).
+    transformers and PEFT again and load the base again). Tune hands that process the next trial
+    (``reuse_actors``), and ``reuse_base`` keeps the base loaded for it.
     """
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, reuse_base: bool = False):
         from tclora.models import load_base_for
 
         self.cfg: Config = validate(cfg)
-        self.model, self.tokenizer = load_base_for(self.cfg.model)
-        if self.cfg.eval.num_gpus > 0 and torch.cuda.is_available():  # Ray set CUDA_VISIBLE_DEVICES for us
-            self.model.to("cuda")
+        cuda = self.cfg.eval.num_gpus > 0 and torch.cuda.is_available()  # Ray set CUDA_VISIBLE_DEVICES for us
+        if reuse_base:
+            self.model, self.tokenizer = _reused_base(self.cfg.model.model_dump_json(), cuda)
+        else:
+            self.model, self.tokenizer = load_base_for(self.cfg.model)
+            if cuda:
+                self.model.to("cuda")
 
     def run(self, out_dir: str, cluster_dir: str, train_dir: str, store: storage.RunStore | None = None) -> dict:
         """Merge, save and score into ``out_dir``; the three paths are on ``store.filesystem`` (the run's
@@ -171,8 +192,9 @@ def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Pat
                    in_process: bool = False) -> StageResult:
     """Stage driver: skipped when merge/eval config, adapters and eval data are unchanged.
 
-    ``in_process``: do the work in this process instead of a :class:`MergeEvalActor`; for callers that are
-    themselves Ray actors holding the eval resources (a sweep trial).
+    ``in_process``: do the work in this process instead of a :class:`MergeEvalActor`, on the base this
+    process loaded last when the model section is the same; for callers that are themselves Ray actors
+    holding the eval resources (a sweep trial, which Tune may reuse for the next trial).
     """
     if not cfg.data.eval_paths:
         raise ValueError("data.eval_paths: no held-out split to evaluate on (set data.eval_paths)")
@@ -193,7 +215,7 @@ def run_merge_eval(cfg: Config, run_dir: Path, cluster_dir: Path, train_dir: Pat
         # The work gets the run's store and paths on it, never this driver's directories.
         paths = (out, store.path(cluster_dir), store.path(train_dir), store)
         if in_process:
-            extra.update(MergeEval(cfg.model_dump(mode="json")).run(*paths))
+            extra.update(MergeEval(cfg.model_dump(mode="json"), reuse_base=True).run(*paths))
         else:
             actor = MergeEvalActor.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus,
                                            resources=cfg.eval.resources or None).remote(cfg.model_dump(mode="json"))

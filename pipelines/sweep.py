@@ -177,8 +177,11 @@ def _tune(trainable, param_space: dict, tune_kwargs: dict, name: str, root: str,
     trial_name = lambda t: "k{k}-s{sparsity:g}-r{cp_rank}".format(**t.config)  # noqa: E731
     tuner = ray.tune.Tuner(
         trainable, param_space=param_space,
+        # reuse_actors: a finished trial's process takes the next one, with torch, transformers and PEFT
+        # imported and the base loaded (run_merge_eval(in_process=True) keeps it): per trial, a merge and an
+        # evaluation instead of a process start, the imports and a base load too.
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=trial_name,
-                                        trial_dirname_creator=trial_name, **tune_kwargs),
+                                        trial_dirname_creator=trial_name, reuse_actors=True, **tune_kwargs),
         run_config=ray.tune.RunConfig(name=name, storage_path=root, verbose=1,
                                       failure_config=ray.tune.FailureConfig(max_failures=1), callbacks=callbacks))
     return tuner.fit(), False

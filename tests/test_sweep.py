@@ -71,6 +71,32 @@ def test_sweep_embeds_once_and_trains_one_adapter_set_per_k(first):
 
 
 @ray_slow
+def test_trials_run_in_reused_processes(first):
+    """Tune's reuse_actors: a finished trial's process takes the next trial (4 trials, 2 at a time), so a
+    sweep starts fewer processes than it has points; each reports its pid in Tune's result.json."""
+    _, _, results = first
+    assert results["tune"]["max_concurrent"] == 2
+    reports = [json.loads(line) for path in Path(results["tune"]["path"]).glob("*/result.json")
+               for line in path.read_text().splitlines() if line.strip()]
+    assert len(reports) == 4  # one (final) report per grid point
+    assert 1 <= len({r["pid"] for r in reports}) < 4
+
+
+def test_in_process_merge_eval_reuses_the_base_it_loaded(tiny_base, tmp_path):
+    """What a reused trial process saves besides the imports: its base is loaded once per model section."""
+    from pipelines.merge_eval import MergeEval
+
+    raw = demo_run_config(tmp_path / "run", tiny_base)
+    first = MergeEval(raw, reuse_base=True)
+    assert MergeEval(raw, reuse_base=True).model is first.model
+    assert MergeEval(raw, reuse_base=False).model is not first.model  # tclora run's actor loads its own
+    other = demo_run_config(tmp_path / "run", tiny_base, model={"dtype": "bfloat16"})
+    changed = MergeEval(other, reuse_base=True).model
+    assert changed is not first.model and changed.dtype == torch.bfloat16
+    assert MergeEval(raw, reuse_base=True).model is not changed  # one base per process: the last one kept
+
+
+@ray_slow
 def test_sweep_results_cover_the_grid_with_baselines(first):
     _, _, results = first
     rows = results["rows"]
