@@ -20,6 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval task data (tests/test_harness.py)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist, each worker gets its share of the cores for torch's OpenMP pool (set before torch is
+# imported; inherited by the `tclora run` subprocesses some tests start). Measured on the tests without Ray,
+# one process on 2 cores (2026-12-03): one thread took the wall time of two and 10% less CPU (120 vs 133 s):
+# the tiny models leave OpenMP threads little to share, and under xdist that CPU is the other worker's.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 # ---- pytest-xdist (`make test`: -n 2 --dist loadfile) ---------------------------------------------------------
