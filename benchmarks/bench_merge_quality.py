@@ -90,16 +90,15 @@ def norm_ratio(model, deltas: dict) -> dict:
     return {"mean": statistics.fmean(ratios), "max": max(ratios)}
 
 
-def em_mean(model, tok, records: list[dict], args) -> float:
+def split_scores(model, tok, records: list[dict], split: str, args) -> dict[str, float]:
+    """``{task: score}`` of the model as it is on one split: exact match, or on mc_test the accuracy of the
+    choice with the lowest length-normalised NLL."""
+    if split == "mc_test":
+        res = evaluate.choice_accuracy(model, tok, records, batch_size=args.eval_batch_size,
+                                       max_length=args.max_length, length_normalize=True)
+        return {t: v["accuracy"] for t, v in res["per_task"].items()}
     return compare.evaluate_all(model, tok, records, {}, {}, EvalSection(
-        batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens))[BASE]["mean"]
-
-
-def mc_accuracy(model, tok, records: list[dict], args) -> float:
-    res = evaluate.choice_accuracy(model, tok, records, batch_size=args.eval_batch_size, max_length=args.max_length,
-                                   length_normalize=True)
-    per_task = [t["accuracy"] for t in res["per_task"].values()]
-    return sum(per_task) / len(per_task)  # every task counts the same, as for exact match
+        batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens))[BASE]["per_task"]
 
 
 def skills_performed(model, tok, deltas: dict | None, rows: list[dict], families: list[str], args) -> dict:
@@ -117,12 +116,12 @@ def skills_performed(model, tok, deltas: dict | None, rows: list[dict], families
     return out
 
 
-def scores_with(model, tok, deltas: dict | None, data: dict, args) -> dict:
-    """One model (base + ``deltas``) on every split: exact match, or MC accuracy on mc_test."""
+def scores_with(model, tok, deltas: dict | None, data: dict, args) -> tuple[dict, dict]:
+    """One model (base + ``deltas``) on every split: ``({split: score}, {split: {task: score}})``, the score
+    the mean over tasks (every task counts the same, as in a run's report)."""
     with adapters.deltas_applied(model, deltas) if deltas else contextlib.nullcontext():
-        out = {s: em_mean(model, tok, data[s], args) for s in GEN_SPLITS if data[s]}
-        out["mc_test"] = mc_accuracy(model, tok, data["mc_test"], args)
-    return out
+        per_task = {s: split_scores(model, tok, data[s], s, args) for s in SPLITS if data[s]}
+    return {s: sum(v.values()) / len(v) for s, v in per_task.items()}, per_task
 
 
 def oracle_scores(model, tok, factors: dict, data: dict, args) -> dict:
@@ -225,7 +224,9 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
         train_meta[family] = {k: meta[k] for k in ("dense_loss_last", "sparse_loss_last", "seconds") if k in meta}
         train_meta[family]["norm_ratio"] = norm_ratio(model, factors[cid])
     t_train = time.perf_counter()
-    scores = {BASE: scores_with(model, tok, None, data, args), ORACLE: oracle_scores(model, tok, factors, data, args)}
+    scores, per_task = {}, {}  # per_task: model -> split -> family, what a mean hides (which family gains)
+    scores[BASE], per_task[BASE] = scores_with(model, tok, None, data, args)
+    scores[ORACLE] = oracle_scores(model, tok, factors, data, args)
     log.info("seed %d %s: base %s, oracle %s, adapter norm ratios %s", seed, kind,
              *({k: round(v, 3) for k, v in scores[m].items()} for m in (BASE, ORACLE)),
              {f: round(m["norm_ratio"]["mean"], 4) for f, m in train_meta.items()})
@@ -240,7 +241,7 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
             log.warning("merge %s failed: %s", method, errors[method])
             continue
         ratios[method] = norm_ratio(model, merged[method])
-        scores[method] = scores_with(model, tok, merged[method], data, args)
+        scores[method], per_task[method] = scores_with(model, tok, merged[method], data, args)
         log.info("seed %d %s: %s %s %s (norm ratio %.4f)", seed, kind, method, chosen[method],
                  {k: round(v, 3) for k, v in scores[method].items()}, ratios[method]["mean"])
     best = max(chosen, key=lambda m: max(t["score"] for t in curves[m]), default=None)  # on validation
@@ -253,7 +254,7 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
     log.info("seed %d %s: train %.0fs, tune+eval %.0fs; test EM base %.3f oracle %.3f best merge %.3f", seed, kind,
              t_train - t0, t_eval - t_train, scores[BASE]["test"], scores[ORACLE]["test"],
              max((scores[m]["test"] for m in chosen), default=float("nan")))
-    return {"scores": scores, "params": chosen, "validation_trials": curves, "skills": skills,
+    return {"scores": scores, "per_task": per_task, "params": chosen, "validation_trials": curves, "skills": skills,
             "norm_ratio": {"adapters": {f: m["norm_ratio"] for f, m in train_meta.items()}, "merges": ratios},
             "merge_errors": errors, "train": train_meta,
             "seconds": {"train": round(t_train - t0, 1), "tune_and_eval": round(t_eval - t_train, 1)}}
@@ -296,6 +297,7 @@ def summarise(per_seed: dict) -> dict:
     return {"splits": out, "gain_kept": gain, "ood_gain": ood_gain, "best_merge": best, "best_ood_merge": best_ood,
             "both_merge": both,
             "best_baseline": best_baseline, "cp_vs_best_baseline": paired, "adapter_skills": _imposed(per_seed),
+            "ood_per_family": _per_family(per_seed, "ood_test"),
             "targets": {
         "base_in_domain": {"value": base, "met": base <= TARGETS["base_max"]},
         "oracle_in_domain": {"value": oracle, "met": oracle >= TARGETS["oracle_min"]},
@@ -304,6 +306,17 @@ def summarise(per_seed: dict) -> dict:
         "best_ood_gain_over_base": {"value": ood_gain.get(best_ood),
                                     "met": bool(best_ood and ood_gain[best_ood] >= TARGETS["ood_gain_min"])},
         "one_merge_both": {"value": reach.get(both), "met": bool(both and reach[both] >= 1)}}}
+
+
+def _per_family(per_seed: dict, split: str) -> dict | None:
+    """``{model: {family: score}}`` on ``split``, each the mean over the seeds that recorded per-family scores;
+    None when none did (results from before 2026-12-03 keep only each split's mean)."""
+    runs = [r["per_task"] for r in per_seed.values() if "per_task" in r]
+    out = {}
+    for m in dict.fromkeys(m for run in runs for m in run):
+        rows = [run[m][split] for run in runs if split in run.get(m, {})]
+        out[m] = {f: statistics.mean(row[f] for row in rows) for f in rows[0]} if rows else {}
+    return out or None
 
 
 def _imposed(per_seed: dict) -> dict | None:

@@ -181,6 +181,21 @@ def test_merge_quality_summary_gain_kept_and_targets():
     assert failed["gain_kept"]["cp"]["mean"] == pytest.approx(0.5 / 0.7)
 
 
+def test_merge_quality_out_of_domain_per_family_is_averaged_over_the_seeds_that_recorded_it():
+    def run(last: float, upper: float, per_family: bool = True) -> dict:
+        at = {"test": 0.5, "ood_test": (last + upper) / 2, "compose_test": 0.0, "mc_test": 0.0}
+        out = {"scores": {"base": {**at, "ood_test": 0.0}, "adapters": at, "cp": at}}
+        if per_family:
+            families = {"last_word": last, "upper_words": upper}
+            out["per_task"] = {"base": {"ood_test": {f: 0.0 for f in families}}, "cp": {"ood_test": families}}
+        return out
+
+    summary = bench_merge_quality.summarise({0: run(0.3, 0.0), 1: run(0.1, 0.0), 2: run(0.9, 0.9, False)})
+    assert summary["ood_per_family"] == {"base": {"last_word": 0.0, "upper_words": 0.0},
+                                         "cp": {"last_word": pytest.approx(0.2), "upper_words": 0.0}}
+    assert bench_merge_quality.summarise({0: run(0.3, 0.0, False)})["ood_per_family"] is None  # older results
+
+
 def test_merge_quality_one_merge_for_both_targets():
     """The best merge in domain and the best out of domain are different methods here; only one merge meets
     both targets (kept >= 60% and OOD >= +0.10), and it is neither of them."""
