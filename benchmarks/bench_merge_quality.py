@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import arg_parser, headline, machine_info, result_stem, setup_logging, write_result
-from tclora import adapters, compare, evaluate
+from tclora import adapters, artifacts, compare, evaluate
 from tclora.config import FUSED_LOSS_FIELDS, EvalSection, LoRISection, MergeSection, TrainSection
 from tclora.data import read_jsonl
 from tclora.demo_base import DemoBaseSpec, build_demo_base
@@ -81,6 +81,16 @@ def route(records: list[dict], families: list[str]) -> list[dict]:
         if all(p in families for p in parts):
             out.append(dict(r, cluster=families.index(parts[-1])))
     return out
+
+
+def base_fingerprint(base_path: Path) -> dict:
+    """Which demo base a result was measured on: its weights' sha256 (from the checkpoint's manifest) and its
+    pre-training loss. The base is rebuilt from its spec where none is cached, and pre-training 3,000 steps on
+    another CPU rounds differently: the same spec and seed then give another base (issue 12: rebuilt on
+    2026-12-03, one variant's best out-of-domain merge moved from +0.04 to +0.11)."""
+    manifest = artifacts.read_manifest(base_path) or {}
+    return {"sha256": manifest.get("outputs", {}).get("model.safetensors"),
+            "final_loss": manifest.get("final_loss"), "built": manifest.get("finished_at")}
 
 
 def norm_ratio(model, deltas: dict) -> dict:
@@ -166,7 +176,8 @@ FUSED_LOSSES = FUSED_LOSS_FIELDS  # train fields that shape a fused group's adap
 def variants(args) -> list[tuple[str, str, dict]]:
     """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware) x
     adapter dropout (train.merge_aware_dropout, with γ > 0 only), named
-    ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>][+per_run<G>][+cp_rank<R>]``; plain
+    ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>][+per_run<G>][+cp_rank<R>][+base_seed<S>]``;
+    plain
     LoRA is never fused, so only β = γ = 0."""
     out = []
     for kind in args.kinds:
@@ -178,7 +189,8 @@ def variants(args) -> list[tuple[str, str, dict]]:
                 split = kind != "lora" and args.clusters_per_run and args.clusters_per_run < len(args.families)
                 name = "".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v),
                                 f"+per_run{args.clusters_per_run}" if split else "",
-                                f"+cp_rank{args.cp_rank}" if args.cp_rank != DEFAULT_CP_RANK else ""])
+                                f"+cp_rank{args.cp_rank}" if args.cp_rank != DEFAULT_CP_RANK else "",
+                                f"+base_seed{args.base_seed}" if args.base_seed else ""])
                 out.append((name, kind, train))
     if not out:
         raise SystemExit("nothing to run: plain LoRA (--kinds lora) is never fused, so it has only "
@@ -444,6 +456,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--cache-dir", type=Path, default=None, help="demo base cache (default ~/.cache/tclora)")
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="the demo base's pre-training steps (model.demo_pretrain_steps; default: the demo's)")
+    p.add_argument("--base-seed", type=int, default=0,
+                   help="the demo base's pre-training seed (another base, built and cached once; reported as "
+                        "'<variant>+base_seed<S>'): how much a result owes to one pre-training draw")
     p.add_argument("--work", type=Path, default=None, help="keep corpora and adapters here (default: a temp dir)")
     p.add_argument("--combine", type=Path, nargs="+", default=None,
                    help="re-summarise the per-seed results of earlier runs' JSON files (e.g. one process per seed)")
@@ -466,14 +481,21 @@ def combine(args) -> dict:
     # A machine dict of its own: write_result stamps load_avg_end on it, which must not reach the first part's
     # machine, also the run machine of that part's variants.
     result = {**parts[0], "machine": dict(parts[0]["machine"]), "summary": {}, "per_seed": {}, "headline": [],
-              "variant_machine": {}, "combined_from": [str(p) for p in args.combine]}
+              "variant_machine": {}, "variant_base": {}, "combined_from": [str(p) for p in args.combine]}
     for kind in dict.fromkeys(k for part in parts for k in part["per_seed"]):
-        per_seed = {int(s): r for part in parts for s, r in part["per_seed"].get(kind, {}).items()}
+        holding = [(path, part) for path, part in zip(args.combine, parts) if kind in part["per_seed"]]
+        bases = {part.get("variant_base", {}).get(kind, part["config"].get("base", {}).get("sha256"))
+                 for _, part in holding} - {None}  # None: a part from before bases were recorded
+        if len(bases) > 1:
+            raise SystemExit(f"--combine: {kind}'s seeds were measured on different demo bases "
+                             f"({', '.join(str(path) for path, _ in holding)}): rerun them on one base")
+        per_seed = {int(s): r for _, part in holding for s, r in part["per_seed"][kind].items()}
+        result["variant_base"][kind] = next(iter(bases), None)
         result["per_seed"][kind] = {str(s): r for s, r in sorted(per_seed.items())}
         result["summary"][kind] = summarise(per_seed)
         # The machine (and date) a variant ran on: that of the last part holding it, as its seeds are (a part
         # that is itself combined says per variant); the README table shows it on the variant's rows.
-        last = [part for part in parts if kind in part["per_seed"]][-1]
+        last = holding[-1][1]
         result["variant_machine"][kind] = last.get("variant_machine", {}).get(kind, last["machine"])
         result["headline"] += [{**h, "run_machine": result["variant_machine"][kind]}
                                for h in headlines(result["summary"][kind], kind)]
@@ -498,6 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = DemoBaseSpec(**TINY_DEMO_SPEC) if args.smoke else DemoBaseSpec()
     if args.pretrain_steps is not None:
         spec = dataclasses.replace(spec, pretrain_steps=args.pretrain_steps)
+    spec = dataclasses.replace(spec, seed=args.base_seed)
     started, cpu_started = time.perf_counter(), time.process_time()
     base_path = build_demo_base(args.cache_dir, spec)  # cached after the first build
     model, tok = load_base(str(base_path))
@@ -505,7 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("out", "work", "cache_dir")}
     result = {"benchmark": "merge_quality", "smoke": args.smoke, "machine": machine_info(),
-              "config": {**config, "alpha": 2 * args.rank, "base_spec": spec.key(), "targets": TARGETS,
+              "config": {**config, "alpha": 2 * args.rank, "base_spec": spec.key(), "base": base_fingerprint(base_path),
+                         "targets": TARGETS,
                          "oracle_routing": "by family; compositions to their last component's adapter"},
               "summary": {}, "per_seed": {}, "headline": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -100,23 +100,35 @@ def test_readme_table_prefers_full_results_and_reads_legacy_json(tmp_path):
     assert dated == [("2026-01-01 00:00", "?"), ("2026-02-03 04:05", "2 CPUs")]
 
 
-def test_combined_merge_quality_keeps_each_variants_run(tmp_path):
-    """bench_merge_quality --combine: each variant keeps the machine and date of the last part that ran it."""
-    def part(name: str, date: str, variants: list[str]) -> Path:
-        seed = {"scores": {m: {s: v for s in bench_merge_quality.SPLITS}
-                           for m, v in (("base", 0.0), ("adapters", 0.8), ("linear", 0.5))}}
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"machine": {"date": date}, "config": {"kinds": ["lori_s"]}, "seconds": {},
-                                    "cpu_seconds": 1.0, "per_seed": {v: {"0": seed} for v in variants}}))
+def test_combined_merge_quality_keeps_each_variants_run_and_base(tmp_path):
+    """bench_merge_quality --combine: each variant keeps the machine and date of the last part that ran it, and
+    the demo base it was measured on; seeds of one variant from two different bases are refused."""
+    def part(name: str, date: str, variants: list[str], base: str | None, seed: str = "0") -> Path:
+        scores = {"scores": {m: {s: v for s in bench_merge_quality.SPLITS}
+                             for m, v in (("base", 0.0), ("adapters", 0.8), ("linear", 0.5))}}
+        config = {"kinds": ["lori_s"], **({"base": {"sha256": base}} if base else {})}  # None: before bases were
+        path = tmp_path / f"{name}.json"                                                # recorded
+        path.write_text(json.dumps({"machine": {"date": date}, "config": config, "seconds": {},
+                                    "cpu_seconds": 1.0, "per_seed": {v: {seed: scores} for v in variants}}))
         return path
 
-    old, new = part("old", "2026-01-01", ["lori_s", "lori_d"]), part("new", "2026-02-02", ["lori_s"])
+    old, new = part("old", "2026-01-01", ["lori_s", "lori_d"], None), part("new", "2026-02-02", ["lori_s"], "b1")
     args = bench_merge_quality.parse_args(["--combine", str(old), str(new)])
     result = bench_merge_quality.combine(args)
     write_result(tmp_path / "out", "merge_quality", result)  # stamps the combining run's load on its machine
     assert result["variant_machine"] == {"lori_s": {"date": "2026-02-02"}, "lori_d": {"date": "2026-01-01"}}
+    assert result["variant_base"] == {"lori_s": "b1", "lori_d": None}
     runs = {h["metric"].split("(")[1].split(")")[0]: h["run_machine"] for h in result["headline"]}
     assert runs == {"lori_s": {"date": "2026-02-02"}, "lori_d": {"date": "2026-01-01"}}
+
+    other = part("other", "2026-02-03", ["lori_s"], "b2", seed="1")  # another base, another seed: still refused
+    with pytest.raises(SystemExit, match=r"lori_s's seeds were measured on different demo bases .*other\.json"):
+        bench_merge_quality.combine(bench_merge_quality.parse_args(["--combine", str(new), str(other)]))
+    again = part("again", "2026-02-03", ["lori_s"], "b1", seed="1")  # a combined result says per variant
+    (tmp_path / "combined.json").write_text(json.dumps(result))
+    merged = bench_merge_quality.combine(bench_merge_quality.parse_args(
+        ["--combine", str(tmp_path / "combined.json"), str(again)]))
+    assert merged["variant_base"]["lori_s"] == "b1" and sorted(merged["per_seed"]["lori_s"]) == ["0", "1"]
 
 
 def test_scripts_explain_themselves():
@@ -152,6 +164,8 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     # A CP / SVD rank other than demo.yaml's is named, so such a run combines beside the default one.
     rank = bench_merge_quality.parse_args(["--kinds", "lori_s", "lora", "--cp-rank", "12"])
     assert [name for name, _, _ in bench_merge_quality.variants(rank)] == ["lori_s+cp_rank12", "lora+cp_rank12"]
+    base = bench_merge_quality.parse_args(["--cp-rank", "12", "--base-seed", "2"])  # another pre-training draw
+    assert [name for name, _, _ in bench_merge_quality.variants(base)] == ["lori_s+cp_rank12+base_seed2"]
     assert bench_merge_quality.DEFAULT_CP_RANK == yaml.safe_load(
         (Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())["merge"]["cp_rank"]
 
