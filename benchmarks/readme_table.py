@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -114,9 +115,21 @@ def machine(r: dict) -> str:
 
 
 def date(path: Path, r: dict) -> str:
+    """When the result was measured: its own record, else when git last committed the file (a checkout
+    sets every file's mtime to the time of the clone), else, uncommitted or outside git, the file's mtime."""
     when = (r.get("machine") or {}).get("date")
     if when:
         return when[:16].replace("T", " ")
+    try:
+        git = ["git", "-C", str(path.parent)]
+        unchanged = not subprocess.run([*git, "diff", "--quiet", "HEAD", "--", path.name],
+                                       capture_output=True).returncode
+        committed = subprocess.run([*git, "log", "-1", "--format=%cI", "--", path.name], capture_output=True,
+                                   text=True).stdout.strip()
+    except OSError:  # no git
+        unchanged, committed = False, ""
+    if unchanged and committed:
+        return dt.datetime.fromisoformat(committed).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M") + " (commit)"
     mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
     return mtime.strftime("%Y-%m-%d %H:%M") + " (file)"
 

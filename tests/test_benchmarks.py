@@ -100,6 +100,25 @@ def test_readme_table_prefers_full_results_and_reads_legacy_json(tmp_path):
     assert dated == [("2026-01-01 00:00", "?"), ("2026-02-03 04:05", "2 CPUs")]
 
 
+def test_readme_table_dates_an_undated_result_by_its_last_commit(tmp_path):
+    """A clone gives every file the clone's mtime: an undated result is dated by the commit that last changed it,
+    and by its mtime only while it differs from that commit."""
+    import os
+    import subprocess
+
+    result = tmp_path / "bench_x.json"
+    result.write_text("{}")
+    when = "2026-01-02T03:04:00+00:00"
+    env = {**os.environ, "GIT_AUTHOR_DATE": when, "GIT_COMMITTER_DATE": when, "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["init", "-q"], ["add", "bench_x.json"], ["commit", "-qm", "result"]):
+        subprocess.run(["git", "-C", str(tmp_path), *cmd], env=env, check=True)
+    assert readme_table.date(result, {}) == "2026-01-02 03:04 (commit)"
+    result.write_text('{"changed": 1}')
+    assert readme_table.date(result, {}).endswith(" (file)")
+    assert readme_table.date(result, {"machine": {"date": "2026-05-06T07:08:09"}}) == "2026-05-06 07:08"
+
+
 def test_combined_merge_quality_keeps_each_variants_run_and_base(tmp_path):
     """bench_merge_quality --combine: each variant keeps the machine and date of the last part that ran it, and
     the demo base it was measured on; seeds of one variant from two different bases are refused."""
