@@ -26,7 +26,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from tclora.centroids import CHUNK_ROWS, assign, check_finite
+from tclora.centroids import assign, check_finite, nearest_chunks
 from tclora.config import ConfigError
 from tclora.plots import pyplot, save_figure
 
@@ -106,15 +106,11 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1).square_()  # (n,); 6x faster than (x * x).sum(1)
 
 
-def _nearest(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None, chunk_rows: int = CHUNK_ROWS):
-    """Yield ``(start, labels, sq_dists)`` per chunk of rows of ``x`` (n, d) against ``c`` (k, d)."""
-    c_sq = _sq_norms(c)  # (k,)
-    for start in range(0, x.shape[0], chunk_rows):
-        xb = x[start : start + chunk_rows]  # (b, d) view, no copy
-        d2 = torch.addmm(c_sq, xb, c.T, alpha=-2.0)  # (b, k) = |c|^2 - 2 x.c
-        best, labels = d2.min(1)
-        best += x_sq[start : start + len(xb)] if x_sq is not None else _sq_norms(xb)  # + |x|^2
-        yield start, labels, best.clamp_(min=0.0)  # float32 cancellation can dip below 0
+def _nearest(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor):
+    """:func:`tclora.centroids.nearest_chunks` on tensors (shared memory, no copies): ``(start, labels, sq_dists)``
+    per chunk of rows of ``x`` (n, d) against ``c`` (k, d), as tensors for the Lloyd loop's ``index_add_``."""
+    for start, labels, d2 in nearest_chunks(x.numpy(), c.numpy(), x_sq.numpy()):
+        yield start, torch.from_numpy(labels), torch.from_numpy(d2)
 
 
 def _kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
