@@ -87,7 +87,7 @@ def base_fingerprint(base_path: Path) -> dict:
     """Which demo base a result was measured on: its weights' sha256 (from the checkpoint's manifest) and its
     pre-training loss. The base is rebuilt from its spec where none is cached, and pre-training 3,000 steps on
     another CPU rounds differently: the same spec and seed then give another base (issue 12: rebuilt on
-    2026-12-03, one variant's best out-of-domain merge moved from +0.04 to +0.11)."""
+    2026-12-03, TSV-M's out-of-domain gain on one variant moved from +0.04 to +0.11)."""
     manifest = artifacts.read_manifest(base_path) or {}
     return {"sha256": manifest.get("outputs", {}).get("model.safetensors"),
             "final_loss": manifest.get("final_loss"), "built": manifest.get("finished_at")}
@@ -177,8 +177,7 @@ def variants(args) -> list[tuple[str, str, dict]]:
     """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware) x
     adapter dropout (train.merge_aware_dropout, with γ > 0 only), named
     ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>][+per_run<G>][+cp_rank<R>][+base_seed<S>]``;
-    plain
-    LoRA is never fused, so only β = γ = 0."""
+    plain LoRA is never fused, so only β = γ = 0."""
     out = []
     for kind in args.kinds:
         for values in itertools.product(*(getattr(args, field) for field in FUSED_LOSSES)):
