@@ -176,7 +176,7 @@ FUSED_LOSSES = FUSED_LOSS_FIELDS  # train fields that shape a fused group's adap
 def variants(args) -> list[tuple[str, str, dict]]:
     """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware) x
     adapter dropout (train.merge_aware_dropout, with γ > 0 only), named
-    ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>][+per_run<G>][+cp_rank<R>][+base_seed<S>]``;
+    ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>][+per_run<G>][+cp_rank<R>][+base_seed<S>|+base_per_seed]``;
     plain LoRA is never fused, so only β = γ = 0."""
     out = []
     for kind in args.kinds:
@@ -189,7 +189,8 @@ def variants(args) -> list[tuple[str, str, dict]]:
                 name = "".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v),
                                 f"+per_run{args.clusters_per_run}" if split else "",
                                 f"+cp_rank{args.cp_rank}" if args.cp_rank != DEFAULT_CP_RANK else "",
-                                f"+base_seed{args.base_seed}" if args.base_seed else ""])
+                                f"+base_seed{args.base_seed}" if args.base_seed else "",
+                                "+base_per_seed" if args.base_per_seed else ""])
                 out.append((name, kind, train))
     if not out:
         raise SystemExit("nothing to run: plain LoRA (--kinds lora) is never fused, so it has only "
@@ -266,6 +267,7 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
              t_train - t0, t_eval - t_train, scores[BASE]["test"], scores[ORACLE]["test"],
              max((scores[m]["test"] for m in chosen), default=float("nan")))
     return {"scores": scores, "per_task": per_task, "params": chosen, "validation_trials": curves, "skills": skills,
+            "base": base_fingerprint(base_path),
             "norm_ratio": {"adapters": {f: m["norm_ratio"] for f, m in train_meta.items()}, "merges": ratios},
             "merge_errors": errors, "train": train_meta,
             "seconds": {"train": round(t_train - t0, 1), "tune_and_eval": round(t_eval - t_train, 1)}}
@@ -458,6 +460,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--base-seed", type=int, default=0,
                    help="the demo base's pre-training seed (another base, built and cached once; reported as "
                         "'<variant>+base_seed<S>'): how much a result owes to one pre-training draw")
+    p.add_argument("--base-per-seed", action="store_true",
+                   help="seed s trains and scores on the demo base pre-trained with seed s (each built and cached "
+                        "once; '<variant>+base_per_seed'): the mean over seeds then spans pre-training draws, "
+                        "where one base's seeds measure one draw")
     p.add_argument("--work", type=Path, default=None, help="keep corpora and adapters here (default: a temp dir)")
     p.add_argument("--combine", type=Path, nargs="+", default=None,
                    help="re-summarise the per-seed results of earlier runs' JSON files (e.g. one process per seed)")
@@ -465,6 +471,8 @@ def parse_args(argv: list[str] | None = None):
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
+    if args.base_per_seed and args.base_seed:
+        p.error("--base-per-seed picks each seed's base itself: leave --base-seed at 0")
     unknown = sorted(set(args.families) - set(TASK_FAMILIES))
     if unknown or len(args.families) < 2:
         p.error(f"--families: need >= 2 of {list(TASK_FAMILIES)}; unknown: {unknown}")
@@ -483,13 +491,24 @@ def combine(args) -> dict:
               "variant_machine": {}, "variant_base": {}, "combined_from": [str(p) for p in args.combine]}
     for kind in dict.fromkeys(k for part in parts for k in part["per_seed"]):
         holding = [(path, part) for path, part in zip(args.combine, parts) if kind in part["per_seed"]]
-        bases = {part.get("variant_base", {}).get(kind, part["config"].get("base", {}).get("sha256"))
-                 for _, part in holding} - {None}  # None: a part from before bases were recorded
+        per_seed = {int(s): r for _, part in holding for s, r in part["per_seed"][kind].items()}
+        if kind.endswith("+base_per_seed"):  # each seed on its own base (seed s: base seed s), recorded per seed
+            shas: dict[str, set] = {}
+            for _, part in holding:
+                for s, r in part["per_seed"][kind].items():
+                    shas.setdefault(s, set()).add(r["base"]["sha256"])
+            if clash := sorted(s for s, found in shas.items() if len(found) > 1):
+                raise SystemExit(f"--combine: {kind}'s seed(s) {', '.join(clash)} were measured on different builds "
+                                 "of their base (another machine's pre-training): rerun them on one")
+            result["variant_base"][kind] = {s: shas[s].pop() for s in sorted(shas, key=int)}
+            bases = set()
+        else:
+            bases = {part.get("variant_base", {}).get(kind, part["config"].get("base", {}).get("sha256"))
+                     for _, part in holding} - {None}  # None: a part from before bases were recorded
+            result["variant_base"][kind] = next(iter(bases), None)
         if len(bases) > 1:
             raise SystemExit(f"--combine: {kind}'s seeds were measured on different demo bases "
                              f"({', '.join(str(path) for path, _ in holding)}): rerun them on one base")
-        per_seed = {int(s): r for _, part in holding for s, r in part["per_seed"][kind].items()}
-        result["variant_base"][kind] = next(iter(bases), None)
         result["per_seed"][kind] = {str(s): r for s, r in sorted(per_seed.items())}
         result["summary"][kind] = summarise(per_seed)
         # The machine (and date) a variant ran on: that of the last part holding it, as its seeds are (a part
@@ -519,21 +538,26 @@ def main(argv: list[str] | None = None) -> dict:
     spec = DemoBaseSpec(**TINY_DEMO_SPEC) if args.smoke else DemoBaseSpec()
     if args.pretrain_steps is not None:
         spec = dataclasses.replace(spec, pretrain_steps=args.pretrain_steps)
-    spec = dataclasses.replace(spec, seed=args.base_seed)
+    base_of = {seed: seed if args.base_per_seed else args.base_seed for seed in args.seeds}  # seed -> base seed
     started, cpu_started = time.perf_counter(), time.process_time()
-    base_path = build_demo_base(args.cache_dir, spec)  # cached after the first build
-    model, tok = load_base(str(base_path))
+    base_paths = {b: build_demo_base(args.cache_dir, dataclasses.replace(spec, seed=b))  # cached after a first build
+                  for b in sorted(set(base_of.values()))}
+    loaded = {b: load_base(str(path)) for b, path in base_paths.items()}  # (model, tokenizer); the demo's are tiny
+    spec = dataclasses.replace(spec, seed=base_of[args.seeds[0]])
     base_seconds = round(time.perf_counter() - started, 1)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("out", "work", "cache_dir")}
     result = {"benchmark": "merge_quality", "smoke": args.smoke, "machine": machine_info(),
-              "config": {**config, "alpha": 2 * args.rank, "base_spec": spec.key(), "base": base_fingerprint(base_path),
+              "config": {**config, "alpha": 2 * args.rank, "base_spec": spec.key(),
+                         # one base, or with --base-per-seed each seed's (also in its per-seed record)
+                         "base": (base_fingerprint(base_paths[args.base_seed]) if not args.base_per_seed else
+                                  {"per_seed": {str(s): base_fingerprint(base_paths[s]) for s in args.seeds}}),
                          "targets": TARGETS,
                          "oracle_routing": "by family; compositions to their last component's adapter"},
               "summary": {}, "per_seed": {}, "headline": []}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, adapter_kind, train in variants(args):
-            per_seed = {seed: run_seed(seed, adapter_kind, model, tok, base_path, args,
+            per_seed = {seed: run_seed(seed, adapter_kind, *loaded[base_of[seed]], base_paths[base_of[seed]], args,
                                        (args.work or Path(tmp)) / f"{kind}-{seed}", train)
                         for seed in args.seeds}
             result["summary"][kind] = summarise(per_seed)

@@ -150,6 +150,27 @@ def test_combined_merge_quality_keeps_each_variants_run_and_base(tmp_path):
     assert merged["variant_base"]["lori_s"] == "b1" and sorted(merged["per_seed"]["lori_s"]) == ["0", "1"]
 
 
+def test_combined_merge_quality_with_a_base_per_seed(tmp_path):
+    """--base-per-seed runs record each seed's base: --combine pools their seeds (the point: a mean over
+    pre-training draws) and keeps each seed's base, but refuses one seed measured on two builds of its base."""
+    def part(name: str, seed: str, sha: str) -> Path:
+        run = {"scores": {m: {s: v for s in bench_merge_quality.SPLITS}
+                          for m, v in (("base", 0.0), ("adapters", 0.8), ("linear", 0.5))}, "base": {"sha256": sha}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"machine": {"date": "2026-02-02"}, "seconds": {}, "cpu_seconds": 1.0,
+                                    "config": {"kinds": ["lori_s"], "base": {"per_seed": {seed: {"sha256": sha}}}},
+                                    "per_seed": {"lori_s+base_per_seed": {seed: run}}}))
+        return path
+
+    combined = bench_merge_quality.combine(bench_merge_quality.parse_args(
+        ["--combine", str(part("s0", "0", "b0")), str(part("s1", "1", "b1"))]))
+    assert combined["variant_base"] == {"lori_s+base_per_seed": {"0": "b0", "1": "b1"}}
+    assert sorted(combined["per_seed"]["lori_s+base_per_seed"]) == ["0", "1"]
+    with pytest.raises(SystemExit, match=r"seed\(s\) 1 were measured on different builds"):
+        bench_merge_quality.combine(bench_merge_quality.parse_args(
+            ["--combine", str(part("s1", "1", "b1")), str(part("s1b", "1", "b1-rebuilt"))]))
+
+
 def test_scripts_explain_themselves():
     for parse in (bench_lori_params.parse_args, bench_merge_quality.parse_args):
         with pytest.raises(SystemExit) as exit_info:
@@ -185,6 +206,10 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     assert [name for name, _, _ in bench_merge_quality.variants(rank)] == ["lori_s+cp_rank12", "lora+cp_rank12"]
     base = bench_merge_quality.parse_args(["--cp-rank", "12", "--base-seed", "2"])  # another pre-training draw
     assert [name for name, _, _ in bench_merge_quality.variants(base)] == ["lori_s+cp_rank12+base_seed2"]
+    per_seed = bench_merge_quality.parse_args(["--base-per-seed"])  # seed s on base s
+    assert [name for name, _, _ in bench_merge_quality.variants(per_seed)] == ["lori_s+base_per_seed"]
+    with pytest.raises(SystemExit):  # one base, or one per seed: not both
+        bench_merge_quality.parse_args(["--base-per-seed", "--base-seed", "1"])
     assert bench_merge_quality.DEFAULT_CP_RANK == yaml.safe_load(
         (Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())["merge"]["cp_rank"]
 
