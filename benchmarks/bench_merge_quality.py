@@ -267,7 +267,6 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
              t_train - t0, t_eval - t_train, scores[BASE]["test"], scores[ORACLE]["test"],
              max((scores[m]["test"] for m in chosen), default=float("nan")))
     return {"scores": scores, "per_task": per_task, "params": chosen, "validation_trials": curves, "skills": skills,
-            "base": base_fingerprint(base_path),
             "norm_ratio": {"adapters": {f: m["norm_ratio"] for f, m in train_meta.items()}, "merges": ratios},
             "merge_errors": errors, "train": train_meta,
             "seconds": {"train": round(t_train - t0, 1), "tune_and_eval": round(t_eval - t_train, 1)}}
@@ -543,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_paths = {b: build_demo_base(args.cache_dir, dataclasses.replace(spec, seed=b))  # cached after a first build
                   for b in sorted(set(base_of.values()))}
     loaded = {b: load_base(str(path)) for b, path in base_paths.items()}  # (model, tokenizer); the demo's are tiny
+    fingerprints = {b: base_fingerprint(path) for b, path in base_paths.items()}
     spec = dataclasses.replace(spec, seed=base_of[args.seeds[0]])
     base_seconds = round(time.perf_counter() - started, 1)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -550,15 +550,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "merge_quality", "smoke": args.smoke, "machine": machine_info(),
               "config": {**config, "alpha": 2 * args.rank, "base_spec": spec.key(),
                          # one base, or with --base-per-seed each seed's (also in its per-seed record)
-                         "base": (base_fingerprint(base_paths[args.base_seed]) if not args.base_per_seed else
-                                  {"per_seed": {str(s): base_fingerprint(base_paths[s]) for s in args.seeds}}),
+                         "base": (fingerprints[args.base_seed] if not args.base_per_seed else
+                                  {"per_seed": {str(s): fingerprints[s] for s in args.seeds}}),
                          "targets": TARGETS,
                          "oracle_routing": "by family; compositions to their last component's adapter"},
               "summary": {}, "per_seed": {}, "headline": []}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, adapter_kind, train in variants(args):
-            per_seed = {seed: run_seed(seed, adapter_kind, *loaded[base_of[seed]], base_paths[base_of[seed]], args,
-                                       (args.work or Path(tmp)) / f"{kind}-{seed}", train)
+            per_seed = {seed: {**run_seed(seed, adapter_kind, *loaded[base_of[seed]], base_paths[base_of[seed]], args,
+                                          (args.work or Path(tmp)) / f"{kind}-{seed}", train),
+                               "base": fingerprints[base_of[seed]]}
                         for seed in args.seeds}
             result["summary"][kind] = summarise(per_seed)
             result["per_seed"][kind] = {str(s): r for s, r in per_seed.items()}

@@ -6,6 +6,8 @@ Nothing here is timed; the numbers checked are counts that follow from the shape
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -103,9 +105,6 @@ def test_readme_table_prefers_full_results_and_reads_legacy_json(tmp_path):
 def test_readme_table_dates_an_undated_result_by_its_last_commit(tmp_path):
     """A clone gives every file the clone's mtime: an undated result is dated by the commit that last changed it,
     and by its mtime only while it differs from that commit."""
-    import os
-    import subprocess
-
     result = tmp_path / "bench_x.json"
     result.write_text("{}")
     when = "2026-01-02T03:04:00+00:00"
