@@ -44,12 +44,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from benchmarks.common import arg_parser, headline, machine_info, result_stem, setup_logging, write_result
 from tclora import adapters, artifacts, compare, evaluate
-from tclora.config import FUSED_LOSS_FIELDS, EvalSection, LoRISection, MergeSection, TrainSection
+from tclora.config import FUSED_LOSS_FIELDS, EvalSection, LoRISection, MergeAwareUpdates, MergeSection, TrainSection
 from tclora.data import read_jsonl
 from tclora.demo_base import DemoBaseSpec, build_demo_base
 from tclora.demo_corpus import COMPOSITIONS, SKILLS, TASK_FAMILIES, build_demo_corpus, payload_of
@@ -170,23 +171,29 @@ def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) ->
     return result.params, merge_adapters(factors, name, None, result.params), result.trials
 
 
-FUSED_LOSSES = FUSED_LOSS_FIELDS  # train fields that shape a fused group's adapters: one variant each
+# Train fields that shape a fused group's adapters: one variant each (the weights, then which adapters
+# merge_aware's summed loss trains).
+FUSED_LOSSES = (*FUSED_LOSS_FIELDS, "merge_aware_updates")
 
 
 def variants(args) -> list[tuple[str, str, dict]]:
     """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware) x
-    adapter dropout (train.merge_aware_dropout, with γ > 0 only), named
-    ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>][+per_run<G>][+cp_rank<R>][+base_seed<S>|+base_per_seed]``;
-    plain LoRA is never fused, so only β = γ = 0."""
+    adapter dropout (train.merge_aware_dropout) x summed-loss updates (train.merge_aware_updates), the last two
+    with γ > 0 only, named ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>]
+    [+merge_aware_updates_others][+per_run<G>][+cp_rank<R>][+base_seed<S>|+base_per_seed]``; plain LoRA is
+    never fused, so only β = γ = 0."""
     out = []
     for kind in args.kinds:
         for values in itertools.product(*(getattr(args, field) for field in FUSED_LOSSES)):
             train = dict(zip(FUSED_LOSSES, values))
-            if train["merge_aware_dropout"] and not train["merge_aware"]:
-                continue  # nothing to drop adapters from
-            if kind != "lora" or not any(values):
+            if (train["merge_aware_dropout"] or train["merge_aware_updates"] != "all") and not train["merge_aware"]:
+                continue  # no summed pass to drop adapters from or to route updates of
+            weights = {k: v for k, v in train.items() if k in FUSED_LOSS_FIELDS}
+            if kind != "lora" or not any(weights.values()):
                 split = kind != "lora" and args.clusters_per_run and args.clusters_per_run < len(args.families)
-                name = "".join([kind, *(f"+{k}{v:g}" for k, v in train.items() if v),
+                name = "".join([kind, *(f"+{k}{v:g}" for k, v in weights.items() if v),
+                                "" if train["merge_aware_updates"] == "all"
+                                else f"+merge_aware_updates_{train['merge_aware_updates']}",
                                 f"+per_run{args.clusters_per_run}" if split else "",
                                 f"+cp_rank{args.cp_rank}" if args.cp_rank != DEFAULT_CP_RANK else "",
                                 f"+base_seed{args.base_seed}" if args.base_seed else "",
@@ -442,6 +449,9 @@ def parse_args(argv: list[str] | None = None):
                    help="train.merge_aware_dropout values, each a variant of every γ > 0: the summed pass of a "
                         "cluster's rows leaves out each other adapter with this probability "
                         "('<variant>+merge_aware_dropout<p>'; 0: the full sum)")
+    p.add_argument("--merge-aware-updates", nargs="+", default=["all"], choices=get_args(MergeAwareUpdates),
+                   help="train.merge_aware_updates values, each a variant of every γ > 0: which adapters a "
+                        "cluster's summed loss trains ('<variant>+merge_aware_updates_others'; all: every one)")
     p.add_argument("--clusters-per-run", type=int, default=None,
                    help="LoRI kinds: fused groups of this many families (train.clusters_per_run), trained apart "
                         "and merged together, as a run with more clusters than clusters_per_run does "
@@ -519,7 +529,8 @@ def combine(args) -> dict:
     result["config"]["seeds"] = sorted({int(s) for runs in result["per_seed"].values() for s in runs})
     result["config"]["variants"] = list(result["per_seed"])
     for key in ("kinds", *FUSED_LOSSES):  # the union over the parts (each list-valued in its own config)
-        result["config"][key] = list(dict.fromkeys(v for part in parts for v in part["config"].get(key, [])))
+        older = ["all"] if key == "merge_aware_updates" else []  # what parts from before the option ran
+        result["config"][key] = list(dict.fromkeys(v for part in parts for v in part["config"].get(key, older)))
     result["seconds"] = {"per_run": [p["seconds"] for p in parts]}
     result["cpu_seconds"] = sum(p["cpu_seconds"] for p in parts)
     return result
@@ -531,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.combine:
         result = combine(args)
         write_result(args.out, result_stem("merge_quality", args.smoke), result, plot)
-        _print(result, len(result["config"]["seeds"]))
+        _print(result)
         return result
     torch.set_num_threads(args.threads)
     spec = DemoBaseSpec(**TINY_DEMO_SPEC) if args.smoke else DemoBaseSpec()
@@ -567,13 +578,13 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = {"total": round(time.perf_counter() - started, 1), "base_build_and_load": base_seconds}
     result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
     write_result(args.out, result_stem("merge_quality", args.smoke), result, plot)
-    _print(result, len(args.seeds))
+    _print(result)
     return result
 
 
-def _print(result: dict, n_seeds: int) -> None:
-    for kind, summary in result["summary"].items():
-        print(f"\n{kind} (mean ± std over {n_seeds} seeds; λ per method tuned on validation)")
+def _print(result: dict) -> None:
+    for kind, summary in result["summary"].items():  # combined results hold variants over different seeds
+        print(f"\n{kind} (mean ± std over {len(result['per_seed'][kind])} seeds; λ per method tuned on validation)")
         print(f"  {'model':10s} " + " ".join(f"{s:>15s}" for s in SPLITS) + "   gain kept")
         for m in summary["splits"]["test"]:
             print(f"  {m:10s} " + " ".join(f"{_fmt(summary['splits'][s].get(m)):>15s}" for s in SPLITS)

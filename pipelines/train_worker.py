@@ -292,7 +292,8 @@ class LoRIRecipe:
             self.adapters = multi_lori.LoRIGroup(self.base, self.cfg.lori, seeds)
             model = self.adapters.model
             self.loss_fn = multi_lori.routed_loss(self.adapters, self.cfg.train.disentangle,
-                                                   self.cfg.train.merge_aware, self.cfg.train.merge_aware_dropout)
+                                                   self.cfg.train.merge_aware, self.cfg.train.merge_aware_dropout,
+                                                   self.cfg.train.merge_aware_updates)
         if self.use_gpu:
             model.to(ray.train.torch.get_device())
         self.stats: dict[int, dict] = {c: {} for c in group}

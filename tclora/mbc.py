@@ -36,11 +36,12 @@ def short_adapter_config(cfg: Config) -> Config:
     run's own adapters. A shared start matters: early on ``dW ~ -lr G A^T A`` (B starts at zero), so two
     tasks with the same gradient G but different random A's would look unrelated. Plain LoRA is never
     fused, so the fused-group losses (``config.FUSED_LOSS_FIELDS``: ``train.disentangle``, ``train.merge_aware``
-    and its dropout) are off for them (they shape the run's own adapters only)."""
+    with its dropout and updates) are off for them (they shape the run's own adapters only)."""
     return cfg.model_copy(update={"lori": cfg.lori.model_copy(update={"mode": "lora", "shared_a": True}),
                                   "train": cfg.train.model_copy(update={"steps": cfg.cluster.mbc_steps,
                                                                         "sparse_steps": None,
-                                                                        **dict.fromkeys(FUSED_LOSS_FIELDS, 0.0)})})
+                                                                        **dict.fromkeys(FUSED_LOSS_FIELDS, 0.0),
+                                                                        "merge_aware_updates": "all"})})
 
 
 def update_gram(adapters: Sequence[Mapping[str, LowRank]]) -> np.ndarray:

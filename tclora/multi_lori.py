@@ -29,8 +29,9 @@ import contextvars
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tclora import lori
-from tclora.config import LoRISection
+from tclora.config import LoRISection, MergeAwareUpdates
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "lori_group.safetensors"
@@ -51,20 +52,39 @@ def adapter_masks(masks: dict[str, torch.Tensor], t: int) -> dict[str, torch.Ten
     return {key[len(prefix):]: m for key, m in masks.items() if key.startswith(prefix)}
 
 
-# Whether the routed layers run every row through the sum of their group's adapters (LoRIGroup.summed): False,
-# True, or a (T, T) 0/1 mask, row t saying which adapters segment t's rows are summed over. A context variable, not
-# a flag on each layer, so that activation checkpointing can recompute a layer in backward in the mode its forward
-# ran in (checkpoint_context): by backward time the `with group.summed()` block has long exited.
-_SUMMED: contextvars.ContextVar[bool | torch.Tensor] = contextvars.ContextVar("tclora_lori_summed", default=False)
+@dataclass(frozen=True)
+class _SumMode:
+    """How the routed layers sum their group's adapters inside :meth:`LoRIGroup.summed`.
+
+    mask: (T, T) 0/1, row t the adapters segment t's rows are summed over (None: all of them).
+    updates: (T, T) 0/1, row t the adapters whose B's segment t's loss trains (None: all of them).
+    """
+
+    mask: torch.Tensor | None = None
+    updates: torch.Tensor | None = None
+
+
+# How the routed layers run: None routes segment t's rows through adapter t, a _SumMode through a sum of the
+# group's adapters (LoRIGroup.summed). A context variable, not a flag on each layer, so that activation
+# checkpointing can recompute a layer in backward in the mode its forward ran in (checkpoint_context): by
+# backward time the `with group.summed()` block has long exited.
+_SUMMED: contextvars.ContextVar[_SumMode | None] = contextvars.ContextVar("tclora_lori_summed", default=None)
 
 
 @contextlib.contextmanager
-def _summed_mode(value: bool | torch.Tensor) -> Iterator[None]:
+def _summed_mode(value: _SumMode | None) -> Iterator[None]:
     token = _SUMMED.set(value)
     try:
         yield
     finally:
         _SUMMED.reset(token)
+
+
+def _per_segment(h: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """``h`` (T·b, L, T·r), the rank-r blocks of T adapters for T segments of rows, with adapter s's block of
+    segment t's rows multiplied by ``keep[t, s]`` ((T, T))."""
+    rows = h.reshape(n, -1, n, h.shape[-1] // n)  # (T segments, b·L, T adapters, r)
+    return (rows * keep.to(h)[:, None, :, None]).reshape(h.shape)
 
 
 def checkpoint_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
@@ -98,14 +118,18 @@ class RoutedLoRILinear(nn.Module):
         out = self.base_layer(x)
         n = self.lora_A.shape[0]
         summed = _SUMMED.get()
-        if summed is not False:  # Σ_t B_t A_t = [B_1 … B_T] [A_1; …; A_T]: the rank-(T·r) product, never d_out x d_in
+        if summed is not None:  # Σ_t B_t A_t = [B_1 … B_T] [A_1; …; A_T]: the rank-(T·r) product, never d_out x d_in
             a = self.lora_A.reshape(-1, x.shape[-1])                        # (T·r, d_in)
             b = self.lora_B.transpose(0, 1).reshape(self.lora_B.shape[1], -1)  # (d_out, T·r)
             h = F.linear(x.to(a.dtype), a)                                  # (..., T·r)
-            if isinstance(summed, torch.Tensor):  # segment t's rows keep adapter s's rank-r block where mask[t, s]
-                rows = h.reshape(n, -1, n, self.lora_A.shape[1])            # (T segments, b·L, T adapters, r)
-                h = (rows * summed.to(h)[:, None, :, None]).reshape(h.shape)
-            return out + (F.linear(h, b) * self.scaling).to(out.dtype)
+            if summed.mask is not None:  # segment t's rows keep adapter s's rank-r block where mask[t, s]
+                h = _per_segment(h, summed.mask, n)
+            if summed.updates is None:
+                delta = F.linear(h, b)
+            else:  # the same sum; segment t's loss reaches B_s only where updates[t, s] (and x through every B)
+                trained = _per_segment(h, summed.updates, n)
+                delta = F.linear(trained, b) + F.linear(h - trained, b.detach())
+            return out + (delta * self.scaling).to(out.dtype)
         if x.shape[0] % n:
             raise ValueError(f"a fused batch has {x.shape[0]} rows, not a multiple of its {n} adapters")
         xs = x.reshape(n, -1, x.shape[-1]).to(self.lora_A.dtype)  # (T, b·L, d_in): segment t → adapter t
@@ -163,7 +187,7 @@ class LoRIGroup:
             self._swap(routed=True)
 
     @contextlib.contextmanager
-    def summed(self, mask: torch.Tensor | None = None) -> Iterator[None]:
+    def summed(self, mask: torch.Tensor | None = None, updates: torch.Tensor | None = None) -> Iterator[None]:
         """Every row through the sum of all T adapters while inside: the base plus Σ_t s·B_t A_t, the model
         a task-arithmetic merge of the group at λ = 1 (``linear`` at scale 1, ``cat``) gives; differentiable
         in every B. Activation checkpointing recomputes in the same mode (:func:`checkpoint_context`).
@@ -171,10 +195,16 @@ class LoRIGroup:
         Args:
             mask: (T, T) 0/1, or None for all ones: segment t's rows of a fused batch go through the sum of
                 the adapters s with ``mask[t, s] = 1`` only (a merge of that subset).
+            updates: (T, T) 0/1, or None for all ones: a loss on segment t's rows trains B_s only where
+                ``updates[t, s] = 1``; the forward is the same sum either way.
+
+        Raises:
+            ValueError: a mask or updates that is not (T, T).
         """
-        if mask is not None and mask.shape != (len(self), len(self)):
-            raise ValueError(f"summed: mask must be ({len(self)}, {len(self)}), got {tuple(mask.shape)}")
-        with _summed_mode(True if mask is None else mask):
+        for name, value in (("mask", mask), ("updates", updates)):
+            if value is not None and value.shape != (len(self), len(self)):
+                raise ValueError(f"summed: {name} must be ({len(self)}, {len(self)}), got {tuple(value.shape)}")
+        with _summed_mode(_SumMode(mask, updates)):
             yield
 
     def lora_b_params(self) -> dict[str, nn.Parameter]:
@@ -334,7 +364,8 @@ def adapter_dropout_mask(n_adapters: int, dropout: float, batch: dict[str, torch
     return (keep | torch.eye(n_adapters, dtype=torch.bool)).float()
 
 
-def summed_losses(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor], dropout: float = 0.0) -> torch.Tensor:
+def summed_losses(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor], dropout: float = 0.0,
+                  updates: MergeAwareUpdates = "all") -> torch.Tensor:
     """(T,) the merged sum's cross-entropy on each segment: the model with every adapter of the group
     added (:meth:`LoRIGroup.summed`, task arithmetic at λ = 1) on cluster t's rows, the mean over their
     label tokens, as :func:`adapter_losses` takes the routed model's.
@@ -354,24 +385,32 @@ def summed_losses(engine, group: "LoRIGroup", batch: dict[str, torch.Tensor], dr
     that merge'; γ = 0.03, 3 seeds): dropout 0.5 moved the best merge from 82% to 70% of the routed adapters'
     gain in domain and from +0.067 to +0.114 over the base out of domain.
 
+    ``updates="others"`` trains, with cluster t's summed loss, only the *other* adapters' B's: they learn to
+    leave t's rows to adapter t in the sum, while adapter t learns its skill from its own loss alone, the way
+    an adapter trained alone learns it, reading the word that names the skill rather than the template's
+    shape. ``"all"`` (ATM's multi-task gradient) trains every adapter with it.
+
     Raises:
-        ValueError: a group of one adapter (its sum is itself).
+        ValueError: a group of one adapter (its sum is itself), or ``updates`` neither "all" nor "others".
     """
     n = len(group)
     if n < 2:
         raise ValueError("the merged-sum loss needs a fused group of at least 2 adapters")
+    if updates not in get_args(MergeAwareUpdates):
+        raise ValueError(f"updates must be one of {get_args(MergeAwareUpdates)}, got {updates!r}")
     mask = adapter_dropout_mask(n, dropout, batch) if dropout else None
-    with group.summed(mask):
+    trained = 1 - torch.eye(n) if updates == "others" else None
+    with group.summed(mask, trained):
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return adapter_losses(logits, batch["labels"], n)
 
 
 def routed_loss(group: "LoRIGroup", disentangle: float = 0.0, merge_aware: float = 0.0,
-                merge_aware_dropout: float = 0.0):
+                merge_aware_dropout: float = 0.0, merge_aware_updates: MergeAwareUpdates = "all"):
     """``loss_fn`` for :func:`tclora.train.train_loop`: backpropagates the sum of the adapters' losses,
     plus ``disentangle`` x :func:`other_cluster_kl` and ``merge_aware`` x :func:`summed_losses` (with
-    ``merge_aware_dropout``; each summed over adapters, when > 0 and the group has other clusters), and
-    records the list of per-adapter cross-entropy losses of the routed model."""
+    ``merge_aware_dropout`` and ``merge_aware_updates``; each summed over adapters, when > 0 and the group
+    has other clusters), and records the list of per-adapter cross-entropy losses of the routed model."""
     n = len(group)
 
     def loss_fn(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
@@ -381,7 +420,8 @@ def routed_loss(group: "LoRIGroup", disentangle: float = 0.0, merge_aware: float
         if disentangle and n > 1:
             total = total + disentangle * other_cluster_kl(engine, group, batch).sum()
         if merge_aware and n > 1:
-            total = total + merge_aware * summed_losses(engine, group, batch, merge_aware_dropout).sum()
+            total = total + merge_aware * summed_losses(engine, group, batch, merge_aware_dropout,
+                                                          merge_aware_updates).sum()
         return total, losses.tolist()
 
     return loss_fn
@@ -475,7 +515,7 @@ def train_lori_group(
         fused = (concat_batches(step, tokenizer.pad_token_id) for step in zip(*streams))
         losses = train_loop(make_engine(group.model, phase.lr), fused, phase.steps, masked=masked,
                             loss_fn=routed_loss(group, train_cfg.disentangle, train_cfg.merge_aware,
-                                                train_cfg.merge_aware_dropout),
+                                                train_cfg.merge_aware_dropout, train_cfg.merge_aware_updates),
                             desc=f"LoRI {phase.name} x{len(group)}",
                             max_grad_norm=train_cfg.max_grad_norm, n_adapters=len(group))
         for t, meta in enumerate(metas):

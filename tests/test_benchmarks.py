@@ -182,7 +182,7 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     args = bench_merge_quality.parse_args(["--kinds", "lori_s", "lora", "--disentangle", "0", "3",
                                            "--merge-aware", "0", "0.25"])
     got = {name: (kind, train) for name, kind, train in bench_merge_quality.variants(args)}
-    off = {"disentangle": 0.0, "merge_aware": 0.0, "merge_aware_dropout": 0.0}
+    off = {"disentangle": 0.0, "merge_aware": 0.0, "merge_aware_dropout": 0.0, "merge_aware_updates": "all"}
     assert got == {  # plain LoRA is never fused: it has neither fused-group loss
         "lori_s": ("lori_s", off),
         "lori_s+merge_aware0.25": ("lori_s", {**off, "merge_aware": 0.25}),
@@ -192,6 +192,10 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     dropout = bench_merge_quality.parse_args(["--merge-aware", "0", "0.03", "--merge-aware-dropout", "0", "0.5"])
     assert [name for name, _, _ in bench_merge_quality.variants(dropout)] == [  # adapter dropout only with γ > 0
         "lori_s", "lori_s+merge_aware0.03", "lori_s+merge_aware0.03+merge_aware_dropout0.5"]
+    updates = bench_merge_quality.parse_args(["--merge-aware", "0", "0.1", "--merge-aware-updates", "all", "others"])
+    assert [(name, train["merge_aware_updates"]) for name, _, train in bench_merge_quality.variants(updates)] == [
+        ("lori_s", "all"), ("lori_s+merge_aware0.1", "all"),  # no summed loss to route at γ = 0
+        ("lori_s+merge_aware0.1+merge_aware_updates_others", "others")]
     with pytest.raises(SystemExit, match="never fused"):
         bench_merge_quality.variants(bench_merge_quality.parse_args(["--kinds", "lora", "--merge-aware", "1"]))
     # Fused groups smaller than the family count are named; plain LoRA trains alone whatever the group size.

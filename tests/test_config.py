@@ -152,11 +152,23 @@ def test_mbc_short_adapters_are_plain_lora_without_the_disentanglement_penalty()
     from tclora.mbc import short_adapter_config
 
     cfg = load_config(None, ["train.clusters_per_run=2", "train.disentangle=3", "train.merge_aware=0.5",
-                             "train.merge_aware_dropout=0.5"])
+                             "train.merge_aware_dropout=0.5", "train.merge_aware_updates=others"])
     short = validate(short_adapter_config(cfg).model_dump(mode="json"))
     assert short.lori.mode == "lora" and short.train.disentangle == 0.0 and cfg.train.disentangle == 3.0
     assert short.train.merge_aware == 0.0 and cfg.train.merge_aware == 0.5
     assert short.train.merge_aware_dropout == 0.0 and cfg.train.merge_aware_dropout == 0.5
+    assert short.train.merge_aware_updates == "all" and cfg.train.merge_aware_updates == "others"
+
+
+def test_merge_aware_updates_needs_merge_aware_and_is_recorded_in_the_adapters_metadata():
+    with pytest.raises(ConfigError, match=r"merge_aware_updates='others' needs merge_aware > 0"):
+        load_config(None, ["train.clusters_per_run=2", "train.merge_aware_updates=others"])
+    with pytest.raises(ConfigError, match="merge_aware_updates"):
+        load_config(None, ["train.clusters_per_run=2", "train.merge_aware=0.1", "train.merge_aware_updates=mine"])
+    cfg = load_config(None, ["train.clusters_per_run=2", "train.merge_aware=0.1", "train.merge_aware_updates=others"])
+    assert cfg.train.fused_losses(2) == {"disentangle": 0.0, "merge_aware": 0.1, "merge_aware_dropout": 0.0,
+                                         "merge_aware_updates": "others"}
+    assert "merge_aware_updates" not in cfg.train.fused_losses(1)  # a cluster alone in its run sums nothing
 
 
 def test_merge_aware_dropout_needs_merge_aware_and_is_a_probability():

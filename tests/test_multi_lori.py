@@ -520,6 +520,44 @@ def test_summed_with_a_mask_gives_each_segment_the_peft_cat_merge_of_its_subset(
             pass
 
 
+def test_summed_updates_send_each_segments_gradient_to_the_chosen_adapters_only(tiny_model_and_tokenizer):
+    """``summed(updates=U)`` (train.merge_aware_updates): the same forward, and segment t's loss reaches B_s
+    only where U[t, s], with exactly the full sum's gradient there (the activations' gradient still flows
+    through every adapter). ``summed_losses(updates="others")`` is U = 1 - I: cluster 0's summed loss trains
+    adapters 1 and 2, never adapter 0."""
+    model, tok = tiny_model_and_tokenizer
+    group = _group_with_random_b(model)
+    batch, model = _fused_batch(tok), group.model
+
+    def segment_grads(updates: torch.Tensor | None, t: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with group.summed(updates=updates):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = multi_lori.adapter_losses(logits, batch["labels"], 3)
+        losses[t].backward()
+        return losses.detach(), {n: b.grad.clone() for n, b in group.lora_b_params().items()}
+
+    for updates in (1 - torch.eye(3), torch.eye(3), torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])):
+        for t in range(3):
+            full_losses, full = segment_grads(None, t)
+            losses, got = segment_grads(updates, t)
+            torch.testing.assert_close(losses, full_losses)
+            for name in full:
+                for s in range(3):
+                    torch.testing.assert_close(got[name][s], full[name][s] * updates[t, s], msg=f"{name} {t} {s}")
+    assert all(torch.count_nonzero(g[1]) > 0 for g in full.values())  # the full sum reaches every B
+
+    model.zero_grad(set_to_none=True)
+    multi_lori.summed_losses(model, group, batch, updates="others")[0].backward()
+    assert all(torch.count_nonzero(b.grad[0]) == 0 and torch.count_nonzero(b.grad[1]) > 0
+               for b in group.lora_b_params().values())
+    with pytest.raises(ValueError, match="updates must be one of"):
+        multi_lori.summed_losses(model, group, batch, updates="mine")
+    with pytest.raises(ValueError, match=r"updates must be \(3, 3\)"):
+        with group.summed(updates=torch.ones(2, 2)):
+            pass
+
+
 def test_adapter_dropout_mask_keeps_each_own_adapter_and_others_at_the_rate_and_is_fixed_by_the_batch():
     batch = {"input_ids": torch.arange(40).view(4, 10)}
     torch.testing.assert_close(multi_lori.adapter_dropout_mask(4, 0.0, batch), torch.ones(4, 4))
