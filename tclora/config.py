@@ -308,9 +308,9 @@ class TrainSection(_Section):
         "rows to it in the sum while it learns its skill from its own loss alone, as an adapter trained alone does "
         "(tclora.multi_lori.summed_losses). Needs merge_aware > 0. On the demo (README, 'Adapters that merge'; "
         "merge_aware = 0.1, LoRI-S, 6 seeds each on its own pre-training of the base), 'others' raised every merge's "
-        "out-of-domain gain, by +0.006 to +0.038 (TIES +0.078 against +0.040; at least equal on 5 of 6 seeds for "
-        "all methods but CP), keeping about the same share of the routed adapters' gain in domain (TIES 67% "
-        "against 69%, linear 91% against 93%).",
+        "out-of-domain gain, by +0.006 to +0.038 (TIES +0.078 against +0.040; at least equal on 5 or 6 of the 6 "
+        "seeds for every method but CP, 4), keeping about the same share of the routed adapters' gain in domain "
+        "(TIES 67% against 69%, linear 91% against 93%).",
     )
 
     # Resources, concurrency, failure budgets, checkpoint cadence: a rerun on another cluster keeps its adapters.
