@@ -174,15 +174,25 @@ def tune(model, tok, factors: list[dict], method: str, val: list[dict], args) ->
 # Train fields that shape a fused group's adapters: one variant each (the weights, then which adapters
 # merge_aware's summed loss trains).
 FUSED_LOSSES = (*FUSED_LOSS_FIELDS, "merge_aware_updates")
+# Training sizes a variant's name carries where they differ from the run's reference sizes (the demo's, or
+# --smoke's), so that --combine never pools seeds trained on different budgets under one name.
+BUDGET = ("steps", "lr", "sparse_lr_multiplier", "rank", "sparsity", "batch_size", "train_per_task")
+
+
+def budget_suffix(args) -> str:
+    """``+steps240+lr0.002``: each :data:`BUDGET` argument that differs from its default (``--smoke``'s under
+    ``--smoke``), in that order; empty at the reference sizes."""
+    reference = parse_args(["--smoke"] if args.smoke else [])
+    return "".join(f"+{k}{getattr(args, k):g}" for k in BUDGET if getattr(args, k) != getattr(reference, k))
 
 
 def variants(args) -> list[tuple[str, str, dict]]:
     """(name, adapter kind, train overrides) for every kind x β (train.disentangle) x γ (train.merge_aware) x
     adapter dropout (train.merge_aware_dropout) x summed-loss updates (train.merge_aware_updates), the last two
     with γ > 0 only, named ``<kind>[+disentangle<β>][+merge_aware<γ>][+merge_aware_dropout<p>]
-    [+merge_aware_updates_others][+per_run<G>][+cp_rank<R>][+base_seed<S>|+base_per_seed]``; plain LoRA is
-    never fused, so only β = γ = 0."""
-    out = []
+    [+merge_aware_updates_others][+steps<n>…][+per_run<G>][+cp_rank<R>][+base_seed<S>|+base_per_seed]``
+    (:func:`budget_suffix` for the training sizes); plain LoRA is never fused, so only β = γ = 0."""
+    out, budget = [], budget_suffix(args)
     for kind in args.kinds:
         for values in itertools.product(*(getattr(args, field) for field in FUSED_LOSSES)):
             train = dict(zip(FUSED_LOSSES, values))
@@ -193,7 +203,7 @@ def variants(args) -> list[tuple[str, str, dict]]:
                 split = kind != "lora" and args.clusters_per_run and args.clusters_per_run < len(args.families)
                 name = "".join([kind, *(f"+{k}{v:g}" for k, v in weights.items() if v),
                                 "" if train["merge_aware_updates"] == "all"
-                                else f"+merge_aware_updates_{train['merge_aware_updates']}",
+                                else f"+merge_aware_updates_{train['merge_aware_updates']}", budget,
                                 f"+per_run{args.clusters_per_run}" if split else "",
                                 f"+cp_rank{args.cp_rank}" if args.cp_rank != DEFAULT_CP_RANK else "",
                                 f"+base_seed{args.base_seed}" if args.base_seed else "",

@@ -196,6 +196,11 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     assert [(name, train["merge_aware_updates"]) for name, _, train in bench_merge_quality.variants(updates)] == [
         ("lori_s", "all"), ("lori_s+merge_aware0.1", "all"),  # no summed loss to route at γ = 0
         ("lori_s+merge_aware0.1+merge_aware_updates_others", "others")]
+    # Training sizes off the reference are named, so --combine cannot pool two budgets under one name.
+    budget = bench_merge_quality.parse_args(["--merge-aware", "0.1", "--steps", "240", "--lr", "2e-3"])
+    assert [name for name, _, _ in bench_merge_quality.variants(budget)] == ["lori_s+merge_aware0.1+steps240+lr0.002"]
+    assert [name for name, _, _ in bench_merge_quality.variants(bench_merge_quality.parse_args(["--smoke"]))] == [
+        "lori_s"]  # --smoke's own sizes are its reference
     with pytest.raises(SystemExit, match="never fused"):
         bench_merge_quality.variants(bench_merge_quality.parse_args(["--kinds", "lora", "--merge-aware", "1"]))
     # Fused groups smaller than the family count are named; plain LoRA trains alone whatever the group size.
