@@ -538,9 +538,9 @@ def combine(args) -> dict:
                                for h in headlines(result["summary"][kind], kind)]
     result["config"]["seeds"] = sorted({int(s) for runs in result["per_seed"].values() for s in runs})
     result["config"]["variants"] = list(result["per_seed"])
+    defaults = vars(parse_args([]))  # what a part from before an option existed ran with
     for key in ("kinds", *FUSED_LOSSES):  # the union over the parts (each list-valued in its own config)
-        older = ["all"] if key == "merge_aware_updates" else []  # what parts from before the option ran
-        result["config"][key] = list(dict.fromkeys(v for part in parts for v in part["config"].get(key, older)))
+        result["config"][key] = list(dict.fromkeys(v for part in parts for v in part["config"].get(key, defaults[key])))
     result["seconds"] = {"per_run": [p["seconds"] for p in parts]}
     result["cpu_seconds"] = sum(p["cpu_seconds"] for p in parts)
     return result

@@ -537,15 +537,16 @@ def test_summed_updates_send_each_segments_gradient_to_the_chosen_adapters_only(
         losses[t].backward()
         return losses.detach(), {n: b.grad.clone() for n, b in group.lora_b_params().items()}
 
+    full = {t: segment_grads(None, t) for t in range(3)}  # (losses, grads) of the plain sum, per segment
+    assert all(torch.count_nonzero(g[s]) > 0 for _, grads in full.values() for g in grads.values()
+               for s in range(3))  # the full sum reaches every B from every segment
     for updates in (1 - torch.eye(3), torch.eye(3), torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])):
         for t in range(3):
-            full_losses, full = segment_grads(None, t)
-            losses, got = segment_grads(updates, t)
+            (full_losses, full_grads), (losses, got) = full[t], segment_grads(updates, t)
             torch.testing.assert_close(losses, full_losses)
-            for name in full:
+            for name in full_grads:
                 for s in range(3):
-                    torch.testing.assert_close(got[name][s], full[name][s] * updates[t, s], msg=f"{name} {t} {s}")
-    assert all(torch.count_nonzero(g[1]) > 0 for g in full.values())  # the full sum reaches every B
+                    torch.testing.assert_close(got[name][s], full_grads[name][s] * updates[t, s], msg=f"{name} {t} {s}")
 
     model.zero_grad(set_to_none=True)
     multi_lori.summed_losses(model, group, batch, updates="others")[0].backward()
