@@ -183,7 +183,10 @@ def budget_suffix(args) -> str:
     """``+steps240+lr0.002``: each :data:`BUDGET` argument that differs from its default (``--smoke``'s under
     ``--smoke``), in that order; empty at the reference sizes."""
     reference = parse_args(["--smoke"] if args.smoke else [])
-    return "".join(f"+{k}{getattr(args, k):g}" for k in BUDGET if getattr(args, k) != getattr(reference, k))
+    suffix = "".join(f"+{k}{getattr(args, k):g}" for k in BUDGET if getattr(args, k) != getattr(reference, k))
+    if args.target_modules != reference.target_modules:  # +modules_q_k_v_o: the adapted modules, "_proj" dropped
+        suffix += "+modules_" + "_".join(m.removesuffix("_proj") for m in args.target_modules)
+    return suffix
 
 
 def variants(args) -> list[tuple[str, str, dict]]:
@@ -229,7 +232,8 @@ def run_seed(seed: int, kind: str, model, tok, base_path: Path, args, work: Path
         data[f"{s}_routed"] = route(data[s], fams)
     val = compare.cap_per_task([r for r in rows["validation"] if r["task_name"] in fams], args.tune_per_task)
     lori_cfg = LoRISection(rank=args.rank, alpha=2 * args.rank, sparsity=args.sparsity,
-                           mode="lori_s" if kind == "shared_a" else kind, shared_a=kind == "shared_a")
+                           target_modules=args.target_modules, mode="lori_s" if kind == "shared_a" else kind,
+                           shared_a=kind == "shared_a")
     per_run = min(args.clusters_per_run or len(fams), len(fams))
     train_cfg = TrainSection(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              sparse_lr_multiplier=args.sparse_lr_multiplier,
@@ -446,6 +450,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=120, help="LoRI-D steps per adapter; LoRI-S runs as many (demo.yaml's)")
     p.add_argument("--rank", type=int, default=8, help="LoRI rank r (alpha = 2r)")
     p.add_argument("--sparsity", type=float, default=0.9, help="LoRI-S: fraction of B masked out")
+    p.add_argument("--target-modules", nargs="+", default=LoRISection().target_modules,
+                   help="lori.target_modules: the linear modules that get adapters (default: every one, demo.yaml's; "
+                        "others are reported as '<variant>+modules_q_k_v_o')")
     p.add_argument("--cp-iters", type=int, default=100, help="CP-ALS iterations")
     p.add_argument("--lr", type=float, default=1e-3, help="LoRI-D learning rate (demo.yaml's)")
     p.add_argument("--sparse-lr-multiplier", type=float, default=10.0, help="LoRI-S lr = lr x this")

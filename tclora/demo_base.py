@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when the tokenizer, architecture or pre-training mixture changes: it is part of the cache key.
-DEMO_VERSION = 4
+DEMO_VERSION = 6
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3, in this order
 
 

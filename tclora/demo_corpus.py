@@ -4,7 +4,8 @@ Real LLM adapters nudge a base that already has the skill. The demo copies that 
 "Merging in the regime it is for"):
 
 - The demo base (``tclora.demo_base``) is pre-trained on :func:`pretrain_text`: every skill in a plain
-  notation of its own (``reverse_words(box cup pen) = pen cup box``), instruction-style text for the
+  notation of its own (``reverse_words(box cup pen) = pen cup box``, ``box cup pen | reverse_words = pen
+  cup box`` and two more layouts: :data:`NOTATIONS`), instruction-style text for the
   *meta* skills only (so following an instruction is itself a skill the base has), and generic text.
 - The instruction corpus, what the adapters train on, asks for the *trained* families' skills in
   natural-language templates the base has never seen. An adapter only maps its wording onto a skill.
@@ -176,9 +177,21 @@ def random_payload(rng: random.Random, split: str) -> str:
             return payload
 
 
-def notation(skill: str, payload: str) -> str:
-    """The base's own notation for a skill: ``reverse_words(box cup pen) = pen cup box``."""
-    return f"{skill}({payload}) = {SKILLS[skill](payload)}"
+# The layouts a skill's notation comes in, with their share of notation documents: a real LLM meets a skill
+# in many layouts and recognises it by its name, not by one layout's punctuation. With the first layout alone
+# (until 2026-12-04) the base tied each skill to ``name(`` ... ``) =``, and how well an adapter could
+# reach it from an instruction depended on the pre-training draw: routed adapters 0.54-0.69 test exact match
+# on three of six draws (issue 12). With these four, 0.93-1.00 on those draws at the same budget, the base
+# still at 0.06-0.19 in domain. A layout ``name: payload`` followed by the answer on the next line was
+# dropped: it is an instruction's shape, and the base then answered 0.22-0.36 of the trained families'
+# prompts zero-shot (target <= 0.2).
+NOTATIONS = {"{s}({x}) = {y}": 0.4, "{s} [{x}] -> {y}": 0.2, "{x} | {s} = {y}": 0.2, "{s}({x})\n{y}": 0.2}
+
+
+def notation(skill: str, payload: str, layout: str = next(iter(NOTATIONS))) -> str:
+    """The base's own notation for a skill: ``reverse_words(box cup pen) = pen cup box`` (or another of
+    :data:`NOTATIONS`' layouts)."""
+    return layout.format(s=skill, x=payload, y=SKILLS[skill](payload))
 
 
 # Relative frequency of each skill's notation in pre-training (1 when absent). The skills that attend to
@@ -191,15 +204,17 @@ SKILL_WEIGHTS = {"sort_words": 3.0, "reverse_words": 2.0, "upper_words": 2.0, "s
 def pretrain_text(rng: random.Random) -> str:
     """One pre-training document for the demo base, on *train* payloads only.
 
-    60% notation of a skill (drawn by :data:`SKILL_WEIGHTS`), 25% an instruction (prompt, newline,
-    answer, as ``tclora.data`` lays instruction rows out) of a *meta* skill, 15% a generic sentence.
+    60% notation of a skill (drawn by :data:`SKILL_WEIGHTS`, in a layout drawn by :data:`NOTATIONS`), 25% an
+    instruction (prompt, newline, answer, as ``tclora.data`` lays instruction rows out) of a *meta* skill, 15% a
+    generic sentence.
     Never an adapter's or an OOD template, never an evaluation payload (tests pin both).
     """
     kind = rng.random()
     payload = random_payload(rng, "train")
     if kind < 0.6:
         skills = list(SKILLS)
-        return notation(rng.choices(skills, [SKILL_WEIGHTS.get(s, 1.0) for s in skills])[0], payload)
+        skill = rng.choices(skills, [SKILL_WEIGHTS.get(s, 1.0) for s in skills])[0]
+        return notation(skill, payload, rng.choices(list(NOTATIONS), list(NOTATIONS.values()))[0])
     if kind < 0.85:
         meta = META_FAMILIES[rng.choice(list(META_FAMILIES))]
         return f"{rng.choice(meta.templates).format(x=payload)}\n{meta.answer(payload)}"

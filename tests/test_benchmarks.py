@@ -199,6 +199,8 @@ def test_merge_quality_variants_cover_every_kind_and_fused_loss_once():
     # Training sizes off the reference are named, so --combine cannot pool two budgets under one name.
     budget = bench_merge_quality.parse_args(["--merge-aware", "0.1", "--steps", "240", "--lr", "2e-3"])
     assert [name for name, _, _ in bench_merge_quality.variants(budget)] == ["lori_s+merge_aware0.1+steps240+lr0.002"]
+    attention = bench_merge_quality.parse_args(["--target-modules", "q_proj", "k_proj", "v_proj", "o_proj"])
+    assert [name for name, _, _ in bench_merge_quality.variants(attention)] == ["lori_s+modules_q_k_v_o"]
     assert [name for name, _, _ in bench_merge_quality.variants(bench_merge_quality.parse_args(["--smoke"]))] == [
         "lori_s"]  # --smoke's own sizes are its reference
     with pytest.raises(SystemExit, match="never fused"):

@@ -171,25 +171,43 @@ def test_ood_templates_and_families_never_occur_in_training_rows(splits):
         assert row["task_name"] in dc.OOD_TASKS
 
 
+def _notation_match(doc: str) -> tuple[str, str, str] | None:
+    """(layout, skill, payload) when ``doc`` is notation in one of ``NOTATIONS``' layouts and its answer is right."""
+    for layout in dc.NOTATIONS:
+        pattern = re.escape(layout).replace(r"\{s\}", r"(?P<s>\w+)").replace(r"\{x\}", f"(?P<x>{dc.PAYLOAD_RE})")
+        if (m := re.fullmatch(pattern.replace(r"\{y\}", "(?P<y>.*)"), doc)) and m["s"] in dc.SKILLS:
+            assert m["y"] == dc.SKILLS[m["s"]](m["x"]), doc
+            return layout, m["s"], m["x"]
+    return None
+
+
 def test_pretraining_never_sees_instruction_templates_or_evaluation_payloads(pretrain_docs):
-    kinds = Counter()
+    kinds, layouts = Counter(), Counter()
     evaluated = _fixed_parts(dc.TASK_FAMILIES + dc.OOD_TASKS + dc.COMPOSITION_TASKS)
+    named = set()
     for doc in pretrain_docs:
         assert not [p for p in evaluated if p in doc], doc
-        if m := re.fullmatch(rf"\w+\(({dc.PAYLOAD_RE})\) = .*", doc):  # notation
-            assert dc.split_of(m.group(1)) == "train", doc
+        if found := _notation_match(doc):
+            layouts[found[0]] += 1
+            named.add(found[1])
+            assert dc.split_of(found[2]) == "train", doc
+            kinds["notation"] += 1
         elif "\n" in doc:  # a meta skill's instruction
             prompt = doc.split("\n")[0]
             payloads = {p for name in dc.META_FAMILIES for p in _payloads(prompt, name)}
             assert len(payloads) == 1 and dc.split_of(payloads.pop()) == "train", doc
-        kinds["notation" if " = " in doc else "instruction" if "\n" in doc else "generic"] += 1
+            kinds["instruction"] += 1
+        else:
+            generic = [re.sub(r"\\\{[nma]\\\}", r"\\w+", re.escape(g)) for g in dc.GENERIC]
+            assert any(re.fullmatch(g, doc) for g in generic), doc  # one generic sentence: no payload
+            kinds["generic"] += 1
     # Every skill (trained, OOD and meta) appears in notation; instructions are meta skills only.
-    named = {m.group(1) for d in pretrain_docs if (m := re.match(r"(\w+)\(", d))}
     assert named == set(dc.SKILLS)
     assert all(n > 300 for n in kinds.values()), kinds
+    assert set(layouts) == set(dc.NOTATIONS) and min(layouts.values()) > 100, layouts
     meta_parts = _fixed_parts(dc.META_FAMILIES)
     for doc in pretrain_docs:
-        if "\n" in doc:
+        if "\n" in doc and not _notation_match(doc):
             assert any(p in doc for p in meta_parts), doc
 
 
