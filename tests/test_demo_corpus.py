@@ -185,6 +185,8 @@ def test_pretraining_never_sees_instruction_templates_or_evaluation_payloads(pre
     kinds, layouts = Counter(), Counter()
     evaluated = _fixed_parts(dc.TASK_FAMILIES + dc.OOD_TASKS + dc.COMPOSITION_TASKS)
     named = set()
+    generic = [re.sub(r"\\\{[nma]\\\}", r"\\w+", re.escape(g)) for g in dc.GENERIC]
+    meta_parts = _fixed_parts(dc.META_FAMILIES)
     for doc in pretrain_docs:
         assert not [p for p in evaluated if p in doc], doc
         if found := _notation_match(doc):
@@ -196,19 +198,15 @@ def test_pretraining_never_sees_instruction_templates_or_evaluation_payloads(pre
             prompt = doc.split("\n")[0]
             payloads = {p for name in dc.META_FAMILIES for p in _payloads(prompt, name)}
             assert len(payloads) == 1 and dc.split_of(payloads.pop()) == "train", doc
+            assert any(p in doc for p in meta_parts), doc
             kinds["instruction"] += 1
         else:
-            generic = [re.sub(r"\\\{[nma]\\\}", r"\\w+", re.escape(g)) for g in dc.GENERIC]
             assert any(re.fullmatch(g, doc) for g in generic), doc  # one generic sentence: no payload
             kinds["generic"] += 1
     # Every skill (trained, OOD and meta) appears in notation; instructions are meta skills only.
     assert named == set(dc.SKILLS)
     assert all(n > 300 for n in kinds.values()), kinds
     assert set(layouts) == set(dc.NOTATIONS) and min(layouts.values()) > 100, layouts
-    meta_parts = _fixed_parts(dc.META_FAMILIES)
-    for doc in pretrain_docs:
-        if "\n" in doc and not _notation_match(doc):
-            assert any(p in doc for p in meta_parts), doc
 
 
 def test_instructions_name_skills_with_tokens_the_base_learnt(pretrain_docs):
